@@ -1,0 +1,119 @@
+//! One log line per request, written when its response body has ended (or was dropped), so
+//! the line carries the real duration and byte count of a streamed body.
+//!
+//! Only the path is logged, never the query (some providers take keys in it), headers or
+//! bodies.
+
+use std::time::Instant;
+
+use http::Method;
+
+use crate::route::Mode;
+
+/// Conversion details for the log line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConvertSummary {
+    pub terminal: &'static str,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub total_tokens: Option<u64>,
+    /// Which fallback was used when the upstream refused the streaming form.
+    pub fallback: Option<&'static str>,
+}
+
+/// The pending log line of one request.
+#[derive(Debug)]
+pub struct AccessLog {
+    port: u16,
+    method: Method,
+    path: String,
+    mode: Mode,
+    status: u16,
+    started: Instant,
+    bytes: u64,
+    outcome: Outcome,
+    convert: Option<ConvertSummary>,
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Streaming,
+    Complete,
+    Failed(String),
+}
+
+impl AccessLog {
+    pub fn new(port: u16, method: Method, path: &str, mode: Mode, started: Instant) -> Self {
+        AccessLog {
+            port,
+            method,
+            path: path.to_owned(),
+            mode,
+            status: 0,
+            started,
+            bytes: 0,
+            outcome: Outcome::Streaming,
+            convert: None,
+        }
+    }
+
+    pub fn set_status(&mut self, status: u16) {
+        self.status = status;
+    }
+
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+    }
+
+    pub fn set_convert(&mut self, summary: ConvertSummary) {
+        self.convert = Some(summary);
+    }
+
+    pub fn add_bytes(&mut self, n: u64) {
+        self.bytes += n;
+    }
+
+    pub fn body_complete(&mut self) {
+        self.outcome = Outcome::Complete;
+    }
+
+    pub fn body_failed(&mut self, reason: String) {
+        self.outcome = Outcome::Failed(reason);
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let outcome = match &self.outcome {
+            Outcome::Complete => "complete",
+            // Dropped before the end: the client went away or the server shut the
+            // connection.
+            Outcome::Streaming => "client_closed",
+            Outcome::Failed(_) => "upstream_failed",
+        };
+        let error = match &self.outcome {
+            Outcome::Failed(reason) => Some(reason.as_str()),
+            _ => None,
+        };
+        let convert = self.convert.unwrap_or_default();
+        tracing::info!(
+            target: "openai_stream_proxy::access",
+            port = self.port,
+            method = %self.method,
+            path = %self.path,
+            mode = self.mode.as_str(),
+            status = self.status,
+            duration_ms = format_args!("{duration_ms:.2}"),
+            bytes = self.bytes,
+            outcome,
+            error,
+            terminal = self.convert.map(|_| convert.terminal),
+            input_tokens = convert.input_tokens,
+            output_tokens = convert.output_tokens,
+            total_tokens = convert.total_tokens,
+            fallback = convert.fallback,
+            "request"
+        );
+    }
+}

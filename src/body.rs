@@ -1,0 +1,200 @@
+//! The response body the proxy hands to its server: an in-memory body, or an upstream body
+//! relayed frame by frame under an idle timeout, both feeding the request's access log.
+//!
+//! An upstream failure mid-body is returned as a body error, never as a clean end: hyper then
+//! aborts the downstream connection (no final chunk, or fewer bytes than `content-length`), so
+//! a truncated body can never look complete to the client.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+
+use crate::access_log::AccessLog;
+use crate::upstream::BoxError;
+
+/// The upstream was silent longer than `timeoutSeconds` in the middle of a body.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream sent no data for {} s in the middle of the body", .0.as_secs())]
+pub struct IdleTimeout(pub Duration);
+
+pin_project! {
+    /// Body of every response the proxy sends downstream.
+    pub struct ProxyBody {
+        #[pin]
+        kind: Kind,
+        log: Option<AccessLog>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind {
+        Full { data: Option<Bytes> },
+        Upstream {
+            #[pin]
+            body: Incoming,
+            #[pin]
+            idle: IdleTimer,
+        },
+        Channel { rx: mpsc::Receiver<Result<Bytes, BoxError>> },
+    }
+}
+
+impl ProxyBody {
+    /// A complete body held in memory.
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        let data = data.into();
+        ProxyBody {
+            kind: Kind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+            log: None,
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        ProxyBody {
+            kind: Kind::Full { data: None },
+            log: None,
+        }
+    }
+
+    /// Relays an upstream body; `idle` bounds the silence between two frames (D13).
+    pub fn upstream(body: Incoming, idle: Duration) -> Self {
+        ProxyBody {
+            kind: Kind::Upstream {
+                body,
+                idle: IdleTimer::new(idle),
+            },
+            log: None,
+        }
+    }
+
+    /// A body produced by a task (conversion with keep-alive spaces). The channel is
+    /// bounded by its creator; an `Err` item aborts the response.
+    pub fn channel(rx: mpsc::Receiver<Result<Bytes, BoxError>>) -> Self {
+        ProxyBody {
+            kind: Kind::Channel { rx },
+            log: None,
+        }
+    }
+
+    /// Attaches the request's access log, written when the body ends or is dropped.
+    pub fn with_log(mut self, log: AccessLog) -> Self {
+        self.log = Some(log);
+        self
+    }
+}
+
+impl From<Bytes> for ProxyBody {
+    fn from(data: Bytes) -> Self {
+        ProxyBody::full(data)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = match this.kind.project() {
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Upstream { body, idle } => match body.poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    idle.touch();
+                    Poll::Ready(frame.map(|r| r.map_err(BoxError::from)))
+                }
+                Poll::Pending => match idle.poll_expired(cx) {
+                    Poll::Ready(timeout) => Poll::Ready(Some(Err(IdleTimeout(timeout).into()))),
+                    Poll::Pending => Poll::Pending,
+                },
+            },
+            KindProj::Channel { rx } => rx
+                .poll_recv(cx)
+                .map(|item| item.map(|r| r.map(Frame::data))),
+        };
+        if let (Some(log), Poll::Ready(ready)) = (this.log.as_mut(), &polled) {
+            match ready {
+                Some(Ok(frame)) => log.add_bytes(frame.data_ref().map_or(0, |d| d.len() as u64)),
+                Some(Err(e)) => log.body_failed(e.to_string()),
+                None => log.body_complete(),
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full { data } => data.is_none(),
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Channel { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Channel { .. } => SizeHint::default(),
+        }
+    }
+}
+
+pin_project! {
+    /// Detects silence without re-arming a timer on every frame: a frame only records the
+    /// time, and the sleep is pushed back lazily when it fires early.
+    pub struct IdleTimer {
+        limit: Duration,
+        last_activity: Instant,
+        #[pin]
+        sleep: Sleep,
+    }
+}
+
+impl IdleTimer {
+    pub fn new(limit: Duration) -> Self {
+        let now = Instant::now();
+        IdleTimer {
+            limit,
+            last_activity: now,
+            sleep: tokio::time::sleep_until(now + limit),
+        }
+    }
+
+    /// Records activity.
+    pub fn touch(self: Pin<&mut Self>) {
+        *self.project().last_activity = Instant::now();
+    }
+
+    /// Ready with the limit once there has been no activity for that long.
+    pub fn poll_expired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Duration> {
+        let mut this = self.project();
+        loop {
+            match this.sleep.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => {
+                    let deadline = *this.last_activity + *this.limit;
+                    if Instant::now() >= deadline {
+                        return Poll::Ready(*this.limit);
+                    }
+                    this.sleep.as_mut().reset(deadline);
+                }
+            }
+        }
+    }
+}

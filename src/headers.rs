@@ -1,0 +1,107 @@
+//! The one hop-by-hop header list, used by every mode in both directions (D16).
+//!
+//! RFC 9110 §7.6.1: "Intermediaries MUST parse a received Connection header field before a
+//! message is forwarded and, for each connection-option in this field, remove any header or
+//! trailer field(s) from the message with the same name as the connection-option, and then
+//! remove the Connection header field itself (or replace it with the intermediary's own
+//! control options for the forwarded message)." The fixed names below are the ones the RFC
+//! and common practice treat as per-connection even when `Connection` does not list them,
+//! plus `proxy-connection`, which old clients still send.
+
+use http::header::{self, HeaderMap, HeaderName};
+
+/// Headers that describe one connection, never the message.
+pub const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Headers of a WebSocket handshake that belong to one connection's handshake only;
+/// the proxy runs its own handshake on each leg.
+pub const WEBSOCKET_HANDSHAKE: [HeaderName; 4] = [
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_ACCEPT,
+    header::SEC_WEBSOCKET_VERSION,
+    header::SEC_WEBSOCKET_EXTENSIONS,
+];
+
+/// Removes every hop-by-hop header: the fixed list and every name listed in any
+/// `Connection` header line (all lines are read, W12).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Fast path: nothing to look up when the message names no connection options.
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Prepares client request headers for the upstream: hop-by-hop removed, and `host`
+/// removed so the upstream connection sets its own authority.
+pub fn upstream_request_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn removes_fixed_and_connection_listed_names_from_every_connection_line() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Remove-Me, close"),
+        );
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-second"));
+        headers.insert("x-remove-me", HeaderValue::from_static("1"));
+        headers.insert("x-second", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        headers.insert("x-keep", HeaderValue::from_static("1"));
+        headers.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+        strip_hop_by_hop(&mut headers);
+        let names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep", "set-cookie"]);
+        assert_eq!(headers.get_all(header::SET_COOKIE).iter().count(), 2);
+    }
+
+    #[test]
+    fn upstream_request_drops_host_but_keeps_credentials() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("localhost:8080"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-test"),
+        );
+        headers.insert("openai-beta", HeaderValue::from_static("assistants=v2"));
+        upstream_request_headers(&mut headers);
+        assert!(headers.get(header::HOST).is_none());
+        assert_eq!(headers.len(), 2);
+    }
+}

@@ -1,0 +1,188 @@
+//! [`ProxyService`]: the proxy for one upstream as a hyper / tower service, which the
+//! daemon mounts on each rule's port and other programs can embed.
+//!
+//! A request's life, in order: route on the head (refusals first) → the mode's handler
+//! (passthrough, conversion, WebSocket) → on failure, the one error-to-response mapping in
+//! `error.rs` → the access log line, written when the response body ends.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::access_log::AccessLog;
+use crate::body::ProxyBody;
+use crate::config::RuleOptions;
+use crate::error::ProxyError;
+use crate::passthrough;
+use crate::route::{route, Mode, Route};
+use crate::upstream::{BoxError, UpstreamBody, UpstreamClient, UpstreamUrl};
+
+/// Everything a handler needs to know about the rule a request arrived on.
+#[derive(Debug)]
+pub struct RuleContext {
+    pub upstream: UpstreamUrl,
+    pub options: RuleOptions,
+    pub client: UpstreamClient,
+    /// The listening port, for logs.
+    pub port: u16,
+}
+
+impl RuleContext {
+    /// Sends a request upstream and waits for the response head for at most
+    /// `timeoutSeconds` (D13); connection failures are 502, silence is 504.
+    pub async fn send(
+        &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout(self.options.timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable {
+                upstream: self.upstream.to_string(),
+                reason: error_chain(&e),
+            }),
+            Err(_) => Err(ProxyError::UpstreamTimeout {
+                upstream: self.upstream.to_string(),
+                seconds: self.options.timeout.as_secs(),
+            }),
+        }
+    }
+}
+
+/// The proxy for one upstream. Cheap to clone; clones share the rule and the client pool.
+#[derive(Debug, Clone)]
+pub struct ProxyService {
+    rule: Arc<RuleContext>,
+}
+
+impl ProxyService {
+    /// A proxy that forwards every request to `upstream` with `options`, through `client`
+    /// (share one client between services so they share its connection pool).
+    pub fn new(upstream: UpstreamUrl, options: RuleOptions, client: UpstreamClient) -> Self {
+        ProxyService {
+            rule: Arc::new(RuleContext {
+                upstream,
+                options,
+                client,
+                port: 0,
+            }),
+        }
+    }
+
+    /// Names the local port in log lines.
+    pub fn with_port_label(self, port: u16) -> Self {
+        let rule = &*self.rule;
+        ProxyService {
+            rule: Arc::new(RuleContext {
+                upstream: rule.upstream.clone(),
+                options: rule.options.clone(),
+                client: rule.client.clone(),
+                port,
+            }),
+        }
+    }
+
+    /// The rule this service serves.
+    pub fn rule(&self) -> &RuleContext {
+        &self.rule
+    }
+
+    /// Handles one request; every failure becomes an error response, never an `Err`.
+    pub async fn handle(&self, request: Request<UpstreamBody>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let rule = &*self.rule;
+        let (parts, body) = request.into_parts();
+        let mut log = AccessLog::new(
+            rule.port,
+            parts.method.clone(),
+            parts.uri.path(),
+            Mode::Passthrough,
+            started,
+        );
+        let routed = route(
+            &parts.method,
+            &parts.uri,
+            parts.version,
+            &parts.headers,
+            rule.options.convert,
+        );
+        let result = match routed {
+            Err(e) => Err(e),
+            Ok(Route::Passthrough) => passthrough::forward(rule, parts, body).await,
+            Ok(Route::ConvertCandidate(_api)) => passthrough::forward(rule, parts, body).await,
+            Ok(Route::WebSocket) => passthrough::forward(rule, parts, body).await,
+        };
+        let response = result.unwrap_or_else(|e| {
+            tracing::warn!(port = rule.port, upstream = %rule.upstream, error = %e, "request failed");
+            e.to_response()
+        });
+        log.set_status(response.status().as_u16());
+        let (parts, body) = response.into_parts();
+        Response::from_parts(parts, body.with_log(log))
+    }
+}
+
+type HandleFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = HandleFuture;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let service = self.clone();
+        Box::pin(async move {
+            let request = request.map(|body| UpstreamBody::Incoming { body });
+            Ok(service.handle(request).await)
+        })
+    }
+}
+
+/// For tower stacks and frameworks (axum, …): any request body is accepted and boxed.
+impl<B> tower_service::Service<Request<B>> for ProxyService
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = HandleFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let service = self.clone();
+        Box::pin(async move {
+            let request = request.map(|body| UpstreamBody::Boxed {
+                body: body.map_err(Into::into).boxed_unsync(),
+            });
+            Ok(service.handle(request).await)
+        })
+    }
+}
+
+/// An error and its sources, joined with ": ", so a log or envelope names the root cause
+/// ("client error (Connect): tcp connect error: Connection refused (os error 111)").
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

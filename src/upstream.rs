@@ -1,0 +1,497 @@
+//! Where requests go: the validated upstream base URL, and the pooled client that reaches it.
+//!
+//! The client is hyper-util's pooled client over our own connector, chosen over reqwest
+//! because reqwest's per-request URL parsing and redirect policy roughly double the
+//! instructions spent per proxied request, and a proxy must relay redirects, not follow
+//! them (D14). The connector adds what reqwest would have given us: rustls with the
+//! system trust store (`SSL_CERT_FILE`/`SSL_CERT_DIR` honoured), HTTP/2 by ALPN, and
+//! `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`. Connections are pooled per upstream authority and
+//! shared by every listener and thread; the pool grows with demand (D15).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::Request;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pin_project_lite::pin_project;
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+/// Errors crossing body and connector boundaries.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An upstream base URL: `http(s)://authority[/prefix]`, without a trailing slash, query or
+/// fragment, so that appending a request's path and query can never produce `//` or a URL
+/// with two query strings (W17).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix without trailing slash; empty when none.
+    prefix: String,
+}
+
+impl UpstreamUrl {
+    /// Validates an `upstreamUrl` from the config.
+    pub fn parse(text: &str) -> Result<UpstreamUrl, String> {
+        let bad = || format!("{text:?} is not an absolute http or https URL");
+        let uri: Uri = text.trim().parse().map_err(|_| bad())?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            _ => return Err(bad()),
+        };
+        let authority = uri.authority().cloned().ok_or_else(bad)?;
+        if authority.host().is_empty() {
+            return Err(bad());
+        }
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "{text:?} must not carry credentials; send them as request headers"
+            ));
+        }
+        if uri.query().is_some() || text.contains('#') {
+            return Err(format!(
+                "{text:?} must not have a query or fragment; the request's own query is appended"
+            ));
+        }
+        let prefix = uri.path().trim_end_matches('/').to_string();
+        Ok(UpstreamUrl {
+            scheme,
+            authority,
+            prefix,
+        })
+    }
+
+    /// `true` for https.
+    pub fn is_tls(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+
+    /// The upstream URI for a request: base + the request's path and query, untouched.
+    pub fn request_uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let path_and_query = match (self.prefix.is_empty(), path_and_query) {
+            // No prefix: reuse the request's already-parsed path, no re-parse.
+            (true, Some(pq)) => pq.clone(),
+            (true, None) => PathAndQuery::from_static("/"),
+            (false, pq) => {
+                let tail = pq.map_or("", |pq| pq.as_str());
+                let mut joined = String::with_capacity(self.prefix.len() + tail.len());
+                joined.push_str(&self.prefix);
+                joined.push_str(tail);
+                PathAndQuery::try_from(joined)?
+            }
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+    }
+
+    /// The same target with `ws`/`wss` in place of `http`/`https` (B92).
+    pub fn websocket_base(&self) -> String {
+        let scheme = if self.is_tls() { "wss" } else { "ws" };
+        format!("{scheme}://{}{}", self.authority, self.prefix)
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.prefix)
+    }
+}
+
+pin_project! {
+    /// A request body on its way upstream. The hot path (a body straight from the hyper
+    /// server) is not boxed; bodies from embedding applications are.
+    #[project = UpstreamBodyProj]
+    pub enum UpstreamBody {
+        Incoming { #[pin] body: Incoming },
+        Full { data: Option<Bytes> },
+        Boxed { #[pin] body: UnsyncBoxBody<Bytes, BoxError> },
+    }
+}
+
+impl UpstreamBody {
+    /// A complete in-memory body (rewritten conversion requests).
+    pub fn full(data: Bytes) -> Self {
+        UpstreamBody::Full {
+            data: (!data.is_empty()).then_some(data),
+        }
+    }
+
+    /// No body at all.
+    pub fn empty() -> Self {
+        UpstreamBody::Full { data: None }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            UpstreamBodyProj::Incoming { body } => body.poll_frame(cx).map_err(Into::into),
+            UpstreamBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            UpstreamBodyProj::Boxed { body } => body.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Incoming { body } => body.is_end_stream(),
+            UpstreamBody::Full { data } => data.is_none(),
+            UpstreamBody::Boxed { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Incoming { body } => body.size_hint(),
+            UpstreamBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            UpstreamBody::Boxed { body } => body.size_hint(),
+        }
+    }
+}
+
+/// How the upstream client reaches upstreams.
+#[derive(Clone)]
+pub struct ClientOptions {
+    /// Which destinations go through an HTTP proxy; `None` connects directly.
+    pub proxy: Option<Arc<Matcher>>,
+    /// Trust anchors for upstream TLS.
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Upper bound on a TCP connect (the response-header timeout still applies on top).
+    pub connect_timeout: Option<Duration>,
+}
+
+impl fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("proxy", &self.proxy.is_some())
+            .field("roots", &self.roots.len())
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// Upstream client setup problems.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no usable TLS trust anchors: {0}")]
+    NoTrustAnchors(String),
+    #[error("cannot read certificate file {path}: {reason}")]
+    CertificateFile { path: String, reason: String },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+impl ClientOptions {
+    /// What a daemon wants: the system trust store (`SSL_CERT_FILE`/`SSL_CERT_DIR` win when
+    /// set) and proxies from `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`/`NO_PROXY`.
+    pub fn from_env() -> Result<ClientOptions, ClientError> {
+        let loaded = rustls_native_certs::load_native_certs();
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _ignored) = roots.add_parsable_certificates(loaded.certs);
+        if added == 0 {
+            let reasons: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+            tracing::warn!(errors = ?reasons, "no system TLS trust anchors found; https upstreams will fail");
+        }
+        let matcher = Matcher::from_env();
+        let proxy = proxy_configured().then(|| Arc::new(matcher));
+        Ok(ClientOptions {
+            proxy,
+            roots: Arc::new(roots),
+            connect_timeout: None,
+        })
+    }
+
+    /// Direct connections trusting only the given PEM certificates (tests, pinned setups).
+    pub fn with_pem_roots(pem: &[u8]) -> Result<ClientOptions, ClientError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let mut reader = pem;
+        for cert in rustls_pemfile_certs(&mut reader)? {
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Tls(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(ClientError::NoTrustAnchors(
+                "no certificate in the PEM data".into(),
+            ));
+        }
+        Ok(ClientOptions {
+            proxy: None,
+            roots: Arc::new(roots),
+            connect_timeout: None,
+        })
+    }
+}
+
+fn proxy_configured() -> bool {
+    [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .iter()
+    .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
+}
+
+fn rustls_pemfile_certs(
+    reader: &mut &[u8],
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ClientError> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(reader)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::CertificateFile {
+            path: "<pem>".into(),
+            reason: e.to_string(),
+        })
+}
+
+type Connector = hyper_rustls::HttpsConnector<ProxyConnector>;
+
+/// The pooled upstream HTTP client shared by every rule.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: Client<Connector, UpstreamBody>,
+}
+
+impl fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UpstreamClient")
+    }
+}
+
+impl UpstreamClient {
+    pub fn new(options: ClientOptions) -> Result<UpstreamClient, ClientError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(options.connect_timeout);
+        let connector = ProxyConnector {
+            http,
+            proxy: options.proxy,
+        };
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .with_root_certificates(options.roots)
+            .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(connector);
+
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(UpstreamClient { client })
+    }
+
+    /// Sends a request; the future resolves at the response head.
+    pub fn request(
+        &self,
+        request: Request<UpstreamBody>,
+    ) -> hyper_util::client::legacy::ResponseFuture {
+        self.client.request(request)
+    }
+}
+
+/// Connects directly, through an HTTP CONNECT tunnel (https upstreams behind `HTTPS_PROXY`),
+/// or to a forwarding proxy (http upstreams behind `HTTP_PROXY`, absolute-form requests).
+/// Loopback destinations are never proxied: a local upstream behind a corporate proxy is
+/// never what the user meant.
+#[derive(Clone)]
+pub struct ProxyConnector {
+    http: HttpConnector,
+    proxy: Option<Arc<Matcher>>,
+}
+
+impl ProxyConnector {
+    fn intercept(&self, dst: &Uri) -> Option<hyper_util::client::proxy::matcher::Intercept> {
+        let matcher = self.proxy.as_ref()?;
+        let host = dst.host()?;
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = bare.eq_ignore_ascii_case("localhost")
+            || bare
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if loopback {
+            return None;
+        }
+        matcher.intercept(dst)
+    }
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<ProxiedStream, BoxError>> + Send>>;
+
+impl Service<Uri> for ProxyConnector {
+    type Response = ProxiedStream;
+    type Error = BoxError;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let mut http = self.http.clone();
+        match self.intercept(&dst) {
+            None => Box::pin(async move {
+                let io = http.call(dst).await?;
+                Ok(ProxiedStream {
+                    io,
+                    forwarding_proxy: false,
+                })
+            }),
+            Some(intercept) if dst.scheme() == Some(&Scheme::HTTPS) => {
+                let mut tunnel = Tunnel::new(intercept.uri().clone(), http);
+                if let Some(auth) = intercept.basic_auth() {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                Box::pin(async move {
+                    let io = tunnel
+                        .call(dst)
+                        .await
+                        .map_err(|e| format!("proxy tunnel failed: {e:?}"))?;
+                    Ok(ProxiedStream {
+                        io,
+                        forwarding_proxy: false,
+                    })
+                })
+            }
+            Some(intercept) => {
+                let proxy_uri = intercept.uri().clone();
+                Box::pin(async move {
+                    let io = http.call(proxy_uri).await?;
+                    Ok(ProxiedStream {
+                        io,
+                        forwarding_proxy: true,
+                    })
+                })
+            }
+        }
+    }
+}
+
+/// A TCP stream that knows whether it leads to a forwarding proxy, so the client writes
+/// absolute-form request targets on it.
+pub struct ProxiedStream {
+    io: TokioIo<TcpStream>,
+    forwarding_proxy: bool,
+}
+
+impl Connection for ProxiedStream {
+    fn connected(&self) -> Connected {
+        self.io.connected().proxy(self.forwarding_proxy)
+    }
+}
+
+impl Read for ProxiedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl Write for ProxiedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_and_trailing_slash_never_double() {
+        let base = UpstreamUrl::parse("https://example.com/openai/").unwrap();
+        let pq = PathAndQuery::from_static("/v1/models?limit=2");
+        assert_eq!(
+            base.request_uri(Some(&pq)).unwrap().to_string(),
+            "https://example.com/openai/v1/models?limit=2"
+        );
+        let bare = UpstreamUrl::parse("http://127.0.0.1:9000/").unwrap();
+        assert_eq!(
+            bare.request_uri(Some(&pq)).unwrap().to_string(),
+            "http://127.0.0.1:9000/v1/models?limit=2"
+        );
+        assert_eq!(bare.to_string(), "http://127.0.0.1:9000");
+        assert_eq!(base.websocket_base(), "wss://example.com/openai");
+    }
+
+    #[test]
+    fn rejects_what_cannot_be_a_base() {
+        for bad in [
+            "ftp://x",
+            "/v1",
+            "example.com",
+            "http://",
+            "http://u:p@x",
+            "http://x/?a=1",
+            "http://x/#f",
+        ] {
+            assert!(UpstreamUrl::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+}
