@@ -96,7 +96,7 @@ pub enum AggregateError {
     Truncated(&'static str),
     /// The upstream reported an error inside the stream.
     #[error("upstream reported an error in the stream: {}", .0.message)]
-    Upstream(UpstreamStreamError),
+    Upstream(Box<UpstreamStreamError>),
 }
 
 /// Status and default `type` for an OpenAI error `code` (reference table B61), or `None` when

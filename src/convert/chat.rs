@@ -1,0 +1,1501 @@
+//! Chat Completions stream accumulator: turns the `chat.completion.chunk` events of an upstream
+//! SSE stream into the one non-streaming `chat.completion` body the client asked for.
+//!
+//! # Rules (see `shared/spec`: decisions D6, D7, D10, D11, D25–D27; reference B43–B54; semantics §2.6)
+//!
+//! * `data: [DONE]` ends the stream. Empty data is skipped (D27); any other data must be JSON
+//!   (D27: a corrupt stream is never answered with a partial body).
+//! * An object with a truthy top-level `error` is an in-stream error (D11), never a 200.
+//! * A chunk is aggregated when it has a `choices` array, whatever its `object` (D26), or when
+//!   its `object` is `chat.completion.chunk` (B45). Anything else (`{}` keep-alives) is ignored.
+//! * Top-level fields and choice extras keep their last non-null value (D7, D25); at the top
+//!   level an empty string or `0` never replaces a real value (Azure's prompt-filter chunk, D26).
+//!   A key that was only ever null is left out, except `system_fingerprint` (null by default,
+//!   as in the SDK's snapshot and the expected bodies).
+//! * Deltas merge by D6: identity keys (`role`, `id`, `type`, `index`, `name`, `call_id`) are set
+//!   once, strings concatenate, numbers are replaced, arrays of objects with `index` merge by the
+//!   index *value*, other arrays append, `null` never erases.
+//! * The body has the non-streaming shape (D7): `content`/`refusal` null when never streamed,
+//!   `annotations` `[]`, `tool_calls` only when non-empty and without `index`, `logprobs` and
+//!   `finish_reason` always present, no `obfuscation`.
+//!
+//! # Performance
+//!
+//! Each event is parsed once by serde_json into small borrowed structures: the members the
+//! accumulator does not need yet are captured as `&RawValue` (validated, not allocated), strings
+//! without escapes are borrowed from the event bytes. Text is appended to owned `String`s,
+//! logprob entries are moved into a `Vec`, repeated top-level values (`id`, `model`, `created`,
+//! …) are compared byte-wise and not re-allocated. The body is built and serialised once, in
+//! [`ChatAccumulator::finish`].
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use super::outcome::{
+    status_for_error_code, Aggregate, AggregateError, Flow, Terminal, TokenUsage,
+    UpstreamStreamError,
+};
+
+/// Aggregates one Chat Completions stream. Feed every SSE event to [`push`](Self::push) until it
+/// returns [`Flow::Finished`] (or the stream ends cleanly), then call [`finish`](Self::finish).
+#[derive(Default)]
+pub struct ChatAccumulator {
+    /// Top-level fields other than `choices`, `object`, `obfuscation` and `error`.
+    top: LastNonNull,
+    /// Choices keyed by the value of their `index` (B49), so output is sorted by index and
+    /// out-of-order or interleaved choices (n > 1) land in the right place.
+    choices: BTreeMap<u64, ChoiceState>,
+    /// How many chunks were aggregated; `[DONE]` without any is not an answer.
+    chunks: u64,
+    /// `[DONE]` was seen.
+    done: bool,
+}
+
+impl ChatAccumulator {
+    /// An accumulator that has seen nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One SSE event: `name` is the `event:` field (empty if none; Chat ignores it, B43), `data`
+    /// the event's data bytes.
+    // `AggregateError` is large because `UpstreamStreamError` is stored inline (outcome.rs);
+    // boxing it there would make this allow unnecessary.
+    pub fn push(&mut self, name: &[u8], data: &[u8]) -> Result<Flow, AggregateError> {
+        let _ = name;
+        if self.done {
+            // The caller stops at `Finished` (B42); anything after it is not part of the answer.
+            return Ok(Flow::Finished);
+        }
+        let data = data.trim_ascii();
+        if data.is_empty() {
+            return Ok(Flow::Continue);
+        }
+        if data == b"[DONE]" {
+            self.done = true;
+            return Ok(Flow::Finished);
+        }
+        let chunk: ChunkDe<'_> = serde_json::from_slice(data).map_err(|e| {
+            // Valid JSON of the wrong shape (not an object, `choices` not an array, …) is
+            // malformed; anything else is a corrupt stream.
+            if e.is_data() {
+                AggregateError::Malformed(e.to_string())
+            } else {
+                AggregateError::InvalidJson(e)
+            }
+        })?;
+        if let Some(error) = chunk.error {
+            let error: Value = sub(error).map_err(AggregateError::InvalidJson)?;
+            if truthy(&error) {
+                return Err(AggregateError::Upstream(Box::new(upstream_error(error))));
+            }
+        }
+        if chunk.choices.is_none() && !chunk.is_chunk_object {
+            return Ok(Flow::Continue);
+        }
+        self.chunks += 1;
+        for (key, value, after_choices) in chunk.fields {
+            self.top.set(key, value, true, after_choices);
+        }
+        for choice in chunk.choices.into_iter().flatten() {
+            self.apply_choice(choice)
+                .map_err(AggregateError::InvalidJson)?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Builds the body. Called after `push` returned [`Flow::Finished`], or at a clean end of
+    /// the upstream stream (D10: accepted without `[DONE]` only when every choice finished).
+    pub fn finish(self) -> Result<Aggregate, AggregateError> {
+        let terminal = if self.done {
+            if self.chunks == 0 {
+                return Err(AggregateError::Truncated("any chunk"));
+            }
+            if self.choices.is_empty() {
+                return Err(AggregateError::Malformed(
+                    "the stream ended without any choice".to_owned(),
+                ));
+            }
+            Terminal::Done
+        } else if !self.choices.is_empty()
+            && self.choices.values().all(|c| c.finish_reason.is_some())
+        {
+            Terminal::EndOfStream
+        } else {
+            return Err(AggregateError::Truncated("data: [DONE]"));
+        };
+
+        let mut id = None;
+        let mut created = None;
+        let mut model = None;
+        let mut usage = None;
+        let mut fingerprint = None;
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        for (key, raw, after_choices) in self.top.entries {
+            let value: Value = sub(&raw).map_err(AggregateError::InvalidJson)?;
+            match key.as_str() {
+                "id" => id = Some(value),
+                "created" => created = Some(value),
+                "model" => model = Some(value),
+                "usage" => usage = Some(value),
+                "system_fingerprint" => fingerprint = Some(value),
+                _ if after_choices => after.push((key, value)),
+                _ => before.push((key, value)),
+            }
+        }
+
+        let mut choices = Vec::with_capacity(self.choices.len());
+        for (index, choice) in self.choices {
+            choices.push(
+                choice
+                    .into_value(index)
+                    .map_err(AggregateError::InvalidJson)?,
+            );
+        }
+
+        // Key order mimics OpenAI's non-streaming body; keys a provider put after `choices`
+        // (e.g. `moderation`) stay after it.
+        let mut body = Map::new();
+        if let Some(v) = id {
+            body.insert("id".to_owned(), v);
+        }
+        body.insert("object".to_owned(), Value::from("chat.completion"));
+        if let Some(v) = created {
+            body.insert("created".to_owned(), v);
+        }
+        if let Some(v) = model {
+            body.insert("model".to_owned(), v);
+        }
+        body.extend(before);
+        body.insert("choices".to_owned(), Value::Array(choices));
+        let token_usage = usage.as_ref().and_then(token_usage);
+        if let Some(v) = usage {
+            body.insert("usage".to_owned(), v);
+        }
+        // The SDK's snapshot always has `system_fingerprint` (null by default), and so do the
+        // expected bodies.
+        body.insert(
+            "system_fingerprint".to_owned(),
+            fingerprint.unwrap_or(Value::Null),
+        );
+        body.extend(after);
+
+        let body = serde_json::to_vec(&Value::Object(body))
+            .map_err(|e| AggregateError::Malformed(e.to_string()))?;
+        Ok(Aggregate {
+            body,
+            terminal,
+            usage: token_usage,
+        })
+    }
+
+    fn apply_choice(&mut self, choice: ChoiceDe<'_>) -> Result<(), serde_json::Error> {
+        // B49: a choice without a usable integer index cannot be placed, so it is dropped.
+        let Some(index) = choice.index.and_then(parse_index) else {
+            return Ok(());
+        };
+        let state = self.choices.entry(index).or_default();
+        if let Some(delta) = choice.delta {
+            for (key, value) in delta.0 {
+                if key.0 == "tool_calls" {
+                    state.tool_calls.apply(value)?;
+                } else {
+                    merge_member(&mut state.message, key, value)?;
+                }
+            }
+        }
+        if let Some(reason) = choice.finish_reason {
+            // Last truthy value: the usage chunk or another choice's chunk never resets it.
+            let s = reason.get();
+            let changed = state.finish_reason.as_ref().map(|r| r.get()) != Some(s);
+            if changed && !matches!(s, "null" | "\"\"" | "false") {
+                state.finish_reason = Some(reason.to_owned());
+            }
+        }
+        if let Some(logprobs) = choice.logprobs {
+            state
+                .logprobs
+                .get_or_insert_with(Logprobs::default)
+                .apply(logprobs);
+        }
+        for (key, value) in choice.extras {
+            state.extras.set(key, value, false, false);
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accumulated state
+// ---------------------------------------------------------------------------------------------
+
+/// Keys that keep their last non-null value (top-level fields, D7; choice extras, D25), stored
+/// as the upstream's raw JSON so repeated identical values cost a byte comparison, not an
+/// allocation, and number lexemes are kept.
+#[derive(Default)]
+struct LastNonNull {
+    /// `(key, value, first stored after the chunk's `choices` key)` in first-seen order.
+    entries: Vec<(String, Box<RawValue>, bool)>,
+    by_key: HashMap<String, usize>,
+}
+
+impl LastNonNull {
+    /// `keep_real`: an empty string or `0` never replaces a stored value (D26: Azure's
+    /// prompt-filter chunk has `id: ""` and `created: 0`).
+    fn set(&mut self, key: Text<'_>, value: &RawValue, keep_real: bool, after_choices: bool) {
+        let s = value.get();
+        if s == "null" {
+            return;
+        }
+        if let Some(&i) = self.by_key.get(key.as_str()) {
+            let slot = &mut self.entries[i].1;
+            if slot.get() != s && !(keep_real && matches!(s, "\"\"" | "0")) {
+                *slot = value.to_owned();
+            }
+            return;
+        }
+        let key = key.0.into_owned();
+        self.by_key.insert(key.clone(), self.entries.len());
+        self.entries.push((key, value.to_owned(), after_choices));
+    }
+}
+
+/// One choice as it accumulates.
+#[derive(Default)]
+struct ChoiceState {
+    /// Merged delta members other than `tool_calls`, in first-seen order.
+    message: Map<String, Value>,
+    tool_calls: ToolCalls,
+    /// Last truthy `finish_reason`.
+    finish_reason: Option<Box<RawValue>>,
+    /// `None` until a chunk carries non-null `logprobs`.
+    logprobs: Option<Logprobs>,
+    /// Choice-level keys other than `index`, `delta`, `finish_reason`, `logprobs` (D25).
+    extras: LastNonNull,
+}
+
+impl ChoiceState {
+    fn into_value(self, index: u64) -> Result<Value, serde_json::Error> {
+        let mut role = None;
+        let mut content = None;
+        let mut refusal = None;
+        let mut annotations = None;
+        let mut rest = Vec::new();
+        for (key, value) in self.message {
+            match key.as_str() {
+                "role" => role = Some(value),
+                "content" => content = Some(value),
+                "refusal" => refusal = Some(value),
+                "annotations" => annotations = Some(value),
+                _ if value.is_null() => {}
+                _ => rest.push((key, value)),
+            }
+        }
+        let role = match role {
+            Some(Value::String(s)) if s.is_empty() => Value::from("assistant"),
+            Some(v) if !v.is_null() => v,
+            _ => Value::from("assistant"),
+        };
+        let mut message = Map::new();
+        message.insert("role".to_owned(), role);
+        message.insert("content".to_owned(), content.unwrap_or(Value::Null));
+        message.insert("refusal".to_owned(), refusal.unwrap_or(Value::Null));
+        message.insert(
+            "annotations".to_owned(),
+            match annotations {
+                Some(v) if !v.is_null() => v,
+                _ => Value::Array(Vec::new()),
+            },
+        );
+        if let Some(calls) = self.tool_calls.into_value() {
+            message.insert("tool_calls".to_owned(), calls);
+        }
+        message.extend(rest);
+
+        let mut choice = Map::new();
+        choice.insert("index".to_owned(), Value::from(index));
+        choice.insert("message".to_owned(), Value::Object(message));
+        choice.insert(
+            "logprobs".to_owned(),
+            self.logprobs.map_or(Value::Null, Logprobs::into_value),
+        );
+        choice.insert(
+            "finish_reason".to_owned(),
+            match self.finish_reason {
+                Some(raw) => sub(&raw)?,
+                None => Value::Null,
+            },
+        );
+        for (key, raw, _) in self.extras.entries {
+            choice.insert(key, sub(&raw)?);
+        }
+        Ok(Value::Object(choice))
+    }
+}
+
+/// `choices[].logprobs`: `content` and `refusal` token lists are appended (entries moved, not
+/// cloned); a `logprobs: null` chunk (the finish chunk) changes nothing.
+#[derive(Default)]
+struct Logprobs {
+    content: Option<Vec<Value>>,
+    refusal: Option<Vec<Value>>,
+    extras: Map<String, Value>,
+}
+
+impl Logprobs {
+    fn apply(&mut self, value: Value) {
+        // A non-object `logprobs` has no place in the body's shape; it is ignored.
+        let Value::Object(members) = value else {
+            return;
+        };
+        for (key, value) in members {
+            match (key.as_str(), value) {
+                ("content", Value::Array(items)) => {
+                    self.content.get_or_insert_with(Vec::new).extend(items)
+                }
+                ("refusal", Value::Array(items)) => {
+                    self.refusal.get_or_insert_with(Vec::new).extend(items)
+                }
+                ("content" | "refusal", _) | (_, Value::Null) => {}
+                (_, value) => {
+                    self.extras.insert(key, value);
+                }
+            }
+        }
+    }
+
+    fn into_value(self) -> Value {
+        let mut out = Map::new();
+        out.insert(
+            "content".to_owned(),
+            self.content.map_or(Value::Null, Value::Array),
+        );
+        out.insert(
+            "refusal".to_owned(),
+            self.refusal.map_or(Value::Null, Value::Array),
+        );
+        out.extend(self.extras);
+        Value::Object(out)
+    }
+}
+
+/// `message.tool_calls` fragments.
+///
+/// Matched by the value of `index`, not its position (servers skip or reorder indexes). A
+/// fragment whose new `id` differs from the one its index already holds starts a new call
+/// (servers that reuse index 0 for every call). A fragment without `index` goes to the call
+/// with its `id`, else to the call touched last. No `arguments` fragment is ever dropped.
+#[derive(Default)]
+struct ToolCalls {
+    /// In creation order; sorted by `index` (stable) only when the body is built.
+    calls: Vec<ToolCall>,
+    /// Index value → the newest call holding it.
+    latest: HashMap<u64, usize>,
+    /// The call the last fragment went to.
+    last: Option<usize>,
+}
+
+struct ToolCall {
+    /// Sort key: the call's `index` (an un-indexed call sorts right after the call before it).
+    key: u64,
+    /// Merged members, without the streaming-only `index`.
+    fields: Map<String, Value>,
+}
+
+impl ToolCall {
+    fn id(&self) -> Option<&str> {
+        self.fields
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+}
+
+impl ToolCalls {
+    fn apply(&mut self, raw: &RawValue) -> Result<(), serde_json::Error> {
+        let s = raw.get();
+        let fragments: Vec<&RawValue> = if s.starts_with('[') {
+            sub(raw)?
+        } else if s.starts_with('{') {
+            // A bare object instead of a one-element list: still a fragment, keep it.
+            vec![raw]
+        } else {
+            return Ok(());
+        };
+        for fragment in fragments {
+            if fragment.get().starts_with('{') {
+                self.apply_fragment(sub(fragment)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_fragment(&mut self, fragment: Members<'_>) -> Result<(), serde_json::Error> {
+        let index = fragment
+            .0
+            .iter()
+            .find(|(k, _)| k.0 == "index")
+            .and_then(|(_, v)| parse_index(v));
+        let id: Option<Text<'_>> = match fragment.0.iter().find(|(k, _)| k.0 == "id") {
+            Some((_, v)) if v.get().starts_with('"') => {
+                Some(sub::<Text<'_>>(v)?).filter(|t| !t.0.is_empty())
+            }
+            _ => None,
+        };
+        let id = id.as_ref().map(Text::as_str);
+        let pos = match index {
+            Some(index) => match self.latest.get(&index) {
+                Some(&p) if !differs(self.calls[p].id(), id) => p,
+                _ => {
+                    let p = self.create(index);
+                    self.latest.insert(index, p);
+                    p
+                }
+            },
+            None => {
+                let by_id = id.and_then(|id| self.calls.iter().rposition(|c| c.id() == Some(id)));
+                match (by_id, self.last) {
+                    (Some(p), _) => p,
+                    (None, Some(p)) if !differs(self.calls[p].id(), id) => p,
+                    (None, last) => {
+                        let key = last.map_or(0, |p| self.calls[p].key);
+                        self.create(key)
+                    }
+                }
+            }
+        };
+        self.last = Some(pos);
+        let fields = &mut self.calls[pos].fields;
+        for (key, value) in fragment.0 {
+            if key.0 != "index" {
+                merge_member(fields, key, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn create(&mut self, key: u64) -> usize {
+        self.calls.push(ToolCall {
+            key,
+            fields: Map::new(),
+        });
+        self.calls.len() - 1
+    }
+
+    fn into_value(mut self) -> Option<Value> {
+        if self.calls.is_empty() {
+            return None;
+        }
+        self.calls.sort_by_key(|c| c.key);
+        let calls = self
+            .calls
+            .into_iter()
+            .map(|mut call| {
+                // The non-streaming shape requires `type`; some providers only send `function`.
+                if !call.fields.contains_key("type") && call.fields.contains_key("function") {
+                    call.fields
+                        .insert("type".to_owned(), Value::from("function"));
+                }
+                Value::Object(call.fields)
+            })
+            .collect();
+        Some(Value::Array(calls))
+    }
+}
+
+/// Both ids known and different: a different call.
+fn differs(current: Option<&str>, new: Option<&str>) -> bool {
+    matches!((current, new), (Some(a), Some(b)) if a != b)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generic delta merge (D6)
+// ---------------------------------------------------------------------------------------------
+
+/// Keys set once at any depth (D6): the first non-empty value wins.
+fn is_identity(key: &str) -> bool {
+    matches!(key, "role" | "id" | "type" | "index" | "name" | "call_id")
+}
+
+/// Merges one member of a delta object into `target` (D6). `null` never erases.
+fn merge_member(
+    target: &mut Map<String, Value>,
+    key: Text<'_>,
+    value: &RawValue,
+) -> Result<(), serde_json::Error> {
+    if value.get() == "null" {
+        return Ok(());
+    }
+    match target.get_mut(key.as_str()) {
+        Some(slot) if !slot.is_null() => merge_value(slot, key.as_str(), value),
+        Some(slot) => {
+            *slot = build(value)?;
+            Ok(())
+        }
+        None => {
+            target.insert(key.0.into_owned(), build(value)?);
+            Ok(())
+        }
+    }
+}
+
+/// Merges a non-null delta value into a non-null accumulated one.
+fn merge_value(slot: &mut Value, key: &str, value: &RawValue) -> Result<(), serde_json::Error> {
+    let s = value.get();
+    if is_identity(key) {
+        // Set once; an empty string is "not set yet" (a later non-empty value fills it).
+        if matches!(slot, Value::String(cur) if cur.is_empty()) && s.starts_with('"') && s != "\"\""
+        {
+            *slot = build(value)?;
+        }
+        return Ok(());
+    }
+    match slot {
+        Value::String(acc) if s.starts_with('"') => acc.push_str(sub::<Text<'_>>(value)?.as_str()),
+        Value::Object(acc) if s.starts_with('{') => {
+            let members: Members<'_> = sub(value)?;
+            for (k, v) in members.0 {
+                merge_member(acc, k, v)?;
+            }
+        }
+        Value::Array(acc) if s.starts_with('[') => merge_array(acc, sub(value)?)?,
+        // Numbers and booleans are replaced (D6: never summed).
+        Value::Number(_) | Value::Bool(_) | Value::Null => *slot = build(value)?,
+        // A type change: keep what was accumulated rather than discard streamed text.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Arrays: objects carrying an integer `index` merge into the entry with the same index value;
+/// everything else is appended (annotations, content parts, …).
+fn merge_array(acc: &mut Vec<Value>, items: Vec<&RawValue>) -> Result<(), serde_json::Error> {
+    for item in items {
+        if !item.get().starts_with('{') {
+            acc.push(build(item)?);
+            continue;
+        }
+        let members: Members<'_> = sub(item)?;
+        let index = members
+            .0
+            .iter()
+            .find(|(k, _)| k.0 == "index")
+            .and_then(|(_, v)| parse_index(v));
+        let target = index.and_then(|index| {
+            // Newest first: a fragment almost always continues the latest entry.
+            acc.iter_mut().rev().find_map(|entry| match entry {
+                Value::Object(obj) if obj.get("index").and_then(value_index) == Some(index) => {
+                    Some(obj)
+                }
+                _ => None,
+            })
+        });
+        match target {
+            Some(obj) => {
+                for (k, v) in members.0 {
+                    merge_member(obj, k, v)?;
+                }
+            }
+            None => {
+                let mut obj = Map::new();
+                for (k, v) in members.0 {
+                    obj.insert(k.0.into_owned(), build(v)?);
+                }
+                acc.push(Value::Object(obj));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A first value for a key. Arrays go through [`merge_array`] so that fragments sharing an
+/// index within the very first list are merged too.
+fn build(value: &RawValue) -> Result<Value, serde_json::Error> {
+    if value.get().starts_with('[') {
+        let mut acc = Vec::new();
+        merge_array(&mut acc, sub(value)?)?;
+        return Ok(Value::Array(acc));
+    }
+    sub(value)
+}
+
+/// Parses a captured member. It was validated when the event was parsed, so this only fails
+/// if serde_json disagrees with itself. Internal helpers return the small `serde_json::Error`;
+/// `push` and `finish` map it to [`AggregateError::InvalidJson`].
+fn sub<'a, T: Deserialize<'a>>(value: &'a RawValue) -> Result<T, serde_json::Error> {
+    serde_json::from_str(value.get())
+}
+
+/// An integer index, or a string holding one (B49 accepts `"0"`).
+fn parse_index(value: &RawValue) -> Option<u64> {
+    let s = value.get();
+    let digits = s
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+fn value_index(value: &Value) -> Option<u64> {
+    match value {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors and usage
+// ---------------------------------------------------------------------------------------------
+
+/// Python truthiness, which is what the SDK applies to `error` (semantics §1).
+fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
+}
+
+/// D11: the upstream's message, type, code and param, and a status from the B61 table.
+fn upstream_error(error: Value) -> UpstreamStreamError {
+    let (message, error_type, code, param) = match error {
+        Value::Object(mut obj) => {
+            let message = match obj.swap_remove("message") {
+                Some(Value::String(s)) => s,
+                Some(v) if !v.is_null() => v.to_string(),
+                _ => "upstream reported an error in the stream".to_owned(),
+            };
+            let error_type = match obj.swap_remove("type") {
+                Some(Value::String(s)) if !s.is_empty() => Some(s),
+                _ => None,
+            };
+            let code = obj.swap_remove("code").unwrap_or(Value::Null);
+            let param = obj.swap_remove("param").unwrap_or(Value::Null);
+            (message, error_type, code, param)
+        }
+        Value::String(s) => (s, None, Value::Null, Value::Null),
+        other => (other.to_string(), None, Value::Null, Value::Null),
+    };
+    let code_text = match &code {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    let (mut status, mut default_type) =
+        status_for_error_code(code_text.as_deref(), error_type.as_deref(), 400);
+    // Some providers (OpenRouter) put an HTTP status in `code`; a 5xx one is a server-side
+    // code, which D11 maps to 500.
+    if status < 500 && code.as_u64().is_some_and(|c| (500..600).contains(&c)) {
+        status = 500;
+        default_type = "server_error";
+    }
+    UpstreamStreamError {
+        status,
+        message,
+        error_type: error_type.unwrap_or_else(|| default_type.to_owned()),
+        code,
+        param,
+    }
+}
+
+fn token_usage(usage: &Value) -> Option<TokenUsage> {
+    let usage = usage.as_object()?;
+    let count = |v: Option<&Value>| v.and_then(Value::as_u64);
+    Some(TokenUsage {
+        input: count(usage.get("prompt_tokens")),
+        output: count(usage.get("completion_tokens")),
+        total: count(usage.get("total_tokens")),
+        cached: count(
+            usage
+                .get("prompt_tokens_details")
+                .and_then(|d| d.get("cached_tokens")),
+        ),
+        reasoning: count(
+            usage
+                .get("completion_tokens_details")
+                .and_then(|d| d.get("reasoning_tokens")),
+        ),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Borrowed event shapes (hand-written visitors: no `flatten`/`untagged`, which lose number
+// lexemes under `arbitrary_precision`)
+// ---------------------------------------------------------------------------------------------
+
+/// A string borrowed from the event bytes unless it contains escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl Text<'_> {
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
+/// The members of a JSON object, values captured unparsed.
+struct Members<'a>(Vec<(Text<'a>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> Visitor<'de> for MembersVisitor {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(key) = map.next_key::<Text<'de>>()? {
+                    members.push((key, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(MembersVisitor)
+    }
+}
+
+/// One event's JSON object.
+struct ChunkDe<'a> {
+    /// `None` when absent or null.
+    choices: Option<Vec<ChoiceDe<'a>>>,
+    error: Option<&'a RawValue>,
+    /// `object == "chat.completion.chunk"`.
+    is_chunk_object: bool,
+    /// Other members: `(key, value, came after the `choices` key)`.
+    fields: Vec<(Text<'a>, &'a RawValue, bool)>,
+}
+
+impl<'de> Deserialize<'de> for ChunkDe<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ChunkVisitor;
+        impl<'de> Visitor<'de> for ChunkVisitor {
+            type Value = ChunkDe<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a chat.completion.chunk object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut chunk = ChunkDe {
+                    choices: None,
+                    error: None,
+                    is_chunk_object: false,
+                    fields: Vec::new(),
+                };
+                let mut seen_choices = false;
+                while let Some(key) = map.next_key::<Text<'de>>()? {
+                    match key.as_str() {
+                        "choices" => {
+                            chunk.choices = map.next_value()?;
+                            seen_choices = true;
+                        }
+                        "error" => chunk.error = Some(map.next_value()?),
+                        "object" => {
+                            let object: &RawValue = map.next_value()?;
+                            chunk.is_chunk_object = object.get() == "\"chat.completion.chunk\"";
+                        }
+                        // Chunk-only padding (D7). Captured rather than skipped so that its
+                        // bytes are still validated (D27).
+                        "obfuscation" => {
+                            map.next_value::<&'de RawValue>()?;
+                        }
+                        _ => {
+                            let value = map.next_value()?;
+                            chunk.fields.push((key, value, seen_choices));
+                        }
+                    }
+                }
+                Ok(chunk)
+            }
+        }
+        deserializer.deserialize_map(ChunkVisitor)
+    }
+}
+
+/// One entry of a chunk's `choices`.
+struct ChoiceDe<'a> {
+    index: Option<&'a RawValue>,
+    /// `None` when absent or null.
+    delta: Option<Members<'a>>,
+    finish_reason: Option<&'a RawValue>,
+    /// Parsed straight into values: its token entries are moved into the accumulated list.
+    logprobs: Option<Value>,
+    extras: Vec<(Text<'a>, &'a RawValue)>,
+}
+
+impl<'de> Deserialize<'de> for ChoiceDe<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ChoiceVisitor;
+        impl<'de> Visitor<'de> for ChoiceVisitor {
+            type Value = ChoiceDe<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a choice object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut choice = ChoiceDe {
+                    index: None,
+                    delta: None,
+                    finish_reason: None,
+                    logprobs: None,
+                    extras: Vec::new(),
+                };
+                while let Some(key) = map.next_key::<Text<'de>>()? {
+                    match key.as_str() {
+                        "index" => choice.index = Some(map.next_value()?),
+                        "delta" => choice.delta = map.next_value()?,
+                        "finish_reason" => choice.finish_reason = Some(map.next_value()?),
+                        "logprobs" => choice.logprobs = map.next_value()?,
+                        // A non-standard choice-level `message` would clash with the merged
+                        // message (B52); it is validated and dropped.
+                        "message" => {
+                            map.next_value::<&'de RawValue>()?;
+                        }
+                        _ => {
+                            let value = map.next_value()?;
+                            choice.extras.push((key, value));
+                        }
+                    }
+                }
+                Ok(choice)
+            }
+        }
+        deserializer.deserialize_map(ChoiceVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::path::Path;
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
+
+    // ----- TEST SUPPORT ONLY -------------------------------------------------------------------
+    // A minimal SSE splitter so the fixture files can be fed to the accumulator. It is not the
+    // proxy's SSE parser (that lives elsewhere): it splits on blank lines, joins `data:` lines
+    // with `\n`, keeps `event:`, and ignores comments and other fields.
+    fn split_events(body: &str) -> Vec<(String, String)> {
+        let body = body.replace("\r\n", "\n");
+        let mut events = Vec::new();
+        for block in body.split("\n\n") {
+            let mut name = String::new();
+            let mut data: Vec<&str> = Vec::new();
+            let mut any = false;
+            for line in block.lines() {
+                if line.is_empty() || line.starts_with(':') {
+                    continue;
+                }
+                let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match field {
+                    "data" => {
+                        data.push(value);
+                        any = true;
+                    }
+                    "event" => {
+                        name = value.to_owned();
+                        any = true;
+                    }
+                    _ => {}
+                }
+            }
+            if any {
+                events.push((name, data.join("\n")));
+            }
+        }
+        events
+    }
+    // ----- end of test support -----------------------------------------------------------------
+
+    fn aggregate_file(path: &Path) -> Aggregate {
+        let body = std::fs::read_to_string(path).unwrap();
+        let mut acc = ChatAccumulator::new();
+        let mut finished = false;
+        for (name, data) in split_events(&body) {
+            assert!(!finished, "{}: event after [DONE]", path.display());
+            finished = acc.push(name.as_bytes(), data.as_bytes()).unwrap() == Flow::Finished;
+        }
+        assert!(finished, "{}: no [DONE]", path.display());
+        acc.finish().unwrap()
+    }
+
+    #[test]
+    fn fixtures_match_expected_bodies() {
+        let root = Path::new(FIXTURES);
+        if !root.is_dir() {
+            println!("skipped: ../shared/fixtures not found (third-party fixtures are not part of this repository)");
+            return;
+        }
+        let mut checked = 0;
+        for dir in ["captured", "captured/sdk-divergent"] {
+            let mut paths: Vec<_> = std::fs::read_dir(root.join(dir))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    name.starts_with("chat_") && name.ends_with(".sse")
+                })
+                .collect();
+            paths.sort();
+            for sse in paths {
+                let agg = aggregate_file(&sse);
+                assert_eq!(agg.terminal, Terminal::Done);
+                let got: Value = serde_json::from_slice(&agg.body).unwrap();
+                let expected: Value =
+                    serde_json::from_slice(&std::fs::read(sse.with_extension("json")).unwrap())
+                        .unwrap();
+                assert_eq!(got, expected, "{}", sse.display());
+                let text = String::from_utf8(agg.body).unwrap();
+                assert!(!text.contains("\"obfuscation\""), "{}", sse.display());
+                checked += 1;
+            }
+        }
+        assert!(checked >= 11, "only {checked} chat fixtures found");
+
+        let agg = aggregate_file(&root.join("reference/chat_completions_sse.txt"));
+        let got: Value = serde_json::from_slice(&agg.body).unwrap();
+        let choice = &got["choices"][0];
+        assert_eq!(
+            choice["message"]["content"],
+            "Hello! How can I help you today?"
+        );
+        assert_eq!(choice["message"]["role"], "assistant");
+        assert_eq!(choice["finish_reason"], "stop");
+        assert_eq!(got["object"], "chat.completion");
+        assert_eq!(got["usage"]["total_tokens"], json!(20));
+        assert_eq!(got["usage"]["input_tokens"], json!(7));
+        assert_eq!(got["usage"]["claude_cache_creation_5_m_tokens"], json!(0));
+        assert_eq!(got["usage"]["input_tokens_details"], Value::Null);
+        assert_eq!(
+            agg.usage,
+            Some(TokenUsage {
+                input: Some(7),
+                output: Some(13),
+                total: Some(20),
+                cached: Some(0),
+                reasoning: Some(0),
+            })
+        );
+    }
+
+    // ----- synthetic streams (written for these tests) -----------------------------------------
+
+    fn feed(events: &[&str]) -> (ChatAccumulator, Flow) {
+        let mut acc = ChatAccumulator::new();
+        let mut flow = Flow::Continue;
+        for e in events {
+            flow = acc.push(b"", e.as_bytes()).unwrap();
+        }
+        (acc, flow)
+    }
+
+    fn run(events: &[&str]) -> Value {
+        let (acc, flow) = feed(events);
+        assert_eq!(flow, Flow::Finished);
+        let agg = acc.finish().unwrap();
+        assert_eq!(agg.terminal, Terminal::Done);
+        serde_json::from_slice(&agg.body).unwrap()
+    }
+
+    fn msg(body: &Value, choice: usize) -> &Value {
+        &body["choices"][choice]["message"]
+    }
+
+    #[test]
+    fn plain_text_has_non_streaming_shape() {
+        let body = run(&[
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"obfuscation":"xx"}"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"Hi "},"finish_reason":null}],"obfuscation":"y"}"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"there \"x\""},"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(
+            body,
+            json!({
+                "id": "c1", "object": "chat.completion", "created": 7, "model": "m",
+                "choices": [{"index": 0,
+                    "message": {"role": "assistant", "content": "Hi there \"x\"", "refusal": null, "annotations": []},
+                    "logprobs": null, "finish_reason": "stop"}],
+                "system_fingerprint": null
+            })
+        );
+    }
+
+    #[test]
+    fn repeated_role_is_set_once() {
+        let body = run(&[
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"a"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"b"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"c"},"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(msg(&body, 0)["role"], "assistant");
+        assert_eq!(msg(&body, 0)["content"], "abc");
+    }
+
+    #[test]
+    fn repeated_tool_call_id_is_set_once_and_index_is_stripped() {
+        let body = run(&[
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"call_q","type":"function","function":{"name":"lookup","arguments":""}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_q","type":"function","function":{"name":"lookup","arguments":"{\"k\":"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_q","function":{"arguments":"1}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+            "[DONE]",
+        ]);
+        let m = msg(&body, 0);
+        assert_eq!(m["content"], Value::Null);
+        assert_eq!(m["refusal"], Value::Null);
+        assert_eq!(
+            m["tool_calls"],
+            json!([{"id": "call_q", "type": "function", "function": {"name": "lookup", "arguments": "{\"k\":1}"}}])
+        );
+    }
+
+    #[test]
+    fn tool_calls_merge_by_index_value_out_of_order_and_gapped() {
+        let body = run(&[
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":5,"id":"c5","type":"function","function":{"name":"five","arguments":"["}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":2,"id":"c2","type":"function","function":{"name":"two","arguments":"{"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":5,"function":{"arguments":"]"}},{"index":2,"function":{"arguments":"}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(
+            msg(&body, 0)["tool_calls"],
+            json!([
+                {"id": "c2", "type": "function", "function": {"name": "two", "arguments": "{}"}},
+                {"id": "c5", "type": "function", "function": {"name": "five", "arguments": "[]"}}
+            ])
+        );
+    }
+
+    #[test]
+    fn reused_index_with_new_id_starts_a_new_call() {
+        let body = run(&[
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"a","type":"function","function":{"name":"f","arguments":"{\"x\":1}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"b","type":"function","function":{"name":"g","arguments":"{\"y\":"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"2}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(
+            msg(&body, 0)["tool_calls"],
+            json!([
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\":1}"}},
+                {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{\"y\":2}"}}
+            ])
+        );
+    }
+
+    #[test]
+    fn fragments_without_index_follow_id_then_last_call() {
+        let body = run(&[
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"id":"p","type":"function","function":{"name":"f","arguments":"AB"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"function":{"arguments":"C"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"id":"q","type":"function","function":{"name":"g","arguments":"1"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"id":"p","function":{"arguments":"D"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"function":{"arguments":"E"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(
+            msg(&body, 0)["tool_calls"],
+            json!([
+                {"id": "p", "type": "function", "function": {"name": "f", "arguments": "ABCDE"}},
+                {"id": "q", "type": "function", "function": {"name": "g", "arguments": "1"}}
+            ])
+        );
+    }
+
+    #[test]
+    fn two_choices_interleaved_out_of_order() {
+        let body = run(&[
+            r#"{"choices":[{"index":1,"delta":{"role":"assistant","content":"B1"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"A1"}}]}"#,
+            r#"{"choices":[{"index":1,"delta":{"content":"B2"},"finish_reason":"length"},{"index":0,"delta":{"content":"A2"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"index":1,"delta":{},"finish_reason":null}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(body["choices"][0]["index"], json!(0));
+        assert_eq!(msg(&body, 0)["content"], "A1A2");
+        assert_eq!(body["choices"][0]["finish_reason"], "stop");
+        assert_eq!(body["choices"][1]["index"], json!(1));
+        assert_eq!(msg(&body, 1)["content"], "B1B2");
+        assert_eq!(body["choices"][1]["finish_reason"], "length");
+    }
+
+    #[test]
+    fn null_never_erases_and_numbers_are_replaced() {
+        let body = run(&[
+            r#"{"id":"z","model":"m","choices":[{"index":0,"delta":{"content":"keep","reasoning_content":"r1","audio":{"id":"au","expires_at":100,"transcript":"t1"}},"extra_score":3}]}"#,
+            r#"{"id":null,"model":null,"choices":[{"index":0,"delta":{"content":null,"reasoning_content":null,"audio":{"id":"au","expires_at":-1.9361264946837764e-7,"transcript":"t2"}},"extra_score":null,"logprobs":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":" this"},"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(body["id"], "z");
+        assert_eq!(body["model"], "m");
+        let m = msg(&body, 0);
+        assert_eq!(m["content"], "keep this");
+        assert_eq!(m["reasoning_content"], "r1");
+        assert_eq!(m["audio"]["id"], "au");
+        assert_eq!(m["audio"]["transcript"], "t1t2");
+        assert_eq!(
+            m["audio"]["expires_at"].to_string(),
+            "-1.9361264946837764e-7"
+        );
+        assert_eq!(body["choices"][0]["extra_score"], json!(3));
+        assert_eq!(body["choices"][0]["logprobs"], Value::Null);
+        // The number lexeme is kept verbatim.
+        let (acc, _) = feed(&[
+            r#"{"choices":[{"index":0,"delta":{"x":1},"finish_reason":"stop","s":1.50}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"x":-1.9361264946837764e-7}}]}"#,
+            "[DONE]",
+        ]);
+        let text = String::from_utf8(acc.finish().unwrap().body).unwrap();
+        assert!(text.contains("\"x\":-1.9361264946837764e-7"), "{text}");
+        assert!(text.contains("\"s\":1.50"), "{text}");
+    }
+
+    #[test]
+    fn error_frame_becomes_upstream_error() {
+        let mut acc = ChatAccumulator::new();
+        acc.push(
+            b"",
+            br#"{"choices":[{"index":0,"delta":{"content":"partial"}}]}"#,
+        )
+        .unwrap();
+        let err = acc
+            .push(
+                b"",
+                br#"{"error":{"message":"slow down please","type":"requests","code":"rate_limit_exceeded"}}"#,
+            )
+            .unwrap_err();
+        match err {
+            AggregateError::Upstream(e) => {
+                assert_eq!(e.status, 429);
+                assert_eq!(e.message, "slow down please");
+                assert_eq!(e.error_type, "requests");
+                assert_eq!(e.code, json!("rate_limit_exceeded"));
+                assert_eq!(e.param, Value::Null);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let err = ChatAccumulator::new()
+            .push(
+                b"",
+                br#"{"error":{"message":"boom","code":"weird","param":"p"}}"#,
+            )
+            .unwrap_err();
+        let AggregateError::Upstream(e) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            (e.status, e.error_type.as_str()),
+            (400, "invalid_request_error")
+        );
+        assert_eq!(e.param, json!("p"));
+
+        let err = ChatAccumulator::new()
+            .push(b"", br#"{"error":{"message":"provider down","code":502}}"#)
+            .unwrap_err();
+        let AggregateError::Upstream(e) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!((e.status, e.error_type.as_str()), (500, "server_error"));
+        assert_eq!(e.code, json!(502));
+
+        let err = ChatAccumulator::new()
+            .push(b"", br#"{"error":"just text"}"#)
+            .unwrap_err();
+        let AggregateError::Upstream(e) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(e.message, "just text");
+        assert_eq!(e.status, 400);
+
+        // A falsy `error` is not an error.
+        let (acc, _) = feed(&[
+            r#"{"error":null,"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ]);
+        let body: Value = serde_json::from_slice(&acc.finish().unwrap().body).unwrap();
+        assert!(body.get("error").is_none());
+    }
+
+    #[test]
+    fn invalid_json_and_malformed_events() {
+        let mut acc = ChatAccumulator::new();
+        assert!(matches!(
+            acc.push(b"", b"{\"choices\":[").unwrap_err(),
+            AggregateError::InvalidJson(_)
+        ));
+        assert!(matches!(
+            ChatAccumulator::new().push(b"", b"hello").unwrap_err(),
+            AggregateError::InvalidJson(_)
+        ));
+        assert!(matches!(
+            ChatAccumulator::new().push(b"", b"[1,2]").unwrap_err(),
+            AggregateError::Malformed(_)
+        ));
+        assert!(matches!(
+            ChatAccumulator::new().push(b"", b"42").unwrap_err(),
+            AggregateError::Malformed(_)
+        ));
+        assert!(matches!(
+            ChatAccumulator::new()
+                .push(b"", br#"{"choices":{"index":0}}"#)
+                .unwrap_err(),
+            AggregateError::Malformed(_)
+        ));
+        // Invalid UTF-8 inside an ignored member is still a corrupt stream (D27).
+        assert!(matches!(
+            ChatAccumulator::new()
+                .push(b"", b"{\"obfuscation\":\"\xff\",\"choices\":[]}")
+                .unwrap_err(),
+            AggregateError::InvalidJson(_)
+        ));
+    }
+
+    #[test]
+    fn empty_data_and_keepalives_are_skipped() {
+        let body = run(&[
+            "",
+            "  \n",
+            "{}",
+            r#"{"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"stop"}]}"#,
+            "  [DONE]\n",
+        ]);
+        assert_eq!(msg(&body, 0)["content"], "x");
+    }
+
+    #[test]
+    fn missing_done_is_accepted_only_when_every_choice_finished() {
+        let (acc, flow) = feed(&[
+            r#"{"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"},{"index":1,"delta":{"content":"b"},"finish_reason":"stop"}]}"#,
+        ]);
+        assert_eq!(flow, Flow::Continue);
+        assert_eq!(acc.finish().unwrap().terminal, Terminal::EndOfStream);
+
+        let (acc, _) = feed(&[
+            r#"{"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"},{"index":1,"delta":{"content":"b"}}]}"#,
+        ]);
+        assert!(matches!(
+            acc.finish(),
+            Err(AggregateError::Truncated("data: [DONE]"))
+        ));
+
+        let (acc, _) = feed(&[r#"{"choices":[{"index":0,"delta":{"content":"a"}}]}"#]);
+        assert!(matches!(
+            acc.finish(),
+            Err(AggregateError::Truncated("data: [DONE]"))
+        ));
+        assert!(matches!(
+            ChatAccumulator::new().finish(),
+            Err(AggregateError::Truncated("data: [DONE]"))
+        ));
+    }
+
+    #[test]
+    fn done_without_chunks_or_choices_is_not_an_answer() {
+        let (acc, flow) = feed(&["[DONE]"]);
+        assert_eq!(flow, Flow::Finished);
+        assert!(matches!(
+            acc.finish(),
+            Err(AggregateError::Truncated("any chunk"))
+        ));
+        let (acc, _) = feed(&[r#"{"choices":[],"usage":{"total_tokens":1}}"#, "[DONE]"]);
+        assert!(matches!(acc.finish(), Err(AggregateError::Malformed(_))));
+    }
+
+    #[test]
+    fn azure_prompt_filter_chunk_is_lifted_and_yields_identity() {
+        let body = run(&[
+            r#"{"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false}}}]}"#,
+            r#"{"choices":[{"content_filter_results":{},"delta":{"role":"assistant","content":""},"finish_reason":null,"index":0}],"created":1700,"id":"chatcmpl-real","model":"gpt-x","object":"chat.completion.chunk","system_fingerprint":"fp"}"#,
+            r#"{"choices":[{"content_filter_results":{"hate":{"filtered":false}},"delta":{"content":"ok"},"finish_reason":null,"index":0}],"created":1700,"id":"chatcmpl-real","model":"gpt-x","object":"chat.completion.chunk","system_fingerprint":"fp"}"#,
+            r#"{"choices":[{"content_filter_results":{},"delta":{},"finish_reason":"stop","index":0}],"created":0,"id":"","model":"gpt-x","object":"chat.completion.chunk","system_fingerprint":"fp"}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(body["id"], "chatcmpl-real");
+        assert_eq!(body["created"], json!(1700));
+        assert_eq!(body["model"], "gpt-x");
+        assert_eq!(body["object"], "chat.completion");
+        assert_eq!(
+            body["prompt_filter_results"][0]["content_filter_results"]["hate"]["filtered"],
+            json!(false)
+        );
+        assert_eq!(msg(&body, 0)["content"], "ok");
+        // D25: last non-null choice extra.
+        assert_eq!(body["choices"][0]["content_filter_results"], json!({}));
+    }
+
+    #[test]
+    fn annotations_split_across_deltas_are_appended() {
+        let body = run(&[
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"See ","annotations":[{"type":"url_citation","url_citation":{"url":"https://a.example","title":"A"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"both.","annotations":[{"type":"url_citation","url_citation":{"url":"https://b.example","title":"B"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ]);
+        let urls: Vec<_> = msg(&body, 0)["annotations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["url_citation"]["url"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(urls, ["https://a.example", "https://b.example"]);
+    }
+
+    #[test]
+    fn logprobs_are_appended() {
+        let body = run(&[
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":{"content":[],"refusal":null}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"Yo"},"logprobs":{"content":[{"token":"Yo","logprob":-0.5,"bytes":[89,111],"top_logprobs":[]}],"refusal":null}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"!"},"logprobs":{"content":[{"token":"!","logprob":-3.3809047e-05,"bytes":[33],"top_logprobs":[]}],"refusal":null}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ]);
+        let lp = &body["choices"][0]["logprobs"];
+        assert_eq!(lp["refusal"], Value::Null);
+        let tokens: Vec<_> = lp["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(tokens, ["Yo", "!"]);
+        // The upstream's number lexeme is kept (not re-formatted through f64).
+        assert_eq!(lp["content"][1]["logprob"].to_string(), "-3.3809047e-05");
+    }
+
+    #[test]
+    fn obfuscation_and_tool_call_index_are_absent() {
+        let (acc, _) = feed(&[
+            r#"{"id":"o","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"t","type":"function","function":{"name":"n","arguments":""}}]}}],"obfuscation":"abc"}"#,
+            r#"{"id":"o","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{}"}}]}}],"obfuscation":"de"}"#,
+            r#"{"id":"o","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}],"obfuscation":"f"}"#,
+            "[DONE]",
+        ]);
+        let text = String::from_utf8(acc.finish().unwrap().body).unwrap();
+        assert!(!text.contains("obfuscation"), "{text}");
+        let body: Value = serde_json::from_str(&text).unwrap();
+        let call = &msg(&body, 0)["tool_calls"][0];
+        assert!(call.get("index").is_none());
+        assert_eq!(call["function"]["arguments"], "{}");
+        assert_eq!(msg(&body, 0)["content"], Value::Null);
+    }
+
+    #[test]
+    fn no_tool_calls_key_without_tool_calls() {
+        let body = run(&[
+            r#"{"choices":[{"index":0,"delta":{"content":"x","tool_calls":null},"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ]);
+        assert!(msg(&body, 0).get("tool_calls").is_none());
+    }
+
+    #[test]
+    fn usage_survives_later_null_usage() {
+        let (acc, _) = feed(&[
+            r#"{"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"stop"}],"usage":null}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":1},"completion_tokens_details":{"reasoning_tokens":0}}}"#,
+            r#"{"choices":[],"usage":null,"moderation":{"flagged":false}}"#,
+            "[DONE]",
+        ]);
+        let agg = acc.finish().unwrap();
+        assert_eq!(
+            agg.usage,
+            Some(TokenUsage {
+                input: Some(5),
+                output: Some(2),
+                total: Some(7),
+                cached: Some(1),
+                reasoning: Some(0),
+            })
+        );
+        let body: Value = serde_json::from_slice(&agg.body).unwrap();
+        assert_eq!(body["usage"]["total_tokens"], json!(7));
+        assert_eq!(body["moderation"], json!({"flagged": false}));
+    }
+
+    #[test]
+    fn choice_index_rules() {
+        // B49: a string index is accepted, a missing one drops the choice.
+        let body = run(&[
+            r#"{"choices":[{"index":"0","delta":{"content":"a"}},{"delta":{"content":"lost"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"b"},"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(body["choices"].as_array().unwrap().len(), 1);
+        assert_eq!(msg(&body, 0)["content"], "ab");
+    }
+
+    #[test]
+    fn unknown_indexed_arrays_merge_by_index_and_strings_concatenate() {
+        let body = run(&[
+            r#"{"choices":[{"index":0,"delta":{"reasoning_details":[{"index":0,"type":"reasoning.text","text":"th"}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"reasoning_details":[{"index":0,"type":"reasoning.text","text":"ink"},{"index":1,"type":"reasoning.encrypted","data":"zz"}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"done"},"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(
+            msg(&body, 0)["reasoning_details"],
+            json!([
+                {"index": 0, "type": "reasoning.text", "text": "think"},
+                {"index": 1, "type": "reasoning.encrypted", "data": "zz"}
+            ])
+        );
+    }
+
+    #[test]
+    fn pushes_after_done_are_ignored() {
+        let mut acc = ChatAccumulator::new();
+        acc.push(
+            b"",
+            br#"{"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(acc.push(b"", b"[DONE]").unwrap(), Flow::Finished);
+        assert_eq!(acc.push(b"", b"garbage").unwrap(), Flow::Finished);
+        assert_eq!(acc.finish().unwrap().terminal, Terminal::Done);
+    }
+}

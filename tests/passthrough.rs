@@ -1,0 +1,624 @@
+//! Passthrough: every request reaches the upstream as if the proxy were not there, and
+//! bodies stream both ways as bytes arrive.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn any_method_path_and_query_reach_the_upstream_unchanged() {
+    let upstream = MockUpstream::start(|r| {
+        response(
+            201,
+            &[
+                ("x-seen-method", r.method.as_str()),
+                ("content-type", "text/plain"),
+            ],
+            full(r.body.clone()),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+
+    for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+        let req = Request::builder()
+            .method(method)
+            .uri(proxy.url("/v1/files/abc%20def?limit=2&order=desc"))
+            .header("authorization", "Bearer sk-test")
+            .header("openai-organization", "org-1")
+            .header("openai-beta", "assistants=v2")
+            .header("x-custom", "kept")
+            .body(Full::new(Bytes::from_static(b"\x00binary\xffbody")))
+            .unwrap();
+        let (parts, body) = send(req).await;
+        assert_eq!(parts.status, 201);
+        assert_eq!(parts.headers["x-seen-method"], method);
+        assert_eq!(&body[..], b"\x00binary\xffbody");
+    }
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 6);
+    for r in &requests {
+        assert_eq!(
+            r.uri.path_and_query().unwrap().as_str(),
+            "/v1/files/abc%20def?limit=2&order=desc"
+        );
+        assert_eq!(r.headers["authorization"], "Bearer sk-test");
+        assert_eq!(r.headers["openai-organization"], "org-1");
+        assert_eq!(r.headers["openai-beta"], "assistants=v2");
+        assert_eq!(r.headers["x-custom"], "kept");
+        assert_eq!(r.headers["host"], upstream.addr.to_string());
+        assert_eq!(&r.body[..], b"\x00binary\xffbody");
+    }
+}
+
+#[tokio::test]
+async fn conversion_paths_with_stream_true_are_passed_through_byte_for_byte() {
+    let upstream = MockUpstream::start(|_| {
+        response(
+            200,
+            &[("content-type", "text/event-stream")],
+            full("data: [DONE]\n\n"),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let body = "{ \"model\" : \"m\", \"stream\": true,\n \"n\": 1e-7 }";
+    let (parts, got) = send(post_json(&proxy.url("/v1/chat/completions"), body)).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(&got[..], b"data: [DONE]\n\n");
+    assert_eq!(&upstream.single_request().body[..], body.as_bytes());
+}
+
+#[tokio::test]
+async fn upstream_path_prefix_is_kept_and_slashes_never_double() {
+    let upstream = MockUpstream::start(|_| response(200, &[], full("ok"))).await;
+    let proxy = start_proxy(&format!("{}/openai/", upstream.url()), options()).await;
+    let (parts, _) = send(
+        Request::get(proxy.url("/v1/models?x=1"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(
+        upstream
+            .single_request()
+            .uri
+            .path_and_query()
+            .unwrap()
+            .as_str(),
+        "/openai/v1/models?x=1"
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_dropped_both_ways_and_repeated_headers_kept() {
+    let upstream = MockUpstream::start(|_| {
+        let mut r = response(
+            200,
+            &[
+                ("connection", "x-remove-me"),
+                ("x-remove-me", "1"),
+                ("keep-alive", "timeout=5"),
+                ("x-keep", "1"),
+            ],
+            full("body"),
+        );
+        r.headers_mut().append("set-cookie", "a=1".parse().unwrap());
+        r.headers_mut().append("set-cookie", "b=2".parse().unwrap());
+        r
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let request = b"GET /v1/x HTTP/1.1\r\nHost: localhost\r\nConnection: x-client-hop, keep-alive\r\nConnection: x-second\r\n\
+x-client-hop: 1\r\nx-second: 1\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nProxy-Authorization: Basic abc\r\n\
+X-Forward-Me: yes\r\nAccept: a\r\nAccept: b\r\n\r\n";
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\nbody") {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed early: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(head.contains("x-keep: 1"));
+    assert!(!head.contains("x-remove-me"));
+    assert!(!head.contains("keep-alive: timeout"));
+    assert_eq!(head.matches("set-cookie:").count(), 2);
+
+    let r = upstream.single_request();
+    for hop in [
+        "x-client-hop",
+        "x-second",
+        "proxy-connection",
+        "te",
+        "proxy-authorization",
+        "connection",
+    ] {
+        assert!(r.headers.get(hop).is_none(), "{hop} was forwarded");
+    }
+    assert_eq!(r.headers["x-forward-me"], "yes");
+    assert_eq!(r.headers.get_all("accept").iter().count(), 2);
+}
+
+#[tokio::test]
+async fn framing_is_kept_bodiless_get_and_known_length() {
+    let upstream = MockUpstream::start(|_| response(200, &[], full("ok"))).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    send(Request::get(proxy.url("/a")).body(Full::default()).unwrap()).await;
+    send(post_json(&proxy.url("/b"), "{\"a\":1}")).await;
+    let requests = upstream.requests();
+    let get = requests.iter().find(|r| r.uri.path() == "/a").unwrap();
+    assert!(
+        get.headers.get("content-length").is_none()
+            && get.headers.get("transfer-encoding").is_none()
+    );
+    assert!(get.headers.get("content-type").is_none() && get.headers.get("user-agent").is_none());
+    let post = requests.iter().find(|r| r.uri.path() == "/b").unwrap();
+    assert_eq!(post.headers["content-length"], "7");
+    assert!(post.headers.get("transfer-encoding").is_none());
+}
+
+#[tokio::test]
+async fn gzip_bodies_pass_byte_for_byte() {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(b"{\"data\":[1,2,3]}").unwrap();
+    let gz = Bytes::from(encoder.finish().unwrap());
+    let sent = gz.clone();
+    let upstream = MockUpstream::start(move |_| {
+        response(
+            200,
+            &[
+                ("content-encoding", "gzip"),
+                ("content-type", "application/json"),
+            ],
+            full(sent.clone()),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let req = Request::get(proxy.url("/v1/models"))
+        .header("accept-encoding", "gzip")
+        .body(Full::default())
+        .unwrap();
+    let (parts, body) = send(req).await;
+    assert_eq!(parts.headers["content-encoding"], "gzip");
+    assert_eq!(parts.headers["content-length"], gz.len().to_string());
+    assert_eq!(body, gz);
+    assert_eq!(upstream.single_request().headers["accept-encoding"], "gzip");
+}
+
+#[tokio::test]
+async fn sse_events_reach_the_client_while_the_upstream_is_still_open() {
+    let (tx, body) = channel_body();
+    let body = std::sync::Mutex::new(Some(body));
+    let upstream = MockUpstream::start(move |_| {
+        let body = body.lock().unwrap().take().expect("one request");
+        response(200, &[("content-type", "text/event-stream")], body)
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let req = post_json(
+        &proxy.url("/v1/chat/completions"),
+        "{\"model\":\"m\",\"stream\":true}",
+    );
+    let response = tokio::time::timeout(WAIT, client().request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+
+    tx.send(Ok(Bytes::from_static(b"data: {\"n\":1}\n\n")))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("first event was buffered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.into_data().unwrap(),
+        Bytes::from_static(b"data: {\"n\":1}\n\n")
+    );
+
+    tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n")))
+        .await
+        .unwrap();
+    let second = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        second.into_data().unwrap(),
+        Bytes::from_static(b"data: [DONE]\n\n")
+    );
+    drop(tx);
+    assert!(tokio::time::timeout(WAIT, body.frame())
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn request_bodies_stream_upstream_before_the_client_finishes() {
+    let (got_first_tx, got_first_rx) = tokio::sync::oneshot::channel::<Bytes>();
+    let got_first_tx = Arc::new(std::sync::Mutex::new(Some(got_first_tx)));
+    let upstream =
+        MockUpstream::with_handler(Arc::new(move |req: Request<hyper::body::Incoming>| {
+            let tx = got_first_tx.clone();
+            Box::pin(async move {
+                let mut body = req.into_body();
+                let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+                if let Some(tx) = tx.lock().unwrap().take() {
+                    let _ = tx.send(first);
+                }
+                let rest = body.collect().await.unwrap().to_bytes();
+                response(200, &[], full(rest))
+            })
+        }))
+        .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /v1/uploads HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(WAIT, got_first_rx)
+        .await
+        .expect("first chunk was held back")
+        .unwrap();
+    assert_eq!(&first[..], b"first");
+    stream.write_all(b"4\r\nlast\r\n0\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let mut got = Vec::new();
+    while !got.ends_with(b"last") {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_with_the_upstream_named() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let proxy = start_proxy(&format!("http://127.0.0.1:{port}"), options()).await;
+    let (parts, body) = send(
+        Request::get(proxy.url("/v1/models"))
+            .header("authorization", "Bearer sk-secret")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 502);
+    assert_eq!(parts.headers["content-type"], "application/json");
+    let (ty, message) = envelope(&body);
+    assert_eq!(ty, "upstream_error");
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    assert!(message.to_lowercase().contains("refused"), "{message}");
+    assert!(!message.contains("sk-secret"));
+}
+
+#[tokio::test]
+async fn silent_upstream_is_504_after_timeout_seconds() {
+    let upstream = RawUpstream::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        tokio::time::sleep(WAIT).await;
+        drop(stream);
+    })
+    .await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let started = std::time::Instant::now();
+    let (parts, body) = send(
+        Request::get(proxy.url("/v1/models"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 504);
+    assert_eq!(envelope(&body).0, "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_live_stream_longer_than_the_timeout_is_never_cut() {
+    // Timeout 1 s; the upstream sends 5 chunks 400 ms apart (2 s in all).
+    let upstream = RawUpstream::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n").await;
+        for i in 0..5 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let event = format!("data: {i}\n\n");
+            let _ = stream.write_all(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes()).await;
+        }
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let (parts, body) = send(
+        Request::get(proxy.url("/stream"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(
+        &body[..],
+        b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\ndata: 4\n\n"
+    );
+}
+
+#[tokio::test]
+async fn upstream_silence_mid_body_aborts_the_client_connection() {
+    let upstream = RawUpstream::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            .await;
+        tokio::time::sleep(WAIT).await;
+    })
+    .await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let response = client()
+        .request(Request::get(proxy.url("/s")).body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let result = tokio::time::timeout(WAIT, response.into_body().collect())
+        .await
+        .expect("not aborted");
+    assert!(
+        result.is_err(),
+        "a body cut by the idle timeout must not end cleanly"
+    );
+}
+
+#[tokio::test]
+async fn truncated_upstream_bodies_never_look_complete() {
+    // Declared 100 bytes, sends 5, closes.
+    let short = RawUpstream::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello")
+            .await;
+    })
+    .await;
+    // Chunked, reset mid-stream.
+    let reset = RawUpstream::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await;
+        #[allow(deprecated)]
+        let _ = stream.set_linger(Some(Duration::ZERO));
+    })
+    .await;
+    for upstream in [short.url(), reset.url()] {
+        let proxy = start_proxy(&upstream, options()).await;
+        let response = client()
+            .request(Request::get(proxy.url("/f")).body(Full::default()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let result = tokio::time::timeout(WAIT, response.into_body().collect())
+            .await
+            .expect("hung");
+        assert!(
+            result.is_err(),
+            "truncated body from {upstream} ended cleanly"
+        );
+    }
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_request() {
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    let closed_tx = Arc::new(std::sync::Mutex::new(Some(closed_tx)));
+    let upstream = RawUpstream::start(move |mut stream| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            let _ = read_head(&mut stream).await;
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n6\r\ndata:\n\r\n").await;
+            // Wait for the proxy to close the connection.
+            let mut buf = [0u8; 64];
+            loop {
+                match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        if let Some(tx) = closed_tx.lock().unwrap().take() {
+                            let _ = tx.send(());
+                        }
+                        return;
+                    }
+                    Ok(Ok(_)) => continue,
+                    Err(_) => return,
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(stream);
+    tokio::time::timeout(Duration::from_secs(1), closed_rx)
+        .await
+        .expect("upstream connection still open a second after the client left")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn client_disconnect_while_waiting_for_headers_cancels_the_upstream_request() {
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    let closed_tx = Arc::new(std::sync::Mutex::new(Some(closed_tx)));
+    let upstream = RawUpstream::start(move |mut stream| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            let _ = read_head(&mut stream).await;
+            let mut buf = [0u8; 64];
+            if let Ok(Ok(0)) = tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+                if let Some(tx) = closed_tx.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Give the proxy the request, then leave.
+    tokio::task::yield_now().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+    tokio::time::timeout(Duration::from_secs(2), closed_rx)
+        .await
+        .expect("upstream connection still open after the client left")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn absolute_form_targets_are_refused_with_400() {
+    let upstream = MockUpstream::start(|_| response(200, &[], full("ok"))).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let out = raw_exchange(proxy.addr, b"GET http://evil.example/v1/models HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("absolute-form"));
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn head_and_204_responses_have_no_body() {
+    let upstream = MockUpstream::start(|r| {
+        if r.method == http::Method::HEAD {
+            let mut resp = response(200, &[("content-length", "42")], full(Bytes::new()));
+            resp.headers_mut().insert("x-head", "1".parse().unwrap());
+            resp
+        } else {
+            response(204, &[], full(Bytes::new()))
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let (parts, body) = send(
+        Request::head(proxy.url("/h"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["content-length"], "42");
+    assert!(body.is_empty());
+    let (parts, body) = send(
+        Request::delete(proxy.url("/d"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 204);
+    assert!(body.is_empty());
+}
+
+#[tokio::test]
+async fn redirects_are_relayed_not_followed() {
+    let upstream = MockUpstream::start(|_| {
+        response(
+            302,
+            &[("location", "http://127.0.0.1:1/elsewhere")],
+            full(""),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let (parts, _) = send(Request::get(proxy.url("/r")).body(Full::default()).unwrap()).await;
+    assert_eq!(parts.status, 302);
+    assert_eq!(parts.headers["location"], "http://127.0.0.1:1/elsewhere");
+    assert_eq!(upstream.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_clients_are_served_on_the_same_port() {
+    let upstream =
+        MockUpstream::start(|r| response(200, &[], full(format!("{} {}", r.method, r.uri.path()))))
+            .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let req = Request::post(proxy.url("/v1/embeddings"))
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let response = tokio::time::timeout(WAIT, h2.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"POST /v1/embeddings");
+    let r = upstream.single_request();
+    assert_eq!(r.version, http::Version::HTTP_11);
+    assert_eq!(r.headers["host"], upstream.addr.to_string());
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let upstream = MockUpstream::start(|_| response(200, &[], full("ok"))).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    for _ in 0..5 {
+        send(Request::get(proxy.url("/p")).body(Full::default()).unwrap()).await;
+    }
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 5);
+    let peers: std::collections::HashSet<_> = requests.iter().map(|r| r.peer).collect();
+    assert_eq!(
+        peers.len(),
+        1,
+        "sequential requests opened {} upstream connections",
+        peers.len()
+    );
+}
