@@ -4,6 +4,7 @@
 //! Only the path is logged, never the query (some providers take keys in it), headers or
 //! bodies.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use http::Method;
@@ -33,6 +34,8 @@ pub struct AccessLog {
     bytes: u64,
     outcome: Outcome,
     convert: Option<ConvertSummary>,
+    /// Filled by a conversion that finishes after its response was committed (keep-alive).
+    convert_later: Option<Arc<OnceLock<ConvertSummary>>>,
 }
 
 #[derive(Debug)]
@@ -54,6 +57,7 @@ impl AccessLog {
             bytes: 0,
             outcome: Outcome::Streaming,
             convert: None,
+            convert_later: None,
         }
     }
 
@@ -67,6 +71,10 @@ impl AccessLog {
 
     pub fn set_convert(&mut self, summary: ConvertSummary) {
         self.convert = Some(summary);
+    }
+
+    pub fn set_convert_later(&mut self, slot: Arc<OnceLock<ConvertSummary>>) {
+        self.convert_later = Some(slot);
     }
 
     pub fn add_bytes(&mut self, n: u64) {
@@ -96,23 +104,26 @@ impl Drop for AccessLog {
             Outcome::Failed(reason) => Some(reason.as_str()),
             _ => None,
         };
+        if self.convert.is_none() {
+            self.convert = self.convert_later.as_ref().and_then(|slot| slot.get().copied());
+        }
         let convert = self.convert.unwrap_or_default();
         tracing::info!(
             target: "openai_stream_proxy::access",
             port = self.port,
             method = %self.method,
             path = %self.path,
-            mode = self.mode.as_str(),
+            mode = %self.mode.as_str(),
             status = self.status,
             duration_ms = format_args!("{duration_ms:.2}"),
             bytes = self.bytes,
-            outcome,
-            error,
-            terminal = self.convert.map(|_| convert.terminal),
+            outcome = %outcome,
+            error = error.map(tracing::field::display),
+            terminal = self.convert.map(|_| tracing::field::display(convert.terminal)),
             input_tokens = convert.input_tokens,
             output_tokens = convert.output_tokens,
             total_tokens = convert.total_tokens,
-            fallback = convert.fallback,
+            fallback = convert.fallback.map(tracing::field::display),
             "request"
         );
     }

@@ -48,6 +48,16 @@ pin_project! {
     }
 }
 
+impl Kind {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Kind::Full { data } => data.is_none(),
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Channel { .. } => false,
+        }
+    }
+}
+
 impl ProxyBody {
     /// A complete body held in memory.
     pub fn full(data: impl Into<Bytes>) -> Self {
@@ -110,7 +120,8 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let polled = match this.kind.project() {
+        let mut kind = this.kind;
+        let polled = match kind.as_mut().project() {
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Upstream { body, idle } => match body.poll_frame(cx) {
                 Poll::Ready(frame) => {
@@ -128,7 +139,14 @@ impl Body for ProxyBody {
         };
         if let (Some(log), Poll::Ready(ready)) = (this.log.as_mut(), &polled) {
             match ready {
-                Some(Ok(frame)) => log.add_bytes(frame.data_ref().map_or(0, |d| d.len() as u64)),
+                Some(Ok(frame)) => {
+                    log.add_bytes(frame.data_ref().map_or(0, |d| d.len() as u64));
+                    // Servers stop polling a body whose length is known once it is all
+                    // written, so the end is noted here rather than at `None`.
+                    if kind.as_ref().get_ref().is_end_stream() {
+                        log.body_complete();
+                    }
+                }
                 Some(Err(e)) => log.body_failed(e.to_string()),
                 None => log.body_complete(),
             }
@@ -137,11 +155,7 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Full { data } => data.is_none(),
-            Kind::Upstream { body, .. } => body.is_end_stream(),
-            Kind::Channel { .. } => false,
-        }
+        self.kind.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -22,7 +22,7 @@ use crate::access_log::AccessLog;
 use crate::body::ProxyBody;
 use crate::config::RuleOptions;
 use crate::error::ProxyError;
-use crate::passthrough;
+use crate::{convert, passthrough};
 use crate::route::{route, Mode, Route};
 use crate::upstream::{BoxError, UpstreamBody, UpstreamClient, UpstreamUrl};
 
@@ -117,7 +117,7 @@ impl ProxyService {
         let result = match routed {
             Err(e) => Err(e),
             Ok(Route::Passthrough) => passthrough::forward(rule, parts, body).await,
-            Ok(Route::ConvertCandidate(_api)) => passthrough::forward(rule, parts, body).await,
+            Ok(Route::ConvertCandidate(api)) => convert::handle(&self.rule, api, parts, body, &mut log).await,
             Ok(Route::WebSocket) => passthrough::forward(rule, parts, body).await,
         };
         let response = result.unwrap_or_else(|e| {

@@ -64,8 +64,6 @@ impl ChatAccumulator {
 
     /// One SSE event: `name` is the `event:` field (empty if none; Chat ignores it, B43), `data`
     /// the event's data bytes.
-    // `AggregateError` is large because `UpstreamStreamError` is stored inline (outcome.rs);
-    // boxing it there would make this allow unnecessary.
     pub fn push(&mut self, name: &[u8], data: &[u8]) -> Result<Flow, AggregateError> {
         let _ = name;
         if self.done {

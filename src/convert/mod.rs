@@ -1,6 +1,491 @@
-//! Conversion of non-streaming Chat Completions and Responses calls.
+//! Conversion of non-streaming Chat Completions and Responses calls: the phases in order.
+//!
+//! 1. Read the request body, bounded by `maxRequestBodyBytes` (D5).
+//! 2. Decide from the body (`request::decide`); anything not convertible is forwarded with
+//!    the client's exact bytes.
+//! 3. Send the rewritten body upstream, asking for an event stream in a coding we can decode
+//!    (D4).
+//! 4. Relay what is not an event stream (errors, JSON from providers that ignore `stream`);
+//!    fall back to the plain form when the upstream refuses the streaming one.
+//! 5. Aggregate the stream (`stream::aggregate`) and answer with one JSON body.
+//!
+//! With `keepAliveSeconds`, a slow aggregation commits `200` early and writes a space every
+//! interval until the JSON follows (leading whitespace is valid JSON), so edges that cut
+//! silent responses after ~100 s do not cost the client its answer. The trade-off: once
+//! committed, an error can only be delivered as an error envelope inside that 200 body.
 
 pub mod chat;
 pub mod outcome;
 pub mod request;
 pub mod responses;
+pub mod stream;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+
+use self::outcome::{Aggregate, AggregateError};
+use self::request::{decide, Api, BodyDecision};
+use self::stream::{aggregate, Accumulator, Coding, StreamError, StreamLimits};
+use crate::access_log::{AccessLog, ConvertSummary};
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::headers::strip_hop_by_hop;
+use crate::passthrough;
+use crate::route::Mode;
+use crate::service::RuleContext;
+use crate::upstream::{BoxError, UpstreamBody};
+
+/// How much of an upstream 400 is read to look for a refusal of the streaming form.
+const REFUSAL_PEEK_BYTES: u64 = 256 * 1024;
+
+/// Handles a conversion candidate (a POST to a conversion path with a JSON content type).
+pub async fn handle(
+    rule: &Arc<RuleContext>,
+    api: Api,
+    parts: Parts,
+    body: UpstreamBody,
+    log: &mut AccessLog,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let limit = rule.options.max_request_body_bytes;
+    let original = read_limited(body, &parts.headers, limit).await?;
+    let converted = match decide(api, &original) {
+        BodyDecision::Convert { body } => Bytes::from(body),
+        BodyDecision::Passthrough { reason } => {
+            tracing::debug!(path = %parts.uri.path(), reason, "not converted");
+            return passthrough::forward(rule, parts, UpstreamBody::full(original)).await;
+        }
+    };
+    log.set_mode(Mode::Convert);
+
+    let conversion = Conversion { rule: rule.clone(), api, parts, original, converted };
+    let Some(interval) = rule.options.keep_alive else {
+        let (response, summary) = conversion.run().await.into_response();
+        if let Some(summary) = summary {
+            log.set_convert(summary);
+        }
+        return Ok(response);
+    };
+
+    let mut running: RunningConversion = Box::pin(conversion.run());
+    tokio::select! {
+        outcome = &mut running => {
+            let (response, summary) = outcome.into_response();
+            if let Some(summary) = summary {
+                log.set_convert(summary);
+            }
+            return Ok(response);
+        }
+        _ = tokio::time::sleep(interval) => {}
+    }
+
+    // Still aggregating: commit 200 and keep the connection busy with spaces. The task owns
+    // the conversion; when the client leaves, `tx.closed()` fires and dropping the
+    // conversion cancels the upstream request.
+    let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(2);
+    let summary_slot = Arc::new(OnceLock::new());
+    log.set_convert_later(summary_slot.clone());
+    tokio::spawn(keep_alive(running, tx, interval, summary_slot));
+    let mut response = Response::new(ProxyBody::channel(rx));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(response)
+}
+
+type RunningConversion = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>;
+
+async fn keep_alive(
+    mut running: RunningConversion,
+    tx: mpsc::Sender<Result<Bytes, BoxError>>,
+    interval: Duration,
+    summary_slot: Arc<OnceLock<ConvertSummary>>,
+) {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now(), interval);
+    loop {
+        tokio::select! {
+            outcome = &mut running => {
+                let (body, summary) = outcome.into_committed_body().await;
+                if let Some(summary) = summary {
+                    let _ = summary_slot.set(summary);
+                }
+                let _ = tx.send(Ok(body)).await;
+                return;
+            }
+            _ = ticker.tick() => {
+                if tx.send(Ok(Bytes::from_static(b" "))).await.is_err() {
+                    return;
+                }
+            }
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+/// Reads a request body whole, refusing more than `limit` bytes with 413 (early, from
+/// `content-length`, when the client declared it).
+async fn read_limited(body: UpstreamBody, headers: &HeaderMap, limit: u64) -> Result<Bytes, ProxyError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ProxyError::RequestTooLarge { limit });
+    }
+    let mut body = std::pin::pin!(body);
+    let mut collected = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ProxyError::RequestBody(crate::service::error_chain(&*e)))?;
+        if let Some(data) = frame.data_ref() {
+            if collected.len() as u64 + data.len() as u64 > limit {
+                return Err(ProxyError::RequestTooLarge { limit });
+            }
+            collected.extend_from_slice(data);
+        }
+    }
+    Ok(collected.freeze())
+}
+
+/// One conversion, owned so it can outlive the handler when keep-alive commits early.
+struct Conversion {
+    rule: Arc<RuleContext>,
+    api: Api,
+    parts: Parts,
+    original: Bytes,
+    converted: Bytes,
+}
+
+/// What a conversion produced.
+enum Outcome {
+    /// Aggregated: the upstream's response headers and the body.
+    Aggregated { headers: HeaderMap, aggregate: Aggregate, fallback: Option<&'static str> },
+    /// Not an event stream: relayed as the upstream sent it.
+    Relay(Response<ProxyBody>),
+    /// Failed; `headers` are the upstream's when the upstream itself reported the error.
+    Failed { error: ProxyError, headers: Option<HeaderMap> },
+}
+
+impl Conversion {
+    async fn run(self) -> Outcome {
+        let rule = &*self.rule;
+        let upstream_name = rule.upstream.to_string();
+        let mut body = self.converted.clone();
+        let mut fallback = None;
+        loop {
+            let request = match self.upstream_request(body.clone(), fallback == Some("plain")) {
+                Ok(r) => r,
+                Err(error) => return Outcome::Failed { error, headers: None },
+            };
+            let response = match rule.send(request).await {
+                Ok(r) => r,
+                Err(error) => return Outcome::Failed { error, headers: None },
+            };
+            if fallback == Some("plain") {
+                return Outcome::Relay(passthrough::relay_response(response, rule.options.timeout));
+            }
+            let status = response.status();
+            if status == StatusCode::BAD_REQUEST {
+                let (parts, incoming) = response.into_parts();
+                let peek = match read_capped(incoming, REFUSAL_PEEK_BYTES, rule.options.timeout, &upstream_name).await {
+                    Ok(peek) => peek,
+                    Err(error) => return Outcome::Failed { error, headers: None },
+                };
+                match refusal_fallback(self.api, &peek, fallback, &self.original) {
+                    Some((name, next_body)) => {
+                        tracing::warn!(upstream = %rule.upstream, fallback = name, "upstream refused the streaming form; retrying");
+                        fallback = Some(name);
+                        body = next_body;
+                        continue;
+                    }
+                    None => return Outcome::Relay(full_response(parts, peek)),
+                }
+            }
+            if !status.is_success() {
+                return Outcome::Relay(passthrough::relay_response(response, rule.options.timeout));
+            }
+            return self.aggregate_response(response, fallback).await;
+        }
+    }
+
+    /// The converted request: client headers minus hop-by-hop, asking for an event stream
+    /// in codings we decode (D4); the client's `accept-encoding` does not leak into this leg.
+    fn upstream_request(&self, body: Bytes, plain: bool) -> Result<http::Request<UpstreamBody>, ProxyError> {
+        let mut parts = self.parts.clone();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = if plain { self.original.clone() } else { body };
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        if !plain {
+            parts.headers.insert(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
+            parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(Coding::ACCEPTED));
+        }
+        passthrough::upstream_request(&self.rule, parts, UpstreamBody::full(body))
+    }
+
+    async fn aggregate_response(&self, response: Response<Incoming>, fallback: Option<&'static str>) -> Outcome {
+        let rule = &*self.rule;
+        let upstream_name = rule.upstream.to_string();
+        let (parts, mut incoming) = response.into_parts();
+        let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let encoding = parts.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+        let coding = Coding::from_header(encoding);
+
+        let mut prefix = Bytes::new();
+        match media.as_str() {
+            "text/event-stream" => {}
+            // D28: stream-only upstreams have been seen to omit the header.
+            "" | "application/octet-stream" if coding == Some(Coding::Identity) => {
+                match sniff(&mut incoming, rule.options.timeout, &upstream_name).await {
+                    Ok((head, true)) => prefix = head,
+                    Ok((head, false)) => {
+                        let rest = read_capped(incoming, rule.options.max_response_bytes, rule.options.timeout, &upstream_name).await;
+                        return match rest {
+                            Ok(rest) => Outcome::Relay(full_response(parts, [head, rest].concat().into())),
+                            Err(error) => Outcome::Failed { error, headers: None },
+                        };
+                    }
+                    Err(error) => return Outcome::Failed { error, headers: None },
+                }
+            }
+            _ => {
+                let response = Response::from_parts(parts, incoming);
+                return Outcome::Relay(passthrough::relay_response(response, rule.options.timeout));
+            }
+        }
+        let Some(coding) = coding else {
+            return Outcome::Failed {
+                error: self.stream_error(format!("unsupported content-encoding {:?}", encoding.unwrap_or(""))),
+                headers: None,
+            };
+        };
+
+        let limits = StreamLimits { idle: rule.options.timeout, max_bytes: rule.options.max_response_bytes };
+        match aggregate(prefix, incoming, coding, Accumulator::new(self.api), limits).await {
+            Ok(aggregate) => Outcome::Aggregated { headers: parts.headers, aggregate, fallback },
+            Err(StreamError::Aggregate(AggregateError::Upstream(reported))) => {
+                Outcome::Failed { error: ProxyError::UpstreamReported(reported), headers: Some(parts.headers) }
+            }
+            Err(StreamError::Idle(_)) => Outcome::Failed {
+                error: ProxyError::UpstreamTimeout {
+                    upstream: rule.upstream.to_string(),
+                    seconds: rule.options.timeout.as_secs(),
+                },
+                headers: None,
+            },
+            Err(other) => Outcome::Failed { error: self.stream_error(other.to_string()), headers: None },
+        }
+    }
+
+    fn stream_error(&self, reason: String) -> ProxyError {
+        ProxyError::UpstreamStream { upstream: self.rule.upstream.to_string(), reason }
+    }
+}
+
+impl Outcome {
+    /// The response for an outcome decided before anything was committed.
+    fn into_response(self) -> (Response<ProxyBody>, Option<ConvertSummary>) {
+        match self {
+            Outcome::Aggregated { headers, aggregate, fallback } => {
+                let summary = summary(&aggregate, fallback);
+                let length = aggregate.body.len();
+                let mut response = Response::new(ProxyBody::full(aggregate.body));
+                *response.headers_mut() = converted_headers(headers);
+                response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+                (response, Some(summary))
+            }
+            Outcome::Relay(response) => (response, None),
+            Outcome::Failed { error, headers } => {
+                let mut response: Response<ProxyBody> = error.to_response();
+                if let Some(upstream) = headers {
+                    let mut merged = converted_headers(upstream);
+                    merged.extend(response.headers().clone());
+                    *response.headers_mut() = merged;
+                }
+                (response, None)
+            }
+        }
+    }
+
+    /// The body to finish an already committed 200 with.
+    async fn into_committed_body(self) -> (Bytes, Option<ConvertSummary>) {
+        match self {
+            Outcome::Aggregated { aggregate, fallback, .. } => {
+                let summary = summary(&aggregate, fallback);
+                (Bytes::from(aggregate.body), Some(summary))
+            }
+            // The upstream's own body (its error envelope, or JSON it sent without streaming).
+            Outcome::Relay(response) => match response.into_body().collect().await {
+                Ok(collected) => (collected.to_bytes(), None),
+                Err(e) => (
+                    ProxyError::UpstreamStream { upstream: "the upstream".to_owned(), reason: e.to_string() }.envelope(),
+                    None,
+                ),
+            },
+            Outcome::Failed { error, .. } => (error.envelope(), None),
+        }
+    }
+}
+
+fn summary(aggregate: &Aggregate, fallback: Option<&'static str>) -> ConvertSummary {
+    let usage = aggregate.usage.unwrap_or_default();
+    ConvertSummary {
+        terminal: aggregate.terminal.as_str(),
+        input_tokens: usage.input,
+        output_tokens: usage.output,
+        total_tokens: usage.total,
+        fallback,
+    }
+}
+
+/// Upstream headers for a converted body: hop-by-hop, framing, coding and SSE-only headers
+/// removed (B84, D18); `content-type`/`content-length` are set by the caller.
+fn converted_headers(mut headers: HeaderMap) -> HeaderMap {
+    strip_hop_by_hop(&mut headers);
+    for name in [header::CONTENT_TYPE, header::CONTENT_ENCODING, header::CONTENT_LENGTH, header::CACHE_CONTROL] {
+        headers.remove(name);
+    }
+    headers.remove("x-accel-buffering");
+    headers
+}
+
+/// A relayed response whose body had to be read (to look inside it).
+fn full_response(mut parts: http::response::Parts, body: Bytes) -> Response<ProxyBody> {
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    parts.version = http::Version::HTTP_11;
+    Response::from_parts(parts, ProxyBody::full(body))
+}
+
+/// Reads an upstream body whole, up to `cap` bytes, under the idle timeout.
+async fn read_capped(body: Incoming, cap: u64, idle: Duration, upstream: &str) -> Result<Bytes, ProxyError> {
+    let mut body = std::pin::pin!(body);
+    let mut collected = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout { upstream: upstream.to_owned(), seconds: idle.as_secs() })
+            }
+            Ok(None) => return Ok(collected.freeze()),
+            Ok(Some(frame)) => frame,
+        };
+        let frame = frame.map_err(|e| ProxyError::UpstreamStream {
+            upstream: upstream.to_owned(),
+            reason: crate::service::error_chain(&e),
+        })?;
+        if let Some(data) = frame.data_ref() {
+            if collected.len() as u64 + data.len() as u64 > cap {
+                return Err(ProxyError::UpstreamStream {
+                    upstream: upstream.to_owned(),
+                    reason: format!("response is larger than {cap} bytes"),
+                });
+            }
+            collected.extend_from_slice(data);
+        }
+    }
+}
+
+/// Reads until the first non-whitespace bytes tell whether the body is an event stream
+/// (optional BOM and whitespace, then `data:`, `event:`, `id:`, `retry:` or `:`).
+async fn sniff(body: &mut Incoming, idle: Duration, upstream: &str) -> Result<(Bytes, bool), ProxyError> {
+    let mut seen = BytesMut::new();
+    loop {
+        let text = seen.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(&seen);
+        let text = text.trim_ascii_start();
+        let decided = [b"data:".as_slice(), b"event:", b"id:", b"retry:", b":"]
+            .iter()
+            .map(|p| (text.starts_with(p), p.starts_with(text)))
+            .fold((false, false), |(any, undecided), (yes, maybe)| (any || yes, undecided || maybe));
+        match decided {
+            (true, _) => return Ok((seen.freeze(), true)),
+            (false, true) if seen.len() < 64 => {}
+            _ => return Ok((seen.freeze(), false)),
+        }
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout { upstream: upstream.to_owned(), seconds: idle.as_secs() })
+            }
+            Ok(None) => return Ok((seen.freeze(), false)),
+            Ok(Some(Err(e))) => {
+                return Err(ProxyError::UpstreamStream {
+                    upstream: upstream.to_owned(),
+                    reason: crate::service::error_chain(&e),
+                })
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Some(data) = frame.data_ref() {
+            seen.extend_from_slice(data);
+        }
+    }
+}
+
+/// Whether an upstream 400 refuses the streaming form, and what to send instead: without
+/// `stream_options` when it names that member, the client's original (non-streaming) bytes
+/// when it names `stream`. Each fallback is tried once.
+fn refusal_fallback(
+    api: Api,
+    error_body: &[u8],
+    tried: Option<&'static str>,
+    original: &Bytes,
+) -> Option<(&'static str, Bytes)> {
+    let parsed: serde_json::Value = serde_json::from_slice(error_body).ok()?;
+    let error = parsed.get("error")?;
+    let param = error.get("param").and_then(|p| p.as_str()).unwrap_or("");
+    let message = error.get("message").and_then(|m| m.as_str()).unwrap_or("");
+    let names = |word: &str| param == word || mentions_word(message, word);
+    if api == Api::ChatCompletions && tried.is_none() && names("stream_options") {
+        // The Responses rewrite is exactly "stream: true and nothing else".
+        if let BodyDecision::Convert { body } = decide(Api::Responses, original) {
+            return Some(("without_stream_options", Bytes::from(body)));
+        }
+    }
+    if tried != Some("plain") && names("stream") {
+        return Some(("plain", original.clone()));
+    }
+    None
+}
+
+/// `word` appears in `text` as a whole identifier (so "upstream" does not name "stream",
+/// and "stream_options" does not name "stream").
+fn mentions_word(text: &str, word: &str) -> bool {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    text.match_indices(word).any(|(i, _)| {
+        let before = text[..i].chars().next_back().is_none_or(|c| !is_ident(c));
+        let after = text[i + word.len()..].chars().next().is_none_or(|c| !is_ident(c));
+        before && after
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_recognised_by_param_or_whole_word() {
+        assert!(mentions_word("Unrecognized request argument supplied: stream_options", "stream_options"));
+        assert!(!mentions_word("upstream failed", "stream"));
+        assert!(!mentions_word("stream_options is not allowed", "stream"));
+        assert!(mentions_word("'stream' is not supported for this model", "stream"));
+    }
+
+    #[test]
+    fn fallback_order_is_stream_options_then_plain() {
+        let original = Bytes::from_static(br#"{"model":"m","messages":[]}"#);
+        let body = br#"{"error":{"message":"Unknown parameter: 'stream_options'.","param":"stream_options"}}"#;
+        let (name, next) = refusal_fallback(Api::ChatCompletions, body, None, &original).unwrap();
+        assert_eq!(name, "without_stream_options");
+        assert_eq!(&next[..], br#"{"model":"m","messages":[],"stream":true}"#);
+        let body = br#"{"error":{"message":"This model does not support 'stream'.","param":null}}"#;
+        let (name, next) = refusal_fallback(Api::ChatCompletions, body, Some("without_stream_options"), &original).unwrap();
+        assert_eq!(name, "plain");
+        assert_eq!(next, original);
+        assert!(refusal_fallback(Api::ChatCompletions, body, Some("plain"), &original).is_none());
+        assert!(refusal_fallback(Api::Responses, br#"{"error":{"message":"bad model"}}"#, None, &original).is_none());
+    }
+}

@@ -1,0 +1,261 @@
+//! Reading an upstream event stream into an accumulator: content decoding, the idle
+//! timeout between upstream bytes, the size cap, SSE parsing, and stopping at the terminal
+//! event (B42: events after it are never read, and the upstream connection is released).
+
+use std::future::poll_fn;
+use std::ops::ControlFlow;
+use std::pin::pin;
+use std::time::Duration;
+
+use async_compression::tokio::bufread::{BrotliDecoder, DeflateDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::io::StreamReader;
+
+use super::chat::ChatAccumulator;
+use super::outcome::{Aggregate, AggregateError, Flow};
+use super::request::Api;
+use super::responses::ResponsesAccumulator;
+use crate::body::IdleTimer;
+use crate::sse::{SseError, SseParser};
+
+/// Either accumulator behind one interface.
+pub enum Accumulator {
+    Chat(ChatAccumulator),
+    Responses(ResponsesAccumulator),
+}
+
+impl Accumulator {
+    pub fn new(api: Api) -> Self {
+        match api {
+            Api::ChatCompletions => Accumulator::Chat(ChatAccumulator::new()),
+            Api::Responses => Accumulator::Responses(ResponsesAccumulator::new()),
+        }
+    }
+
+    fn push(&mut self, name: &[u8], data: &[u8]) -> Result<Flow, AggregateError> {
+        match self {
+            Accumulator::Chat(a) => a.push(name, data),
+            Accumulator::Responses(a) => a.push(name, data),
+        }
+    }
+
+    fn finish(self) -> Result<Aggregate, AggregateError> {
+        match self {
+            Accumulator::Chat(a) => a.finish(),
+            Accumulator::Responses(a) => a.finish(),
+        }
+    }
+}
+
+/// The content codings a converted stream may arrive in (D4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    Identity,
+    Gzip,
+    Deflate,
+    Brotli,
+    Zstd,
+}
+
+impl Coding {
+    /// The value sent as `accept-encoding` on the converted leg.
+    pub const ACCEPTED: &'static str = "gzip, deflate, br, zstd";
+
+    /// Parses a `content-encoding` value; `None` for codings we cannot decode.
+    pub fn from_header(value: Option<&str>) -> Option<Coding> {
+        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") | Some("identity") => Some(Coding::Identity),
+            Some("gzip") | Some("x-gzip") => Some(Coding::Gzip),
+            Some("deflate") => Some(Coding::Deflate),
+            Some("br") => Some(Coding::Brotli),
+            Some("zstd") => Some(Coding::Zstd),
+            Some(_) => None,
+        }
+    }
+}
+
+/// Why reading the stream stopped without an aggregate.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Aggregate(#[from] AggregateError),
+    #[error("upstream sent no data for {} s", .0.as_secs())]
+    Idle(Duration),
+    #[error("upstream stream is larger than maxResponseBytes ({0} bytes)")]
+    TooLarge(u64),
+    #[error("upstream connection failed in the middle of the stream: {0}")]
+    Body(String),
+}
+
+/// Limits for one aggregation.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    pub idle: Duration,
+    pub max_bytes: u64,
+}
+
+/// Reads `body` (already known to be an event stream in `coding`), after `prefix` bytes that
+/// were read while sniffing, into `accumulator`.
+pub async fn aggregate(
+    prefix: Bytes,
+    body: Incoming,
+    coding: Coding,
+    mut accumulator: Accumulator,
+    limits: StreamLimits,
+) -> Result<Aggregate, StreamError> {
+    let max_event = usize::try_from(limits.max_bytes).unwrap_or(usize::MAX);
+    let mut feeder = Feeder { parser: SseParser::new(max_event), accumulator: &mut accumulator, seen: 0, limits };
+    let finished = match coding {
+        Coding::Identity => feeder.read_frames(prefix, body).await?,
+        _ => feeder.read_decoded(prefix, body, coding).await?,
+    };
+    if !finished {
+        feeder.finish()?;
+    }
+    Ok(accumulator.finish()?)
+}
+
+struct Feeder<'a> {
+    parser: SseParser,
+    accumulator: &'a mut Accumulator,
+    seen: u64,
+    limits: StreamLimits,
+}
+
+impl Feeder<'_> {
+    /// Feeds one chunk; `true` once the terminal event was seen.
+    fn feed(&mut self, chunk: &[u8]) -> Result<bool, StreamError> {
+        self.seen += chunk.len() as u64;
+        if self.seen > self.limits.max_bytes {
+            return Err(StreamError::TooLarge(self.limits.max_bytes));
+        }
+        let accumulator = &mut *self.accumulator;
+        let mut sink = |event: crate::sse::SseEvent<'_>| match accumulator.push(event.name, event.data)? {
+            Flow::Continue => Ok(ControlFlow::Continue(())),
+            Flow::Finished => Ok(ControlFlow::Break(())),
+        };
+        match self.parser.push(chunk, &mut sink) {
+            Ok(flow) => Ok(flow.is_break()),
+            Err(e) => Err(sse_error(e, self.limits.max_bytes)),
+        }
+    }
+
+    /// Clean end of stream: a final event without its blank line still counts (D10).
+    fn finish(&mut self) -> Result<(), StreamError> {
+        let accumulator = &mut *self.accumulator;
+        let mut sink = |event: crate::sse::SseEvent<'_>| match accumulator.push(event.name, event.data)? {
+            Flow::Continue => Ok(ControlFlow::Continue(())),
+            Flow::Finished => Ok(ControlFlow::Break(())),
+        };
+        self.parser.finish(&mut sink).map(|_| ()).map_err(|e| sse_error(e, self.limits.max_bytes))
+    }
+
+    /// Identity coding: body frames go to the parser without being copied.
+    async fn read_frames(&mut self, prefix: Bytes, body: Incoming) -> Result<bool, StreamError> {
+        if !prefix.is_empty() && self.feed(&prefix)? {
+            return Ok(true);
+        }
+        let mut body = pin!(body);
+        let mut idle = pin!(IdleTimer::new(self.limits.idle));
+        loop {
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                limit = poll_fn(|cx| idle.as_mut().poll_expired(cx)) => return Err(StreamError::Idle(limit)),
+            };
+            idle.as_mut().touch();
+            match frame {
+                None => return Ok(false),
+                Some(Err(e)) => return Err(StreamError::Body(crate::service::error_chain(&e))),
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        if self.feed(data)? {
+                            return Ok(true);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Compressed coding: decoded through a reused buffer.
+    async fn read_decoded(&mut self, prefix: Bytes, body: Incoming, coding: Coding) -> Result<bool, StreamError> {
+        let prefix = futures_util::stream::iter([Ok::<_, std::io::Error>(prefix)]);
+        let rest = body.into_data_stream();
+        let rest = futures_util::StreamExt::map(rest, |r| r.map_err(std::io::Error::other));
+        let reader = StreamReader::new(futures_util::StreamExt::chain(prefix, rest));
+        let mut decoder: std::pin::Pin<Box<dyn AsyncRead + Send>> = match coding {
+            Coding::Gzip => Box::pin(GzipDecoder::new(reader)),
+            // `deflate` is zlib-wrapped by the RFC, raw deflate in some servers' practice.
+            Coding::Deflate => match tokio::time::timeout(self.limits.idle, DeflateOrZlib::new(reader)).await {
+                Ok(decoder) => Box::pin(decoder),
+                Err(_) => return Err(StreamError::Idle(self.limits.idle)),
+            },
+            Coding::Brotli => Box::pin(BrotliDecoder::new(reader)),
+            Coding::Zstd => Box::pin(ZstdDecoder::new(reader)),
+            Coding::Identity => Box::pin(reader),
+        };
+        let mut buffer = vec![0u8; 16 * 1024];
+        let mut idle = pin!(IdleTimer::new(self.limits.idle));
+        loop {
+            let read = tokio::select! {
+                read = decoder.read(&mut buffer) => read,
+                limit = poll_fn(|cx| idle.as_mut().poll_expired(cx)) => return Err(StreamError::Idle(limit)),
+            };
+            idle.as_mut().touch();
+            match read {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    if self.feed(&buffer[..n])? {
+                        return Ok(true);
+                    }
+                }
+                Err(e) => return Err(StreamError::Body(e.to_string())),
+            }
+        }
+    }
+}
+
+fn sse_error(error: SseError<AggregateError>, limit: u64) -> StreamError {
+    match error {
+        SseError::Sink(e) => StreamError::Aggregate(e),
+        SseError::EventTooLarge { .. } => StreamError::TooLarge(limit),
+    }
+}
+
+/// Chooses zlib or raw deflate by peeking at the first two bytes (a zlib header has
+/// CMF/FLG with `(CMF*256 + FLG) % 31 == 0` and compression method 8).
+enum DeflateOrZlib<R: tokio::io::AsyncBufRead> {
+    Zlib(ZlibDecoder<R>),
+    Raw(DeflateDecoder<R>),
+}
+
+impl<R: tokio::io::AsyncBufRead + Unpin + Send> DeflateOrZlib<R> {
+    async fn new(mut reader: R) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let zlib = match reader.fill_buf().await {
+            Ok(head) if head.len() >= 2 => head[0] & 0x0f == 8 && (u16::from(head[0]) * 256 + u16::from(head[1])) % 31 == 0,
+            _ => true,
+        };
+        if zlib {
+            DeflateOrZlib::Zlib(ZlibDecoder::new(reader))
+        } else {
+            DeflateOrZlib::Raw(DeflateDecoder::new(reader))
+        }
+    }
+}
+
+impl<R: tokio::io::AsyncBufRead + Unpin> AsyncRead for DeflateOrZlib<R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            DeflateOrZlib::Zlib(d) => std::pin::Pin::new(d).poll_read(cx, buf),
+            DeflateOrZlib::Raw(d) => std::pin::Pin::new(d).poll_read(cx, buf),
+        }
+    }
+}
