@@ -105,7 +105,10 @@ impl Drop for AccessLog {
             _ => None,
         };
         if self.convert.is_none() {
-            self.convert = self.convert_later.as_ref().and_then(|slot| slot.get().copied());
+            self.convert = self
+                .convert_later
+                .as_ref()
+                .and_then(|slot| slot.get().copied());
         }
         let convert = self.convert.unwrap_or_default();
         tracing::info!(

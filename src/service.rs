@@ -22,9 +22,9 @@ use crate::access_log::AccessLog;
 use crate::body::ProxyBody;
 use crate::config::RuleOptions;
 use crate::error::ProxyError;
-use crate::{convert, passthrough};
 use crate::route::{route, Mode, Route};
 use crate::upstream::{BoxError, UpstreamBody, UpstreamClient, UpstreamUrl};
+use crate::{convert, passthrough};
 
 /// Everything a handler needs to know about the rule a request arrived on.
 #[derive(Debug)]
@@ -117,7 +117,9 @@ impl ProxyService {
         let result = match routed {
             Err(e) => Err(e),
             Ok(Route::Passthrough) => passthrough::forward(rule, parts, body).await,
-            Ok(Route::ConvertCandidate(api)) => convert::handle(&self.rule, api, parts, body, &mut log).await,
+            Ok(Route::ConvertCandidate(api)) => {
+                convert::handle(&self.rule, api, parts, body, &mut log).await
+            }
             Ok(Route::WebSocket) => passthrough::forward(rule, parts, body).await,
         };
         let response = result.unwrap_or_else(|e| {

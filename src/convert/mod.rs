@@ -65,7 +65,13 @@ pub async fn handle(
     };
     log.set_mode(Mode::Convert);
 
-    let conversion = Conversion { rule: rule.clone(), api, parts, original, converted };
+    let conversion = Conversion {
+        rule: rule.clone(),
+        api,
+        parts,
+        original,
+        converted,
+    };
     let Some(interval) = rule.options.keep_alive else {
         let (response, summary) = conversion.run().await.into_response();
         if let Some(summary) = summary {
@@ -94,7 +100,10 @@ pub async fn handle(
     log.set_convert_later(summary_slot.clone());
     tokio::spawn(keep_alive(running, tx, interval, summary_slot));
     let mut response = Response::new(ProxyBody::channel(rx));
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     Ok(response)
 }
 
@@ -129,7 +138,11 @@ async fn keep_alive(
 
 /// Reads a request body whole, refusing more than `limit` bytes with 413 (early, from
 /// `content-length`, when the client declared it).
-async fn read_limited(body: UpstreamBody, headers: &HeaderMap, limit: u64) -> Result<Bytes, ProxyError> {
+async fn read_limited(
+    body: UpstreamBody,
+    headers: &HeaderMap,
+    limit: u64,
+) -> Result<Bytes, ProxyError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -160,14 +173,23 @@ struct Conversion {
     converted: Bytes,
 }
 
-/// What a conversion produced.
+/// What a conversion produced. One per request, moved once or twice: its size does not
+/// matter, and boxing a variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     /// Aggregated: the upstream's response headers and the body.
-    Aggregated { headers: HeaderMap, aggregate: Aggregate, fallback: Option<&'static str> },
+    Aggregated {
+        headers: HeaderMap,
+        aggregate: Aggregate,
+        fallback: Option<&'static str>,
+    },
     /// Not an event stream: relayed as the upstream sent it.
     Relay(Response<ProxyBody>),
     /// Failed; `headers` are the upstream's when the upstream itself reported the error.
-    Failed { error: ProxyError, headers: Option<HeaderMap> },
+    Failed {
+        error: ProxyError,
+        headers: Option<HeaderMap>,
+    },
 }
 
 impl Conversion {
@@ -179,11 +201,21 @@ impl Conversion {
         loop {
             let request = match self.upstream_request(body.clone(), fallback == Some("plain")) {
                 Ok(r) => r,
-                Err(error) => return Outcome::Failed { error, headers: None },
+                Err(error) => {
+                    return Outcome::Failed {
+                        error,
+                        headers: None,
+                    }
+                }
             };
             let response = match rule.send(request).await {
                 Ok(r) => r,
-                Err(error) => return Outcome::Failed { error, headers: None },
+                Err(error) => {
+                    return Outcome::Failed {
+                        error,
+                        headers: None,
+                    }
+                }
             };
             if fallback == Some("plain") {
                 return Outcome::Relay(passthrough::relay_response(response, rule.options.timeout));
@@ -191,9 +223,21 @@ impl Conversion {
             let status = response.status();
             if status == StatusCode::BAD_REQUEST {
                 let (parts, incoming) = response.into_parts();
-                let peek = match read_capped(incoming, REFUSAL_PEEK_BYTES, rule.options.timeout, &upstream_name).await {
+                let peek = match read_capped(
+                    incoming,
+                    REFUSAL_PEEK_BYTES,
+                    rule.options.timeout,
+                    &upstream_name,
+                )
+                .await
+                {
                     Ok(peek) => peek,
-                    Err(error) => return Outcome::Failed { error, headers: None },
+                    Err(error) => {
+                        return Outcome::Failed {
+                            error,
+                            headers: None,
+                        }
+                    }
                 };
                 match refusal_fallback(self.api, &peek, fallback, &self.original) {
                     Some((name, next_body)) => {
@@ -214,25 +258,53 @@ impl Conversion {
 
     /// The converted request: client headers minus hop-by-hop, asking for an event stream
     /// in codings we decode (D4); the client's `accept-encoding` does not leak into this leg.
-    fn upstream_request(&self, body: Bytes, plain: bool) -> Result<http::Request<UpstreamBody>, ProxyError> {
+    fn upstream_request(
+        &self,
+        body: Bytes,
+        plain: bool,
+    ) -> Result<http::Request<UpstreamBody>, ProxyError> {
         let mut parts = self.parts.clone();
         strip_hop_by_hop(&mut parts.headers);
         let body = if plain { self.original.clone() } else { body };
-        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         if !plain {
-            parts.headers.insert(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
-            parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(Coding::ACCEPTED));
+            parts.headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static(Coding::ACCEPTED),
+            );
         }
         passthrough::upstream_request(&self.rule, parts, UpstreamBody::full(body))
     }
 
-    async fn aggregate_response(&self, response: Response<Incoming>, fallback: Option<&'static str>) -> Outcome {
+    async fn aggregate_response(
+        &self,
+        response: Response<Incoming>,
+        fallback: Option<&'static str>,
+    ) -> Outcome {
         let rule = &*self.rule;
         let upstream_name = rule.upstream.to_string();
         let (parts, mut incoming) = response.into_parts();
-        let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-        let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        let encoding = parts.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let media = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        let encoding = parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok());
         let coding = Coding::from_header(encoding);
 
         let mut prefix = Bytes::new();
@@ -243,13 +315,29 @@ impl Conversion {
                 match sniff(&mut incoming, rule.options.timeout, &upstream_name).await {
                     Ok((head, true)) => prefix = head,
                     Ok((head, false)) => {
-                        let rest = read_capped(incoming, rule.options.max_response_bytes, rule.options.timeout, &upstream_name).await;
+                        let rest = read_capped(
+                            incoming,
+                            rule.options.max_response_bytes,
+                            rule.options.timeout,
+                            &upstream_name,
+                        )
+                        .await;
                         return match rest {
-                            Ok(rest) => Outcome::Relay(full_response(parts, [head, rest].concat().into())),
-                            Err(error) => Outcome::Failed { error, headers: None },
+                            Ok(rest) => {
+                                Outcome::Relay(full_response(parts, [head, rest].concat().into()))
+                            }
+                            Err(error) => Outcome::Failed {
+                                error,
+                                headers: None,
+                            },
                         };
                     }
-                    Err(error) => return Outcome::Failed { error, headers: None },
+                    Err(error) => {
+                        return Outcome::Failed {
+                            error,
+                            headers: None,
+                        }
+                    }
                 }
             }
             _ => {
@@ -259,17 +347,28 @@ impl Conversion {
         }
         let Some(coding) = coding else {
             return Outcome::Failed {
-                error: self.stream_error(format!("unsupported content-encoding {:?}", encoding.unwrap_or(""))),
+                error: self.stream_error(format!(
+                    "unsupported content-encoding {:?}",
+                    encoding.unwrap_or("")
+                )),
                 headers: None,
             };
         };
 
-        let limits = StreamLimits { idle: rule.options.timeout, max_bytes: rule.options.max_response_bytes };
+        let limits = StreamLimits {
+            idle: rule.options.timeout,
+            max_bytes: rule.options.max_response_bytes,
+        };
         match aggregate(prefix, incoming, coding, Accumulator::new(self.api), limits).await {
-            Ok(aggregate) => Outcome::Aggregated { headers: parts.headers, aggregate, fallback },
-            Err(StreamError::Aggregate(AggregateError::Upstream(reported))) => {
-                Outcome::Failed { error: ProxyError::UpstreamReported(reported), headers: Some(parts.headers) }
-            }
+            Ok(aggregate) => Outcome::Aggregated {
+                headers: parts.headers,
+                aggregate,
+                fallback,
+            },
+            Err(StreamError::Aggregate(AggregateError::Upstream(reported))) => Outcome::Failed {
+                error: ProxyError::UpstreamReported(reported),
+                headers: Some(parts.headers),
+            },
             Err(StreamError::Idle(_)) => Outcome::Failed {
                 error: ProxyError::UpstreamTimeout {
                     upstream: rule.upstream.to_string(),
@@ -277,12 +376,18 @@ impl Conversion {
                 },
                 headers: None,
             },
-            Err(other) => Outcome::Failed { error: self.stream_error(other.to_string()), headers: None },
+            Err(other) => Outcome::Failed {
+                error: self.stream_error(other.to_string()),
+                headers: None,
+            },
         }
     }
 
     fn stream_error(&self, reason: String) -> ProxyError {
-        ProxyError::UpstreamStream { upstream: self.rule.upstream.to_string(), reason }
+        ProxyError::UpstreamStream {
+            upstream: self.rule.upstream.to_string(),
+            reason,
+        }
     }
 }
 
@@ -290,13 +395,22 @@ impl Outcome {
     /// The response for an outcome decided before anything was committed.
     fn into_response(self) -> (Response<ProxyBody>, Option<ConvertSummary>) {
         match self {
-            Outcome::Aggregated { headers, aggregate, fallback } => {
+            Outcome::Aggregated {
+                headers,
+                aggregate,
+                fallback,
+            } => {
                 let summary = summary(&aggregate, fallback);
                 let length = aggregate.body.len();
                 let mut response = Response::new(ProxyBody::full(aggregate.body));
                 *response.headers_mut() = converted_headers(headers);
-                response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
                 (response, Some(summary))
             }
             Outcome::Relay(response) => (response, None),
@@ -315,7 +429,11 @@ impl Outcome {
     /// The body to finish an already committed 200 with.
     async fn into_committed_body(self) -> (Bytes, Option<ConvertSummary>) {
         match self {
-            Outcome::Aggregated { aggregate, fallback, .. } => {
+            Outcome::Aggregated {
+                aggregate,
+                fallback,
+                ..
+            } => {
                 let summary = summary(&aggregate, fallback);
                 (Bytes::from(aggregate.body), Some(summary))
             }
@@ -323,7 +441,11 @@ impl Outcome {
             Outcome::Relay(response) => match response.into_body().collect().await {
                 Ok(collected) => (collected.to_bytes(), None),
                 Err(e) => (
-                    ProxyError::UpstreamStream { upstream: "the upstream".to_owned(), reason: e.to_string() }.envelope(),
+                    ProxyError::UpstreamStream {
+                        upstream: "the upstream".to_owned(),
+                        reason: e.to_string(),
+                    }
+                    .envelope(),
                     None,
                 ),
             },
@@ -347,7 +469,12 @@ fn summary(aggregate: &Aggregate, fallback: Option<&'static str>) -> ConvertSumm
 /// removed (B84, D18); `content-type`/`content-length` are set by the caller.
 fn converted_headers(mut headers: HeaderMap) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
-    for name in [header::CONTENT_TYPE, header::CONTENT_ENCODING, header::CONTENT_LENGTH, header::CACHE_CONTROL] {
+    for name in [
+        header::CONTENT_TYPE,
+        header::CONTENT_ENCODING,
+        header::CONTENT_LENGTH,
+        header::CACHE_CONTROL,
+    ] {
         headers.remove(name);
     }
     headers.remove("x-accel-buffering");
@@ -357,19 +484,29 @@ fn converted_headers(mut headers: HeaderMap) -> HeaderMap {
 /// A relayed response whose body had to be read (to look inside it).
 fn full_response(mut parts: http::response::Parts, body: Bytes) -> Response<ProxyBody> {
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     parts.version = http::Version::HTTP_11;
     Response::from_parts(parts, ProxyBody::full(body))
 }
 
 /// Reads an upstream body whole, up to `cap` bytes, under the idle timeout.
-async fn read_capped(body: Incoming, cap: u64, idle: Duration, upstream: &str) -> Result<Bytes, ProxyError> {
+async fn read_capped(
+    body: Incoming,
+    cap: u64,
+    idle: Duration,
+    upstream: &str,
+) -> Result<Bytes, ProxyError> {
     let mut body = std::pin::pin!(body);
     let mut collected = BytesMut::new();
     loop {
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => {
-                return Err(ProxyError::UpstreamTimeout { upstream: upstream.to_owned(), seconds: idle.as_secs() })
+                return Err(ProxyError::UpstreamTimeout {
+                    upstream: upstream.to_owned(),
+                    seconds: idle.as_secs(),
+                })
             }
             Ok(None) => return Ok(collected.freeze()),
             Ok(Some(frame)) => frame,
@@ -392,15 +529,23 @@ async fn read_capped(body: Incoming, cap: u64, idle: Duration, upstream: &str) -
 
 /// Reads until the first non-whitespace bytes tell whether the body is an event stream
 /// (optional BOM and whitespace, then `data:`, `event:`, `id:`, `retry:` or `:`).
-async fn sniff(body: &mut Incoming, idle: Duration, upstream: &str) -> Result<(Bytes, bool), ProxyError> {
+async fn sniff(
+    body: &mut Incoming,
+    idle: Duration,
+    upstream: &str,
+) -> Result<(Bytes, bool), ProxyError> {
     let mut seen = BytesMut::new();
     loop {
-        let text = seen.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(&seen);
+        let text = seen
+            .strip_prefix(b"\xEF\xBB\xBF".as_slice())
+            .unwrap_or(&seen);
         let text = text.trim_ascii_start();
         let decided = [b"data:".as_slice(), b"event:", b"id:", b"retry:", b":"]
             .iter()
             .map(|p| (text.starts_with(p), p.starts_with(text)))
-            .fold((false, false), |(any, undecided), (yes, maybe)| (any || yes, undecided || maybe));
+            .fold((false, false), |(any, undecided), (yes, maybe)| {
+                (any || yes, undecided || maybe)
+            });
         match decided {
             (true, _) => return Ok((seen.freeze(), true)),
             (false, true) if seen.len() < 64 => {}
@@ -408,7 +553,10 @@ async fn sniff(body: &mut Incoming, idle: Duration, upstream: &str) -> Result<(B
         }
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => {
-                return Err(ProxyError::UpstreamTimeout { upstream: upstream.to_owned(), seconds: idle.as_secs() })
+                return Err(ProxyError::UpstreamTimeout {
+                    upstream: upstream.to_owned(),
+                    seconds: idle.as_secs(),
+                })
             }
             Ok(None) => return Ok((seen.freeze(), false)),
             Ok(Some(Err(e))) => {
@@ -457,7 +605,10 @@ fn mentions_word(text: &str, word: &str) -> bool {
     let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
     text.match_indices(word).any(|(i, _)| {
         let before = text[..i].chars().next_back().is_none_or(|c| !is_ident(c));
-        let after = text[i + word.len()..].chars().next().is_none_or(|c| !is_ident(c));
+        let after = text[i + word.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !is_ident(c));
         before && after
     })
 }
@@ -468,10 +619,16 @@ mod tests {
 
     #[test]
     fn refusals_are_recognised_by_param_or_whole_word() {
-        assert!(mentions_word("Unrecognized request argument supplied: stream_options", "stream_options"));
+        assert!(mentions_word(
+            "Unrecognized request argument supplied: stream_options",
+            "stream_options"
+        ));
         assert!(!mentions_word("upstream failed", "stream"));
         assert!(!mentions_word("stream_options is not allowed", "stream"));
-        assert!(mentions_word("'stream' is not supported for this model", "stream"));
+        assert!(mentions_word(
+            "'stream' is not supported for this model",
+            "stream"
+        ));
     }
 
     #[test]
@@ -482,10 +639,22 @@ mod tests {
         assert_eq!(name, "without_stream_options");
         assert_eq!(&next[..], br#"{"model":"m","messages":[],"stream":true}"#);
         let body = br#"{"error":{"message":"This model does not support 'stream'.","param":null}}"#;
-        let (name, next) = refusal_fallback(Api::ChatCompletions, body, Some("without_stream_options"), &original).unwrap();
+        let (name, next) = refusal_fallback(
+            Api::ChatCompletions,
+            body,
+            Some("without_stream_options"),
+            &original,
+        )
+        .unwrap();
         assert_eq!(name, "plain");
         assert_eq!(next, original);
         assert!(refusal_fallback(Api::ChatCompletions, body, Some("plain"), &original).is_none());
-        assert!(refusal_fallback(Api::Responses, br#"{"error":{"message":"bad model"}}"#, None, &original).is_none());
+        assert!(refusal_fallback(
+            Api::Responses,
+            br#"{"error":{"message":"bad model"}}"#,
+            None,
+            &original
+        )
+        .is_none());
     }
 }

@@ -7,7 +7,9 @@ use std::ops::ControlFlow;
 use std::pin::pin;
 use std::time::Duration;
 
-use async_compression::tokio::bufread::{BrotliDecoder, DeflateDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder};
+use async_compression::tokio::bufread::{
+    BrotliDecoder, DeflateDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder,
+};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -24,25 +26,27 @@ use crate::sse::{SseError, SseParser};
 /// Either accumulator behind one interface.
 pub enum Accumulator {
     Chat(ChatAccumulator),
-    Responses(ResponsesAccumulator),
+    Responses(Box<ResponsesAccumulator>),
 }
 
 impl Accumulator {
     pub fn new(api: Api) -> Self {
         match api {
             Api::ChatCompletions => Accumulator::Chat(ChatAccumulator::new()),
-            Api::Responses => Accumulator::Responses(ResponsesAccumulator::new()),
+            Api::Responses => Accumulator::Responses(Box::default()),
         }
     }
 
-    fn push(&mut self, name: &[u8], data: &[u8]) -> Result<Flow, AggregateError> {
+    /// Feeds one SSE event.
+    pub fn push(&mut self, name: &[u8], data: &[u8]) -> Result<Flow, AggregateError> {
         match self {
             Accumulator::Chat(a) => a.push(name, data),
             Accumulator::Responses(a) => a.push(name, data),
         }
     }
 
-    fn finish(self) -> Result<Aggregate, AggregateError> {
+    /// Builds the body after the terminal event or a clean end of stream.
+    pub fn finish(self) -> Result<Aggregate, AggregateError> {
         match self {
             Accumulator::Chat(a) => a.finish(),
             Accumulator::Responses(a) => a.finish(),
@@ -107,7 +111,12 @@ pub async fn aggregate(
     limits: StreamLimits,
 ) -> Result<Aggregate, StreamError> {
     let max_event = usize::try_from(limits.max_bytes).unwrap_or(usize::MAX);
-    let mut feeder = Feeder { parser: SseParser::new(max_event), accumulator: &mut accumulator, seen: 0, limits };
+    let mut feeder = Feeder {
+        parser: SseParser::new(max_event),
+        accumulator: &mut accumulator,
+        seen: 0,
+        limits,
+    };
     let finished = match coding {
         Coding::Identity => feeder.read_frames(prefix, body).await?,
         _ => feeder.read_decoded(prefix, body, coding).await?,
@@ -133,10 +142,11 @@ impl Feeder<'_> {
             return Err(StreamError::TooLarge(self.limits.max_bytes));
         }
         let accumulator = &mut *self.accumulator;
-        let mut sink = |event: crate::sse::SseEvent<'_>| match accumulator.push(event.name, event.data)? {
-            Flow::Continue => Ok(ControlFlow::Continue(())),
-            Flow::Finished => Ok(ControlFlow::Break(())),
-        };
+        let mut sink =
+            |event: crate::sse::SseEvent<'_>| match accumulator.push(event.name, event.data)? {
+                Flow::Continue => Ok(ControlFlow::Continue(())),
+                Flow::Finished => Ok(ControlFlow::Break(())),
+            };
         match self.parser.push(chunk, &mut sink) {
             Ok(flow) => Ok(flow.is_break()),
             Err(e) => Err(sse_error(e, self.limits.max_bytes)),
@@ -146,11 +156,15 @@ impl Feeder<'_> {
     /// Clean end of stream: a final event without its blank line still counts (D10).
     fn finish(&mut self) -> Result<(), StreamError> {
         let accumulator = &mut *self.accumulator;
-        let mut sink = |event: crate::sse::SseEvent<'_>| match accumulator.push(event.name, event.data)? {
-            Flow::Continue => Ok(ControlFlow::Continue(())),
-            Flow::Finished => Ok(ControlFlow::Break(())),
-        };
-        self.parser.finish(&mut sink).map(|_| ()).map_err(|e| sse_error(e, self.limits.max_bytes))
+        let mut sink =
+            |event: crate::sse::SseEvent<'_>| match accumulator.push(event.name, event.data)? {
+                Flow::Continue => Ok(ControlFlow::Continue(())),
+                Flow::Finished => Ok(ControlFlow::Break(())),
+            };
+        self.parser
+            .finish(&mut sink)
+            .map(|_| ())
+            .map_err(|e| sse_error(e, self.limits.max_bytes))
     }
 
     /// Identity coding: body frames go to the parser without being copied.
@@ -181,7 +195,12 @@ impl Feeder<'_> {
     }
 
     /// Compressed coding: decoded through a reused buffer.
-    async fn read_decoded(&mut self, prefix: Bytes, body: Incoming, coding: Coding) -> Result<bool, StreamError> {
+    async fn read_decoded(
+        &mut self,
+        prefix: Bytes,
+        body: Incoming,
+        coding: Coding,
+    ) -> Result<bool, StreamError> {
         let prefix = futures_util::stream::iter([Ok::<_, std::io::Error>(prefix)]);
         let rest = body.into_data_stream();
         let rest = futures_util::StreamExt::map(rest, |r| r.map_err(std::io::Error::other));
@@ -189,10 +208,12 @@ impl Feeder<'_> {
         let mut decoder: std::pin::Pin<Box<dyn AsyncRead + Send>> = match coding {
             Coding::Gzip => Box::pin(GzipDecoder::new(reader)),
             // `deflate` is zlib-wrapped by the RFC, raw deflate in some servers' practice.
-            Coding::Deflate => match tokio::time::timeout(self.limits.idle, DeflateOrZlib::new(reader)).await {
-                Ok(decoder) => Box::pin(decoder),
-                Err(_) => return Err(StreamError::Idle(self.limits.idle)),
-            },
+            Coding::Deflate => {
+                match tokio::time::timeout(self.limits.idle, DeflateOrZlib::new(reader)).await {
+                    Ok(decoder) => Box::pin(decoder),
+                    Err(_) => return Err(StreamError::Idle(self.limits.idle)),
+                }
+            }
             Coding::Brotli => Box::pin(BrotliDecoder::new(reader)),
             Coding::Zstd => Box::pin(ZstdDecoder::new(reader)),
             Coding::Identity => Box::pin(reader),
@@ -236,7 +257,9 @@ impl<R: tokio::io::AsyncBufRead + Unpin + Send> DeflateOrZlib<R> {
     async fn new(mut reader: R) -> Self {
         use tokio::io::AsyncBufReadExt;
         let zlib = match reader.fill_buf().await {
-            Ok(head) if head.len() >= 2 => head[0] & 0x0f == 8 && (u16::from(head[0]) * 256 + u16::from(head[1])) % 31 == 0,
+            Ok(head) if head.len() >= 2 => {
+                head[0] & 0x0f == 8 && (u16::from(head[0]) * 256 + u16::from(head[1])) % 31 == 0
+            }
             _ => true,
         };
         if zlib {

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: the Rust unit and integration tests, then the end-to-end suite
+# driven by the official OpenAI SDKs (installed into a local venv by its own script).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --locked
+cargo test --locked --all-targets
+bash scripts/sdk-e2e.sh

@@ -1,0 +1,545 @@
+//! Conversion through the running proxy: which requests convert, what the upstream receives,
+//! what the client gets back, and every failure on the way. Streams here are the project's
+//! own synthetic ones.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CHAT_STREAM: &str = concat!(
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":7,\"model\":\"m-1\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":null,\"obfuscation\":\"x\"}\n\n",
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":7,\"model\":\"m-1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":7,\"model\":\"m-1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":7,\"model\":\"m-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n",
+    "data: [DONE]\n\n",
+);
+
+const RESPONSES_STREAM: &str = concat!(
+    "event: response.created\n",
+    "data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"output\":[]}}\n\n",
+    "event: response.output_text.delta\n",
+    "data: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hi\"}\n\n",
+    "event: response.completed\n",
+    "data: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"output\":[{\"type\":\"message\",\"id\":\"msg_1\",\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi\",\"annotations\":[]}]}],\"usage\":{\"input_tokens\":4,\"output_tokens\":1,\"total_tokens\":5},\"temperature\":1.0}}\n\n",
+);
+
+fn sse(body: &'static str) -> Response {
+    response(
+        200,
+        &[
+            ("content-type", "text/event-stream"),
+            ("x-request-id", "req_42"),
+            ("cache-control", "no-cache"),
+            ("x-accel-buffering", "no"),
+        ],
+        full(body),
+    )
+}
+
+type Response = http::Response<MockBody>;
+
+async fn convert(
+    upstream: &MockUpstream,
+    path: &str,
+    body: &str,
+) -> (http::response::Parts, Bytes) {
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let req = Request::post(proxy.url(path))
+        .header("content-type", "application/json; charset=utf-8")
+        .header("authorization", "Bearer sk-test")
+        .header("accept-encoding", "gzip")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    send(req).await
+}
+
+#[tokio::test]
+async fn chat_request_is_rewritten_surgically_and_answered_with_one_body() {
+    let upstream = MockUpstream::start(|_| sse(CHAT_STREAM)).await;
+    let body = "{\"model\": \"m\",\n  \"messages\": [{\"role\":\"user\",\"content\":\"caf\\u00e9\"}], \"seed\": 18446744073709551615, \"top_p\": 1e-7, \"stream\": false, \"stream_options\": {\"include_obfuscation\": false}}";
+    let (parts, got) = convert(&upstream, "/v1/chat/completions", body).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["content-type"], "application/json");
+    assert_eq!(parts.headers["content-length"], got.len().to_string());
+    assert_eq!(parts.headers["x-request-id"], "req_42");
+    assert!(
+        parts.headers.get("cache-control").is_none()
+            && parts.headers.get("x-accel-buffering").is_none()
+    );
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(
+        got,
+        json!({"id":"chatcmpl-1","object":"chat.completion","created":7,"model":"m-1",
+               "choices":[{"index":0,"message":{"role":"assistant","content":"Hello","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],
+               "usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},"system_fingerprint":null})
+    );
+
+    let seen = upstream.single_request();
+    let sent = String::from_utf8(seen.body.to_vec()).unwrap();
+    assert_eq!(
+        sent,
+        "{\"model\": \"m\",\n  \"messages\": [{\"role\":\"user\",\"content\":\"caf\\u00e9\"}], \"seed\": 18446744073709551615, \"top_p\": 1e-7, \"stream\": true, \"stream_options\": {\"include_obfuscation\": false,\"include_usage\":true}}"
+    );
+    assert_eq!(seen.headers["content-length"], sent.len().to_string());
+    assert_eq!(seen.headers["accept"], "text/event-stream");
+    assert_eq!(seen.headers["accept-encoding"], "gzip, deflate, br, zstd");
+    assert_eq!(seen.headers["authorization"], "Bearer sk-test");
+    assert_eq!(
+        seen.headers["content-type"],
+        "application/json; charset=utf-8"
+    );
+}
+
+#[tokio::test]
+async fn responses_request_gets_stream_true_only_and_the_completed_object() {
+    let upstream = MockUpstream::start(|_| sse(RESPONSES_STREAM)).await;
+    let (parts, got) = convert(
+        &upstream,
+        "/v1/responses",
+        "{\"model\":\"m\",\"input\":\"hi\"}",
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["id"], "resp_1");
+    assert_eq!(got["status"], "completed");
+    assert_eq!(got["output"][0]["content"][0]["text"], "Hi");
+    assert_eq!(
+        &upstream.single_request().body[..],
+        b"{\"model\":\"m\",\"input\":\"hi\",\"stream\":true}"
+    );
+}
+
+#[tokio::test]
+async fn not_convertible_bodies_pass_through_with_the_exact_bytes() {
+    let upstream = MockUpstream::start(|r| {
+        response(
+            200,
+            &[("content-type", "application/json")],
+            full(r.body.clone()),
+        )
+    })
+    .await;
+    for body in [
+        "{\"model\":\"m\",\"stream\":\"true\"}",
+        "{\"model\":\"m\",\"stream\":1}",
+        "{\"messages\":[]}",
+        "{\"model\":\"m\",",
+        "[{\"model\":\"m\"}]",
+        "",
+    ] {
+        let (parts, got) = convert(&upstream, "/v1/chat/completions", body).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(&got[..], body.as_bytes());
+    }
+    let (_, got) = convert(
+        &upstream,
+        "/v1/responses",
+        "{\"model\":\"m\",\"background\":true}",
+    )
+    .await;
+    assert_eq!(&got[..], b"{\"model\":\"m\",\"background\":true}");
+    for r in upstream.requests() {
+        assert!(
+            r.headers.get("accept").is_none(),
+            "passthrough must not ask for a stream"
+        );
+    }
+}
+
+#[tokio::test]
+async fn convert_false_turns_conversion_off() {
+    let upstream = MockUpstream::start(|r| response(200, &[], full(r.body.clone()))).await;
+    let mut opts = options();
+    opts.convert = false;
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let (_, got) = send(post_json(
+        &proxy.url("/v1/chat/completions"),
+        "{\"model\":\"m\"}",
+    ))
+    .await;
+    assert_eq!(&got[..], b"{\"model\":\"m\"}");
+}
+
+#[tokio::test]
+async fn upstream_errors_and_json_answers_are_relayed_unchanged() {
+    let upstream = MockUpstream::start(|r| {
+        if r.uri.path().ends_with("/responses") {
+            response(200, &[("content-type", "application/json"), ("x-provider", "ignored-stream")], full("{\"id\":\"plain\"}"))
+        } else {
+            response(429, &[("content-type", "application/json"), ("retry-after", "3")], full("{\"error\":{\"message\":\"slow down\",\"type\":\"rate_limit_error\",\"param\":null,\"code\":\"rate_limit_exceeded\"}}"))
+        }
+    })
+    .await;
+    let (parts, got) = convert(&upstream, "/v1/chat/completions", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 429);
+    assert_eq!(parts.headers["retry-after"], "3");
+    assert_eq!(envelope(&got).1, "slow down");
+    let (parts, got) = convert(&upstream, "/v1/responses", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["x-provider"], "ignored-stream");
+    assert_eq!(&got[..], b"{\"id\":\"plain\"}");
+}
+
+#[tokio::test]
+async fn event_streams_without_content_type_are_still_aggregated() {
+    let upstream = MockUpstream::start(|_| response(200, &[], full(CHAT_STREAM))).await;
+    let (parts, got) = convert(&upstream, "/v1/chat/completions", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 200);
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["choices"][0]["message"]["content"], "Hello");
+}
+
+async fn encode(coding: &str, data: &[u8]) -> Vec<u8> {
+    use async_compression::tokio::bufread::{
+        BrotliEncoder, DeflateEncoder, GzipEncoder, ZlibEncoder, ZstdEncoder,
+    };
+    let mut out = Vec::new();
+    match coding {
+        "gzip" => GzipEncoder::new(data).read_to_end(&mut out).await.unwrap(),
+        "br" => BrotliEncoder::new(data)
+            .read_to_end(&mut out)
+            .await
+            .unwrap(),
+        "zstd" => ZstdEncoder::new(data).read_to_end(&mut out).await.unwrap(),
+        "deflate" => ZlibEncoder::new(data).read_to_end(&mut out).await.unwrap(),
+        "raw-deflate" => DeflateEncoder::new(data)
+            .read_to_end(&mut out)
+            .await
+            .unwrap(),
+        _ => unreachable!(),
+    };
+    out
+}
+
+#[tokio::test]
+async fn compressed_streams_are_decoded_before_aggregation() {
+    for coding in ["gzip", "br", "zstd", "deflate", "raw-deflate"] {
+        let encoded = Bytes::from(encode(coding, CHAT_STREAM.as_bytes()).await);
+        let header = if coding == "raw-deflate" {
+            "deflate"
+        } else {
+            coding
+        };
+        let upstream = MockUpstream::start(move |_| {
+            response(
+                200,
+                &[
+                    ("content-type", "text/event-stream"),
+                    ("content-encoding", header),
+                ],
+                full(encoded.clone()),
+            )
+        })
+        .await;
+        let (parts, got) = convert(&upstream, "/v1/chat/completions", "{\"model\":\"m\"}").await;
+        assert_eq!(
+            parts.status,
+            200,
+            "{coding}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        assert!(parts.headers.get("content-encoding").is_none());
+        let got: Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!(got["choices"][0]["message"]["content"], "Hello", "{coding}");
+    }
+}
+
+#[tokio::test]
+async fn in_stream_errors_become_envelopes_with_fitting_status() {
+    let upstream = MockUpstream::start(|r| {
+        let body: &'static str = if r.uri.path().ends_with("/chat/completions") {
+            "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"par\"}}]}\n\ndata: {\"error\":{\"message\":\"overloaded now\",\"type\":\"server_error\",\"code\":\"server_is_overloaded\"}}\n\ndata: [DONE]\n\n"
+        } else if r.uri.path().ends_with("/failed/responses") {
+            "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"id\":\"r\",\"status\":\"failed\",\"error\":{\"code\":\"rate_limit_exceeded\",\"message\":\"too many\"},\"output\":[]}}\n\n"
+        } else {
+            "event: error\ndata: {\"type\":\"error\",\"code\":\"invalid_prompt\",\"message\":\"bad prompt\",\"param\":\"input\"}\n\n"
+        };
+        sse(body)
+    })
+    .await;
+    let (parts, got) = convert(&upstream, "/v1/chat/completions", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 503);
+    assert_eq!(envelope(&got).1, "overloaded now");
+    assert_eq!(
+        parts.headers["x-request-id"], "req_42",
+        "upstream headers kept on reported errors"
+    );
+    let (parts, got) = convert(&upstream, "/v1/failed/responses", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 429);
+    assert_eq!(
+        envelope(&got),
+        ("rate_limit_error".to_owned(), "too many".to_owned())
+    );
+    let (parts, got) = convert(&upstream, "/v1/responses", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 400);
+    let v: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(v["error"]["param"], "input");
+    assert_eq!(v["error"]["code"], "invalid_prompt");
+}
+
+#[tokio::test]
+async fn truncated_or_corrupt_streams_are_502_and_clean_ends_after_finish_reason_are_accepted() {
+    let upstream = MockUpstream::start(|r| {
+        let body: &'static str = match r.uri.path() {
+            "/truncated/v1/chat/completions" => "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"par\"},\"finish_reason\":null}]}\n\n",
+            "/corrupt/v1/chat/completions" => "data: {\"id\":\"c\",\"choices\":[]}\n\ndata: {not json\n\ndata: [DONE]\n\n",
+            "/truncated/v1/responses" => "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\"}}\n\n",
+            _ => "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"ok\"},\"finish_reason\":\"stop\"}]}",
+        };
+        sse(body)
+    })
+    .await;
+    for path in [
+        "/truncated/v1/chat/completions",
+        "/corrupt/v1/chat/completions",
+        "/truncated/v1/responses",
+    ] {
+        let (parts, got) = convert(&upstream, path, "{\"model\":\"m\"}").await;
+        assert_eq!(parts.status, 502, "{path}");
+        assert_eq!(envelope(&got).0, "upstream_error");
+    }
+    let (parts, got) = convert(&upstream, "/clean/v1/chat/completions", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["choices"][0]["message"]["content"], "ok");
+}
+
+#[tokio::test]
+async fn events_split_across_tiny_chunks_and_crlf_aggregate_the_same() {
+    let upstream = RawUpstream::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let body = CHAT_STREAM.replace("\n", "\r\n");
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n").await;
+        for piece in body.as_bytes().chunks(3) {
+            let _ = stream.write_all(format!("{:x}\r\n", piece.len()).as_bytes()).await;
+            let _ = stream.write_all(piece).await;
+            let _ = stream.write_all(b"\r\n").await;
+            let _ = stream.flush().await;
+        }
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let (parts, got) = send(post_json(
+        &proxy.url("/v1/chat/completions"),
+        "{\"model\":\"m\"}",
+    ))
+    .await;
+    assert_eq!(parts.status, 200);
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["choices"][0]["message"]["content"], "Hello");
+    assert_eq!(got["usage"]["total_tokens"], 5);
+}
+
+#[tokio::test]
+async fn upstream_silence_is_504_before_headers_and_mid_stream() {
+    let upstream = RawUpstream::start(|mut stream| async move {
+        let head = read_head(&mut stream).await;
+        if head.contains("/mid/") {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n6\r\ndata:\n\r\n").await;
+        }
+        tokio::time::sleep(WAIT).await;
+    })
+    .await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    for path in ["/v1/chat/completions", "/mid/v1/chat/completions"] {
+        let (parts, got) = send(post_json(&proxy.url(path), "{\"model\":\"m\"}")).await;
+        assert_eq!(parts.status, 504, "{path}");
+        assert_eq!(envelope(&got).0, "upstream_timeout");
+    }
+}
+
+#[tokio::test]
+async fn client_disconnect_while_aggregating_cancels_the_upstream() {
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    let closed_tx = Arc::new(Mutex::new(Some(closed_tx)));
+    let upstream = RawUpstream::start(move |mut stream| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            let _ = read_head(&mut stream).await;
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n6\r\ndata:\n\r\n").await;
+            let mut buf = [0u8; 256];
+            loop {
+                match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        if let Some(tx) = closed_tx.lock().unwrap().take() {
+                            let _ = tx.send(());
+                        }
+                        return;
+                    }
+                    Ok(Ok(_)) => continue,
+                    Err(_) => return,
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let body = "{\"model\":\"m\"}";
+    stream
+        .write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())
+        .await
+        .unwrap();
+    // The upstream has answered its head once it waits for our close; give it the request,
+    // then leave.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(stream);
+    tokio::time::timeout(Duration::from_secs(2), closed_rx)
+        .await
+        .expect("upstream not cancelled")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn body_limits_give_413_and_502() {
+    let upstream = MockUpstream::start(|_| sse(CHAT_STREAM)).await;
+    let mut opts = options();
+    opts.max_request_body_bytes = 64;
+    opts.max_response_bytes = 100;
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let big = format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(100));
+    let (parts, got) = send(post_json(&proxy.url("/v1/chat/completions"), &big)).await;
+    assert_eq!(parts.status, 413);
+    assert!(envelope(&got).1.contains("64 bytes"));
+    let (parts, got) = send(post_json(
+        &proxy.url("/v1/chat/completions"),
+        "{\"model\":\"m\"}",
+    ))
+    .await;
+    assert_eq!(parts.status, 502);
+    assert!(envelope(&got).1.contains("maxResponseBytes"));
+    // Chunked uploads (no content-length) are cut at the limit too.
+    let out = raw_exchange(
+        proxy.addr,
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n", big.len()).as_bytes(),
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 413"));
+}
+
+#[tokio::test]
+async fn keep_alive_commits_early_and_sends_spaces_until_the_json() {
+    let upstream = RawUpstream::start(|mut stream| async move {
+        let head = read_head(&mut stream).await;
+        // One request per connection: the script never reads a second one.
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n").await;
+        // 2.5 s of comment lines (so the idle timeout never fires), then the answer.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = stream.write_all(b"3\r\n:\n\n\r\n").await;
+        }
+        let tail: &str = if head.contains("/fail/") { "data: {\"error\":{\"message\":\"late failure\",\"type\":\"server_error\"}}\n\n" } else { CHAT_STREAM };
+        let _ = stream.write_all(format!("{:x}\r\n{tail}\r\n0\r\n\r\n", tail.len()).as_bytes()).await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+    })
+    .await;
+    let mut opts = options();
+    opts.keep_alive = Some(Duration::from_secs(1));
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let response = client()
+        .request(post_json(
+            &proxy.url("/v1/chat/completions"),
+            "{\"model\":\"m\"}",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body = tokio::time::timeout(WAIT, response.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(text.starts_with(' '), "no keep-alive space: {text:?}");
+    let got: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(got["choices"][0]["message"]["content"], "Hello");
+
+    let response = client()
+        .request(post_json(
+            &proxy.url("/fail/v1/chat/completions"),
+            "{\"model\":\"m\"}",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "committed before the failure");
+    let body = tokio::time::timeout(WAIT, response.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    assert_eq!(envelope(body.trim_ascii()).1, "late failure");
+}
+
+#[tokio::test]
+async fn refusals_of_the_streaming_form_fall_back_once_each() {
+    let upstream = MockUpstream::start(|r| {
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        let refuse = |message: &str, param: &str| {
+            response(400, &[("content-type", "application/json")], full(json!({"error":{"message":message,"type":"invalid_request_error","param":param,"code":null}}).to_string()))
+        };
+        match (body.get("stream_options").is_some(), body.get("stream").is_some()) {
+            (true, _) => refuse("Unrecognized request argument supplied: stream_options", "stream_options"),
+            (false, true) => refuse("This model does not support 'stream'", "stream"),
+            (false, false) => response(200, &[("content-type", "application/json")], full("{\"id\":\"plain-answer\"}")),
+        }
+    })
+    .await;
+    let (parts, got) = convert(&upstream, "/v1/chat/completions", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(&got[..], b"{\"id\":\"plain-answer\"}");
+    let bodies: Vec<String> = upstream
+        .requests()
+        .iter()
+        .map(|r| String::from_utf8(r.body.to_vec()).unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        vec![
+            "{\"model\":\"m\",\"stream\":true,\"stream_options\":{\"include_usage\":true}}"
+                .to_owned(),
+            "{\"model\":\"m\",\"stream\":true}".to_owned(),
+            "{\"model\":\"m\"}".to_owned(),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn unrelated_400s_are_relayed_without_retrying() {
+    let upstream = MockUpstream::start(|_| {
+        response(400, &[("content-type", "application/json")], full("{\"error\":{\"message\":\"upstream says: bad model\",\"type\":\"invalid_request_error\",\"param\":\"model\",\"code\":null}}"))
+    })
+    .await;
+    let (parts, got) = convert(&upstream, "/v1/chat/completions", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 400);
+    assert_eq!(envelope(&got).1, "upstream says: bad model");
+    assert_eq!(upstream.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_for_conversions() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let proxy = start_proxy(&format!("http://127.0.0.1:{port}"), options()).await;
+    let (parts, got) = send(post_json(&proxy.url("/v1/responses"), "{\"model\":\"m\"}")).await;
+    assert_eq!(parts.status, 502);
+    assert_eq!(envelope(&got).0, "upstream_error");
+}
