@@ -280,6 +280,8 @@ type Connector = hyper_rustls::HttpsConnector<ProxyConnector>;
 #[derive(Clone)]
 pub struct UpstreamClient {
     client: Client<Connector, UpstreamBody>,
+    /// The same proxy rules the connector applies, for forwarding-proxy credentials.
+    proxy: ProxyConnector,
 }
 
 impl fmt::Debug for UpstreamClient {
@@ -298,6 +300,7 @@ impl UpstreamClient {
             http,
             proxy: options.proxy,
         };
+        let proxy = connector.clone();
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -317,14 +320,27 @@ impl UpstreamClient {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(https);
-        Ok(UpstreamClient { client })
+        Ok(UpstreamClient { client, proxy })
     }
 
     /// Sends a request; the future resolves at the response head.
     pub fn request(
         &self,
-        request: Request<UpstreamBody>,
+        mut request: Request<UpstreamBody>,
     ) -> hyper_util::client::legacy::ResponseFuture {
+        // A forwarding proxy (plain-http upstream behind HTTP_PROXY) sees every request, so
+        // its credentials travel as a request header; tunnels carry them in CONNECT instead.
+        if request.uri().scheme() == Some(&Scheme::HTTP) {
+            if let Some(auth) = self
+                .proxy
+                .intercept(request.uri())
+                .and_then(|i| i.basic_auth().cloned())
+            {
+                request
+                    .headers_mut()
+                    .insert(http::header::PROXY_AUTHORIZATION, auth);
+            }
+        }
         self.client.request(request)
     }
 }
@@ -377,15 +393,21 @@ impl Service<Uri> for ProxyConnector {
                 })
             }),
             Some(intercept) if dst.scheme() == Some(&Scheme::HTTPS) => {
-                let mut tunnel = Tunnel::new(intercept.uri().clone(), http);
+                let proxy_uri = intercept.uri().clone();
+                let mut tunnel = Tunnel::new(proxy_uri.clone(), http);
                 if let Some(auth) = intercept.basic_auth() {
                     tunnel = tunnel.with_auth(auth.clone());
                 }
                 Box::pin(async move {
-                    let io = tunnel
-                        .call(dst)
-                        .await
-                        .map_err(|e| format!("proxy tunnel failed: {e:?}"))?;
+                    let io = tunnel.call(dst).await.map_err(|e| {
+                        let cause = std::error::Error::source(&e)
+                            .map(|c| format!(": {c}"))
+                            .unwrap_or_default();
+                        format!(
+                            "proxy {} refused or failed the tunnel ({e}{cause})",
+                            redact(&proxy_uri)
+                        )
+                    })?;
                     Ok(ProxiedStream {
                         io,
                         forwarding_proxy: false,
@@ -403,6 +425,15 @@ impl Service<Uri> for ProxyConnector {
                 })
             }
         }
+    }
+}
+
+/// A proxy URI without its credentials, for messages.
+fn redact(uri: &Uri) -> String {
+    let host = uri.host().unwrap_or("?");
+    match uri.port_u16() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
     }
 }
 
