@@ -21,6 +21,9 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 64 * 1024 * 1024;
 /// Default cap on the bytes of one aggregated upstream stream.
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Default cap on one WebSocket message (D20).
+pub const DEFAULT_MAX_WEBSOCKET_MESSAGE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -50,6 +53,8 @@ pub struct RuleOptions {
     pub keep_alive: Option<Duration>,
     pub max_request_body_bytes: u64,
     pub max_response_bytes: u64,
+    /// Largest WebSocket message either side may send (D20); larger ones close with 1009.
+    pub max_websocket_message_bytes: u64,
 }
 
 impl Default for RuleOptions {
@@ -60,6 +65,7 @@ impl Default for RuleOptions {
             keep_alive: None,
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_websocket_message_bytes: DEFAULT_MAX_WEBSOCKET_MESSAGE_BYTES,
         }
     }
 }
@@ -250,6 +256,9 @@ fn apply_option(
             options.max_request_body_bytes = positive_integer(value, key_path)?
         }
         "maxResponseBytes" => options.max_response_bytes = positive_integer(value, key_path)?,
+        "maxWebSocketMessageBytes" => {
+            options.max_websocket_message_bytes = positive_integer(value, key_path)?
+        }
         _ => return Ok(false),
     }
     Ok(true)

@@ -13,6 +13,7 @@
 //! - [`passthrough`]: forwarding unchanged, streaming both ways.
 //! - [`convert`]: non-streaming → streaming conversion and aggregation.
 //! - [`sse`]: the Server-Sent Events parser.
+//! - [`websocket`]: WebSocket sessions, upstream handshake first.
 //! - [`upstream`]: the upstream URL and the pooled client (TLS, proxies, HTTP/2).
 //! - [`headers`]: the hop-by-hop header rules.
 //! - [`body`]: the response body type, idle timeouts.
@@ -31,6 +32,7 @@ pub mod server;
 pub mod service;
 pub mod sse;
 pub mod upstream;
+pub mod websocket;
 
 pub use body::ProxyBody;
 pub use config::{Config, ConfigError, Rule, RuleOptions};

@@ -24,7 +24,7 @@ use crate::config::RuleOptions;
 use crate::error::ProxyError;
 use crate::route::{route, Mode, Route};
 use crate::upstream::{BoxError, UpstreamBody, UpstreamClient, UpstreamUrl};
-use crate::{convert, passthrough};
+use crate::{convert, passthrough, websocket};
 
 /// Everything a handler needs to know about the rule a request arrived on.
 #[derive(Debug)]
@@ -120,7 +120,10 @@ impl ProxyService {
             Ok(Route::ConvertCandidate(api)) => {
                 convert::handle(&self.rule, api, parts, body, &mut log).await
             }
-            Ok(Route::WebSocket) => passthrough::forward(rule, parts, body).await,
+            Ok(Route::WebSocket) => {
+                log.set_mode(Mode::WebSocket);
+                websocket::handle(&self.rule, parts, body).await
+            }
         };
         let response = result.unwrap_or_else(|e| {
             tracing::warn!(port = rule.port, upstream = %rule.upstream, error = %e, "request failed");

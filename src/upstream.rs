@@ -276,12 +276,17 @@ fn rustls_pemfile_certs(
 
 type Connector = hyper_rustls::HttpsConnector<ProxyConnector>;
 
+/// The transport under an upstream WebSocket session.
+pub type WebSocketTransport = hyper_rustls::MaybeHttpsStream<ProxiedStream>;
+
 /// The pooled upstream HTTP client shared by every rule.
 #[derive(Clone)]
 pub struct UpstreamClient {
     client: Client<Connector, UpstreamBody>,
     /// The same proxy rules the connector applies, for forwarding-proxy credentials.
     proxy: ProxyConnector,
+    /// HTTP/1.1-only connections for WebSocket handshakes (ALPN must not pick h2).
+    websocket: Connector,
 }
 
 impl fmt::Debug for UpstreamClient {
@@ -299,6 +304,7 @@ impl UpstreamClient {
         let connector = ProxyConnector {
             http,
             proxy: options.proxy,
+            tunnel_always: false,
         };
         let proxy = connector.clone();
 
@@ -308,6 +314,14 @@ impl UpstreamClient {
             .map_err(|e| ClientError::Tls(e.to_string()))?
             .with_root_certificates(options.roots)
             .with_no_client_auth();
+        let websocket = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(ProxyConnector {
+                tunnel_always: true,
+                ..connector.clone()
+            });
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -320,7 +334,22 @@ impl UpstreamClient {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(https);
-        Ok(UpstreamClient { client, proxy })
+        Ok(UpstreamClient {
+            client,
+            proxy,
+            websocket,
+        })
+    }
+
+    /// Opens a fresh connection (TLS and proxies as for HTTP, ALPN `http/1.1` only) for a
+    /// WebSocket handshake to `uri` (an `http`/`https` URI).
+    pub async fn connect_websocket(
+        &self,
+        uri: Uri,
+    ) -> Result<TokioIo<WebSocketTransport>, BoxError> {
+        let mut connector = self.websocket.clone();
+        let stream = connector.call(uri).await?;
+        Ok(TokioIo::new(stream))
     }
 
     /// Sends a request; the future resolves at the response head.
@@ -353,6 +382,9 @@ impl UpstreamClient {
 pub struct ProxyConnector {
     http: HttpConnector,
     proxy: Option<Arc<Matcher>>,
+    /// WebSocket connections tunnel through every proxy: an upgrade cannot travel as an
+    /// absolute-form request through a forwarding proxy.
+    tunnel_always: bool,
 }
 
 impl ProxyConnector {
@@ -392,7 +424,7 @@ impl Service<Uri> for ProxyConnector {
                     forwarding_proxy: false,
                 })
             }),
-            Some(intercept) if dst.scheme() == Some(&Scheme::HTTPS) => {
+            Some(intercept) if self.tunnel_always || dst.scheme() == Some(&Scheme::HTTPS) => {
                 let proxy_uri = intercept.uri().clone();
                 let mut tunnel = Tunnel::new(proxy_uri.clone(), http);
                 if let Some(auth) = intercept.basic_auth() {
