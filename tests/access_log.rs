@@ -1,0 +1,124 @@
+//! The per-request log line, captured in-process: a current-thread runtime keeps the proxy's
+//! tasks on the thread whose subscriber records them.
+
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use http::Request;
+use http_body_util::Full;
+use support::*;
+use tokio::sync::Notify;
+
+#[derive(Clone, Default)]
+struct Captured {
+    text: Arc<Mutex<Vec<u8>>>,
+    written: Arc<Notify>,
+}
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.text.lock().unwrap().extend_from_slice(buf);
+        self.written.notify_waiters();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Waits until a captured line contains every needle; returns that line.
+    async fn line_with(&self, needles: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let notified = self.written.notified();
+            let text = String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned();
+            if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_owned();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("no log line with {needles:?} in:\n{text}");
+            }
+        }
+    }
+
+    fn all(&self) -> String {
+        String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned()
+    }
+}
+
+const STREAM: &str = concat!(
+    "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\n",
+    "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":7,\"total_tokens\":18}}\n\n",
+    "data: [DONE]\n\n",
+);
+
+#[tokio::test(flavor = "current_thread")]
+async fn each_request_logs_one_line_with_mode_status_and_tokens_but_no_secrets() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let upstream = MockUpstream::start(|r| {
+        if r.uri.path().ends_with("/chat/completions") {
+            response(200, &[("content-type", "text/event-stream")], full(STREAM))
+        } else {
+            response(200, &[], full("0123456789"))
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let port = format!("port={}", proxy.addr.port());
+
+    let req = Request::post(proxy.url("/v1/chat/completions?api-key=QUERY-SECRET"))
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer sk-SECRET-123")
+        .body(Full::new(bytes::Bytes::from_static(
+            b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"BODY-MARKER\"}]}",
+        )))
+        .unwrap();
+    let (parts, _) = send(req).await;
+    assert_eq!(parts.status, 200);
+    let line = captured
+        .line_with(&[
+            "request",
+            &port,
+            "mode=convert",
+            "status=200",
+            "terminal=done",
+        ])
+        .await;
+    assert!(line.contains("input_tokens=11"), "{line}");
+    assert!(line.contains("output_tokens=7"), "{line}");
+    assert!(line.contains("total_tokens=18"), "{line}");
+    assert!(line.contains("path=/v1/chat/completions"), "{line}");
+    assert!(line.contains("method=POST"), "{line}");
+    assert!(line.contains("duration_ms="), "{line}");
+
+    send(
+        Request::get(proxy.url("/v1/models"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    let line = captured
+        .line_with(&["request", "mode=passthrough", "path=/v1/models"])
+        .await;
+    assert!(line.contains("bytes=10"), "{line}");
+    assert!(line.contains("outcome=complete"), "{line}");
+
+    let all = captured.all();
+    for secret in ["sk-SECRET-123", "BODY-MARKER", "QUERY-SECRET"] {
+        assert!(
+            !all.contains(secret),
+            "{secret} leaked into the log:\n{all}"
+        );
+    }
+}
