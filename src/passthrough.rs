@@ -30,14 +30,7 @@ pub fn upstream_request(
     parts: Parts,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, ProxyError> {
-    let uri = rule
-        .upstream
-        .request_uri(parts.uri.path_and_query())
-        .map_err(|e| {
-            ProxyError::BadRequest(format!(
-                "request path cannot be appended to the upstream URL: {e}"
-            ))
-        })?;
+    let uri = rule.upstream_uri(&parts.uri)?;
     let mut request = Request::new(body);
     *request.method_mut() = parts.method;
     *request.uri_mut() = uri;

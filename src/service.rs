@@ -37,6 +37,17 @@ pub struct RuleContext {
 }
 
 impl RuleContext {
+    /// The upstream URI for a request: the base URL plus the request's path and query.
+    pub fn upstream_uri(&self, uri: &http::Uri) -> Result<http::Uri, ProxyError> {
+        self.upstream
+            .request_uri(uri.path_and_query())
+            .map_err(|e| {
+                ProxyError::BadRequest(format!(
+                    "request path cannot be appended to the upstream URL: {e}"
+                ))
+            })
+    }
+
     /// Sends a request upstream and waits for the response head for at most
     /// `timeoutSeconds` (D13); connection failures are 502, silence is 504.
     pub async fn send(

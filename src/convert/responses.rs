@@ -302,37 +302,38 @@ impl ResponsesAccumulator {
         };
         match kind {
             "output_item.added" | "output_item.done" => self.output_item(kind, event),
-            "content_part.added" | "content_part.done" => {
-                let Some(index) = sub_index(event.content_index) else {
+            "content_part.added"
+            | "content_part.done"
+            | "reasoning_summary_part.added"
+            | "reasoning_summary_part.done" => {
+                // Message content parts and reasoning summary parts differ only in which
+                // index names them and which list of the item they fill.
+                let summary = kind.starts_with("reasoning");
+                let raw_index = if summary {
+                    event.summary_index
+                } else {
+                    event.content_index
+                };
+                let Some(index) = sub_index(raw_index) else {
                     self.unplaced_delta = true;
                     return;
                 };
                 let Some(part) = event.part.filter(|raw| is_object(raw)) else {
                     return;
                 };
-                if let Some(slot) = self.slot(event, "message") {
-                    let state = slot.content.entry(index).or_insert_with(PartState::default);
-                    if kind.ends_with("added") {
-                        state.added = Some(part.to_owned());
+                let item_type = if summary { "reasoning" } else { "message" };
+                if let Some(slot) = self.slot(event, item_type) {
+                    let parts = if summary {
+                        &mut slot.summary
                     } else {
-                        state.done = Some(part.to_owned());
-                    }
-                }
-            }
-            "reasoning_summary_part.added" | "reasoning_summary_part.done" => {
-                let Some(index) = sub_index(event.summary_index) else {
-                    self.unplaced_delta = true;
-                    return;
-                };
-                let Some(part) = event.part.filter(|raw| is_object(raw)) else {
-                    return;
-                };
-                if let Some(slot) = self.slot(event, "reasoning") {
-                    let state = slot.summary.entry(index).or_insert_with(PartState::default);
+                        &mut slot.content
+                    };
+                    let state = parts.entry(index).or_default();
+                    let part = Some(part.to_owned());
                     if kind.ends_with("added") {
-                        state.added = Some(part.to_owned());
+                        state.added = part;
                     } else {
-                        state.done = Some(part.to_owned());
+                        state.done = part;
                     }
                 }
             }
