@@ -58,6 +58,13 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let signals = match ShutdownSignals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let server = match Server::bind(&config, &client).await {
         Ok(server) => server,
         Err(e) => {
@@ -73,7 +80,7 @@ async fn run(config: Config) -> ExitCode {
     for (rule, addr) in config.rules.iter().zip(server.local_addrs()) {
         tracing::info!(listen = %addr, upstream = %rule.upstream, convert = rule.options.convert, "proxy rule");
     }
-    server.run(shutdown_signal(), DEFAULT_DRAIN).await;
+    server.run(signals.received(), DEFAULT_DRAIN).await;
     ExitCode::SUCCESS
 }
 
@@ -96,26 +103,43 @@ fn init_logging() {
         .init();
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGINT/SIGTERM, registered before the proxy announces readiness: a signal that arrives
+/// between "listening" and the first poll of a lazily created handler would otherwise get
+/// the default action and kill the process mid-request.
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the proxy");
-                let _ = ctrl_c.await;
-            }
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> std::io::Result<ShutdownSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(ShutdownSignals {
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(ShutdownSignals {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    async fn received(mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.terminate.recv() => {}
+                _ = self.interrupt.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
