@@ -7,7 +7,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use http::Method;
+use http::{HeaderValue, Method};
 
 use crate::route::Mode;
 
@@ -34,6 +34,8 @@ pub struct AccessLog {
     bytes: u64,
     outcome: Outcome,
     convert: Option<ConvertSummary>,
+    request_id: Option<HeaderValue>,
+    upstream_request_id: Option<HeaderValue>,
     /// Filled by a conversion that finishes after its response was committed (keep-alive).
     convert_later: Option<Arc<OnceLock<ConvertSummary>>>,
 }
@@ -57,6 +59,8 @@ impl AccessLog {
             bytes: 0,
             outcome: Outcome::Streaming,
             convert: None,
+            request_id: None,
+            upstream_request_id: None,
             convert_later: None,
         }
     }
@@ -71,6 +75,15 @@ impl AccessLog {
 
     pub fn set_convert(&mut self, summary: ConvertSummary) {
         self.convert = Some(summary);
+    }
+
+    pub fn set_request_id(&mut self, id: HeaderValue) {
+        self.request_id = Some(id);
+    }
+
+    /// The id the upstream gave the request (its `x-request-id` response header).
+    pub fn set_upstream_request_id(&mut self, id: HeaderValue) {
+        self.upstream_request_id = Some(id);
     }
 
     pub fn set_convert_later(&mut self, slot: Arc<OnceLock<ConvertSummary>>) {
@@ -118,6 +131,8 @@ impl Drop for AccessLog {
             path = %self.path,
             mode = %self.mode.as_str(),
             status = self.status,
+            request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).map(tracing::field::display),
+            upstream_request_id = self.upstream_request_id.as_ref().and_then(|v| v.to_str().ok()).map(tracing::field::display),
             duration_ms = format_args!("{duration_ms:.2}"),
             bytes = self.bytes,
             outcome = %outcome,

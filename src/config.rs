@@ -10,8 +10,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::fmt;
+
+use http::{HeaderName, HeaderValue};
 use serde_json::{Map, Value};
 
+use crate::headers::HOP_BY_HOP;
 use crate::upstream::UpstreamUrl;
 
 /// Default wait for upstream response headers and longest upstream silence (B2).
@@ -30,6 +34,8 @@ pub struct Config {
     /// Where it was loaded from, for messages.
     pub source: PathBuf,
     pub rules: Vec<Rule>,
+    /// Where the admin endpoints (`/metrics`, `/healthz`) listen; off when `None`.
+    pub admin_listen: Option<SocketAddr>,
     /// Keys the file had that this version does not know, as key paths.
     pub unknown_keys: Vec<String>,
 }
@@ -55,6 +61,9 @@ pub struct RuleOptions {
     pub max_response_bytes: u64,
     /// Largest WebSocket message either side may send (D20); larger ones close with 1009.
     pub max_websocket_message_bytes: u64,
+    /// Headers set (or replaced) on every upstream request, e.g. an `authorization` key so
+    /// clients need none. Values are marked sensitive and never logged.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Default for RuleOptions {
@@ -66,33 +75,58 @@ impl Default for RuleOptions {
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_websocket_message_bytes: DEFAULT_MAX_WEBSOCKET_MESSAGE_BYTES,
+            headers: Vec::new(),
         }
     }
 }
 
-/// A config problem: which file, and what is wrong with it.
-#[derive(Debug, thiserror::Error)]
-#[error("{}: {problem}", path.display())]
+/// Everything wrong with a config file: which file, and each problem with its key path.
+#[derive(Debug)]
 pub struct ConfigError {
     pub path: PathBuf,
-    pub problem: String,
+    /// One entry per problem, each naming its key path (or JSON line and column).
+    pub problems: Vec<String>,
 }
+
+/// One line per problem, each naming the file.
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: {problem}", self.path.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read(path).map_err(|e| ConfigError {
             path: path.to_path_buf(),
-            problem: format!("cannot read config file: {e}"),
+            problems: vec![format!("cannot read config file: {e}")],
         })?;
         Config::parse(path, &text)
     }
 
-    /// Validates `text` as if it had been read from `path`.
+    /// Validates `text` as if it had been read from `path`, collecting every problem.
     pub fn parse(path: &Path, text: &[u8]) -> Result<Config, ConfigError> {
+        Config::parse_with_env(path, text, &|name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::parse`], with `${VAR}` references in header values resolved by `env`.
+    pub fn parse_with_env(
+        path: &Path,
+        text: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let fail = |problem: String| ConfigError {
             path: path.to_path_buf(),
-            problem,
+            problems: vec![problem],
         };
         let root: Value = serde_json::from_slice(text).map_err(|e| {
             fail(format!(
@@ -106,162 +140,283 @@ impl Config {
             .as_object()
             .ok_or_else(|| fail("the top level must be a JSON object".into()))?;
 
-        let mut unknown_keys = Vec::new();
+        let mut check = Checker {
+            problems: Vec::new(),
+            unknown_keys: Vec::new(),
+            env,
+        };
         let mut defaults = RuleOptions::default();
+        let mut admin_listen = None;
         for (key, value) in root {
             match key.as_str() {
                 "rules" => {}
-                _ if apply_option(&mut defaults, key, value, key).map_err(&fail)? => {}
-                _ => unknown_keys.push(key.clone()),
+                "adminListen" => admin_listen = check.socket_address(value, key),
+                _ if check.option(&mut defaults, key, value, key) => {}
+                _ => check.unknown_keys.push(key.clone()),
             }
         }
 
-        let rules =
-            match root.get("rules") {
-                None => return Err(fail(
-                    "`rules` is missing: add at least one {\"listenPort\", \"upstreamUrl\"} rule"
-                        .into(),
-                )),
-                Some(Value::Array(rules)) if rules.is_empty() => {
-                    return Err(fail(
-                        "`rules` is empty: add at least one {\"listenPort\", \"upstreamUrl\"} rule"
-                            .into(),
-                    ))
-                }
-                Some(Value::Array(rules)) => rules,
-                Some(other) => {
-                    return Err(fail(format!(
-                        "`rules` must be an array, found {}",
-                        kind(other)
-                    )))
-                }
-            };
+        let no_rules = "add at least one {\"listenPort\", \"upstreamUrl\"} rule";
+        let rules: &[Value] = match root.get("rules") {
+            None => {
+                check.problem(format!("`rules` is missing: {no_rules}"));
+                &[]
+            }
+            Some(Value::Array(rules)) if rules.is_empty() => {
+                check.problem(format!("`rules` is empty: {no_rules}"));
+                &[]
+            }
+            Some(Value::Array(rules)) => rules,
+            Some(other) => {
+                check.problem(format!("`rules` must be an array, found {}", kind(other)));
+                &[]
+            }
+        };
 
-        let mut parsed = Vec::with_capacity(rules.len());
-        let mut seen: Vec<SocketAddr> = Vec::with_capacity(rules.len());
+        let mut parsed: Vec<Rule> = Vec::with_capacity(rules.len());
         for (i, rule) in rules.iter().enumerate() {
             let at = format!("rules[{i}]");
-            let rule = rule
-                .as_object()
-                .ok_or_else(|| fail(format!("{at} must be an object, found {}", kind(rule))))?;
-            let parsed_rule = parse_rule(rule, &at, &defaults, &mut unknown_keys).map_err(&fail)?;
+            let Some(rule) = rule.as_object() else {
+                check.problem(format!("{at} must be an object, found {}", kind(rule)));
+                continue;
+            };
+            let Some(rule) = check.rule(rule, &at, &defaults) else {
+                continue;
+            };
             // The unspecified address covers every interface, so it clashes with any other
             // address on the same port; the OS would refuse the second bind anyway.
-            let listen = parsed_rule.listen;
-            if let Some(earlier) = seen.iter().position(|other| {
+            let listen = rule.listen;
+            if let Some(earlier) = parsed.iter().position(|other| {
+                let other = other.listen;
                 other.port() == listen.port()
                     && (other.ip() == listen.ip()
                         || other.ip().is_unspecified()
                         || listen.ip().is_unspecified())
             }) {
-                return Err(fail(format!(
+                check.problem(format!(
                     "{at}.listenPort: {} is already used by rules[{earlier}]",
                     listen.port()
-                )));
+                ));
+                continue;
             }
-            seen.push(listen);
-            parsed.push(parsed_rule);
+            parsed.push(rule);
+        }
+        if let Some(admin) = admin_listen {
+            if let Some(clash) = parsed.iter().position(|r| {
+                r.listen.port() == admin.port()
+                    && (r.listen.ip() == admin.ip()
+                        || r.listen.ip().is_unspecified()
+                        || admin.ip().is_unspecified())
+            }) {
+                check.problem(format!(
+                    "adminListen: port {} is already used by rules[{clash}]",
+                    admin.port()
+                ));
+            }
         }
 
+        if !check.problems.is_empty() {
+            return Err(ConfigError {
+                path: path.to_path_buf(),
+                problems: check.problems,
+            });
+        }
         Ok(Config {
             source: path.to_path_buf(),
             rules: parsed,
-            unknown_keys,
+            admin_listen,
+            unknown_keys: check.unknown_keys,
         })
     }
 }
 
-fn parse_rule(
-    rule: &Map<String, Value>,
-    at: &str,
-    defaults: &RuleOptions,
-    unknown_keys: &mut Vec<String>,
-) -> Result<Rule, String> {
-    let mut options = defaults.clone();
-    for (key, value) in rule {
-        let key_path = format!("{at}.{key}");
-        match key.as_str() {
-            "listenPort" | "listenAddress" | "upstreamUrl" => {}
-            _ if apply_option(&mut options, key, value, &key_path)? => {}
-            _ => unknown_keys.push(key_path),
-        }
-    }
-
-    let port = match rule.get("listenPort") {
-        None => return Err(format!("{at}.listenPort is missing")),
-        Some(v) => match v.as_u64() {
-            Some(p) if (1..=65535).contains(&p) => p as u16,
-            _ if v.is_number() => return Err(format!("{at}.listenPort: {v} is outside 1-65535")),
-            _ => {
-                return Err(format!(
-                    "{at}.listenPort must be a number, found {}",
-                    kind(v)
-                ))
-            }
-        },
-    };
-    let address = match rule.get("listenAddress") {
-        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        Some(Value::String(s)) => s
-            .parse::<IpAddr>()
-            .map_err(|_| format!("{at}.listenAddress: {s:?} is not an IP address"))?,
-        Some(other) => {
-            return Err(format!(
-                "{at}.listenAddress must be a string, found {}",
-                kind(other)
-            ))
-        }
-    };
-    let upstream = match rule.get("upstreamUrl") {
-        None => return Err(format!("{at}.upstreamUrl is missing")),
-        Some(Value::String(s)) => {
-            UpstreamUrl::parse(s).map_err(|e| format!("{at}.upstreamUrl: {e}"))?
-        }
-        Some(other) => {
-            return Err(format!(
-                "{at}.upstreamUrl must be a string, found {}",
-                kind(other)
-            ))
-        }
-    };
-    Ok(Rule {
-        listen: SocketAddr::new(address, port),
-        upstream,
-        options,
-    })
+/// Walks the raw JSON, recording every problem instead of stopping at the first.
+struct Checker<'a> {
+    problems: Vec<String>,
+    unknown_keys: Vec<String>,
+    env: &'a dyn Fn(&str) -> Option<String>,
 }
 
-/// Applies a key that may appear both at the top level (the default for every rule) and
-/// in a rule (an override). Returns `Ok(false)` when `key` is not such an option.
-fn apply_option(
-    options: &mut RuleOptions,
-    key: &str,
-    value: &Value,
-    key_path: &str,
-) -> Result<bool, String> {
-    match key {
-        "timeoutSeconds" => options.timeout = positive_seconds(value, key_path)?,
-        "keepAliveSeconds" => {
-            options.keep_alive = match value {
-                Value::Null => None,
-                v => Some(positive_seconds(v, key_path)?),
+impl Checker<'_> {
+    fn problem(&mut self, problem: String) {
+        self.problems.push(problem);
+    }
+
+    /// Records `result`'s error, if any, and hands back its value.
+    fn take<T>(&mut self, result: Result<T, String>) -> Option<T> {
+        result.map_err(|p| self.problem(p)).ok()
+    }
+
+    fn socket_address(&mut self, value: &Value, key_path: &str) -> Option<SocketAddr> {
+        let result = match value {
+            Value::String(s) => s.parse::<SocketAddr>().map_err(|_| {
+                format!("{key_path}: {s:?} is not an address:port such as \"127.0.0.1:9090\"")
+            }),
+            other => Err(format!(
+                "{key_path} must be a string, found {}",
+                kind(other)
+            )),
+        };
+        self.take(result)
+    }
+
+    fn rule(
+        &mut self,
+        rule: &Map<String, Value>,
+        at: &str,
+        defaults: &RuleOptions,
+    ) -> Option<Rule> {
+        let mut options = defaults.clone();
+        for (key, value) in rule {
+            let key_path = format!("{at}.{key}");
+            match key.as_str() {
+                "listenPort" | "listenAddress" | "upstreamUrl" => {}
+                _ if self.option(&mut options, key, value, &key_path) => {}
+                _ => self.unknown_keys.push(key_path),
             }
         }
-        "convert" => {
-            options.convert = value
-                .as_bool()
-                .ok_or_else(|| format!("{key_path} must be true or false, found {}", kind(value)))?
-        }
-        "maxRequestBodyBytes" => {
-            options.max_request_body_bytes = positive_integer(value, key_path)?
-        }
-        "maxResponseBytes" => options.max_response_bytes = positive_integer(value, key_path)?,
-        "maxWebSocketMessageBytes" => {
-            options.max_websocket_message_bytes = positive_integer(value, key_path)?
-        }
-        _ => return Ok(false),
+        let port = self.take(listen_port(rule.get("listenPort"), at));
+        let address = self.take(listen_address(rule.get("listenAddress"), at));
+        let upstream = self.take(upstream_url(rule.get("upstreamUrl"), at));
+        Some(Rule {
+            listen: SocketAddr::new(address?, port?),
+            upstream: upstream?,
+            options,
+        })
     }
-    Ok(true)
+
+    /// Applies a key that may appear both at the top level (the default for every rule) and
+    /// in a rule (an override). Returns `false` when `key` is not such an option.
+    fn option(
+        &mut self,
+        options: &mut RuleOptions,
+        key: &str,
+        value: &Value,
+        key_path: &str,
+    ) -> bool {
+        let result =
+            match key {
+                "timeoutSeconds" => positive_seconds(value, key_path).map(|v| options.timeout = v),
+                "keepAliveSeconds" => match value {
+                    Value::Null => {
+                        options.keep_alive = None;
+                        Ok(())
+                    }
+                    v => positive_seconds(v, key_path).map(|v| options.keep_alive = Some(v)),
+                },
+                "convert" => value.as_bool().map(|v| options.convert = v).ok_or_else(|| {
+                    format!("{key_path} must be true or false, found {}", kind(value))
+                }),
+                "maxRequestBodyBytes" => {
+                    positive_integer(value, key_path).map(|v| options.max_request_body_bytes = v)
+                }
+                "maxResponseBytes" => {
+                    positive_integer(value, key_path).map(|v| options.max_response_bytes = v)
+                }
+                "maxWebSocketMessageBytes" => positive_integer(value, key_path)
+                    .map(|v| options.max_websocket_message_bytes = v),
+                "headers" => headers(value, key_path, self.env).map(|v| options.headers = v),
+                _ => return false,
+            };
+        self.take(result);
+        true
+    }
+}
+
+fn listen_port(value: Option<&Value>, at: &str) -> Result<u16, String> {
+    match value {
+        None => Err(format!("{at}.listenPort is missing")),
+        Some(v) => match v.as_u64() {
+            Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
+            _ if v.is_number() => Err(format!("{at}.listenPort: {v} is outside 1-65535")),
+            _ => Err(format!(
+                "{at}.listenPort must be a number, found {}",
+                kind(v)
+            )),
+        },
+    }
+}
+
+fn listen_address(value: Option<&Value>, at: &str) -> Result<IpAddr, String> {
+    match value {
+        None => Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        Some(Value::String(s)) => s
+            .parse::<IpAddr>()
+            .map_err(|_| format!("{at}.listenAddress: {s:?} is not an IP address")),
+        Some(other) => Err(format!(
+            "{at}.listenAddress must be a string, found {}",
+            kind(other)
+        )),
+    }
+}
+
+fn upstream_url(value: Option<&Value>, at: &str) -> Result<UpstreamUrl, String> {
+    match value {
+        None => Err(format!("{at}.upstreamUrl is missing")),
+        Some(Value::String(s)) => {
+            UpstreamUrl::parse(s).map_err(|e| format!("{at}.upstreamUrl: {e}"))
+        }
+        Some(other) => Err(format!(
+            "{at}.upstreamUrl must be a string, found {}",
+            kind(other)
+        )),
+    }
+}
+
+/// `headers`: an object of header name → value set on every upstream request of the rule.
+/// `${NAME}` in a value is replaced by the environment variable at load time, so secrets
+/// stay out of the file; a missing variable is an error, never an empty credential.
+fn headers(
+    value: &Value,
+    key_path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let Value::Object(map) = value else {
+        return Err(format!(
+            "{key_path} must be an object of header names to values, found {}",
+            kind(value)
+        ));
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (name, raw) in map {
+        let at = format!("{key_path}.{name}");
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("{at}: {name:?} is not a valid header name"))?;
+        if HOP_BY_HOP.contains(&header) || header == http::header::HOST {
+            return Err(format!(
+                "{at}: {name} is managed by the proxy and cannot be set"
+            ));
+        }
+        let Value::String(raw) = raw else {
+            return Err(format!("{at} must be a string, found {}", kind(raw)));
+        };
+        let expanded = expand_env(raw, env)
+            .map_err(|missing| format!("{at}: environment variable {missing} is not set"))?;
+        let mut header_value = HeaderValue::from_str(&expanded)
+            .map_err(|_| format!("{at}: the value contains characters not allowed in a header"))?;
+        header_value.set_sensitive(true);
+        out.push((header, header_value));
+    }
+    Ok(out)
+}
+
+/// Replaces each `${NAME}` with the variable's value; `Err(NAME)` for the first missing one.
+fn expand_env(raw: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let name = &after[..end];
+        out.push_str(&env(name).ok_or_else(|| name.to_owned())?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 fn positive_integer(value: &Value, key_path: &str) -> Result<u64, String> {
@@ -387,6 +542,78 @@ mod tests {
             r#"{"rules":[{"listenPort":1,"upstreamUrl":"http://a","listenAddress":"nope"}]}"#
         )
         .contains("not an IP address"));
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_key_path() {
+        let err = parse(
+            r#"{"timeoutSeconds":0,"adminListen":"nope","rules":[{"listenPort":0,"upstreamUrl":"ftp://x"},
+                {"upstreamUrl":"http://a","convert":"yes"}]}"#,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 6, "{text}");
+        for needle in [
+            "config.json: timeoutSeconds must be a positive integer",
+            "config.json: adminListen:",
+            "config.json: rules[0].listenPort: 0 is outside 1-65535",
+            "config.json: rules[0].upstreamUrl:",
+            "config.json: rules[1].convert must be true or false",
+            "config.json: rules[1].listenPort is missing",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+        assert_eq!(text.lines().count(), 6);
+    }
+
+    #[test]
+    fn headers_expand_environment_variables_and_refuse_missing_ones() {
+        let env = |name: &str| (name == "KEY").then(|| "sk-live".to_owned());
+        let text = br#"{"headers":{"x-team":"a"},"rules":[{"listenPort":1,"upstreamUrl":"http://a",
+            "headers":{"authorization":"Bearer ${KEY}","x-static":"v"}},{"listenPort":2,"upstreamUrl":"http://b"}]}"#;
+        let config = Config::parse_with_env(Path::new("c.json"), text, &env).unwrap();
+        let first: Vec<(&str, &[u8])> = config.rules[0]
+            .options
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(
+            first,
+            vec![
+                ("authorization", &b"Bearer sk-live"[..]),
+                ("x-static", &b"v"[..])
+            ]
+        );
+        assert!(config.rules[0].options.headers[0].1.is_sensitive());
+        assert_eq!(
+            config.rules[1].options.headers.len(),
+            1,
+            "top-level headers are the default"
+        );
+
+        let missing = br#"{"rules":[{"listenPort":1,"upstreamUrl":"http://a","headers":{"authorization":"Bearer ${NOPE}"}}]}"#;
+        let err = Config::parse_with_env(Path::new("c.json"), missing, &env).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("rules[0].headers.authorization: environment variable NOPE is not set"),
+            "{err}"
+        );
+        let hop = br#"{"rules":[{"listenPort":1,"upstreamUrl":"http://a","headers":{"connection":"close"}}]}"#;
+        assert!(Config::parse_with_env(Path::new("c.json"), hop, &env).is_err());
+    }
+
+    #[test]
+    fn admin_listen_is_validated_and_must_not_clash_with_a_rule() {
+        let ok = parse(r#"{"adminListen":"127.0.0.1:9090","rules":[{"listenPort":1,"upstreamUrl":"http://a"}]}"#).unwrap();
+        assert_eq!(ok.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        let clash = problem(
+            r#"{"adminListen":"127.0.0.1:1","rules":[{"listenPort":1,"upstreamUrl":"http://a"}]}"#,
+        );
+        assert!(
+            clash.contains("adminListen: port 1 is already used by rules[0]"),
+            "{clash}"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! - [`body`]: the response body type, idle timeouts.
 //! - [`error`]: the one mapping from failure to status and OpenAI error envelope.
 //! - [`access_log`]: one log line per request.
+//! - [`request_id`]: the id that follows a request through every log.
 
 pub mod access_log;
 pub mod body;
@@ -27,6 +28,7 @@ pub mod convert;
 pub mod error;
 pub mod headers;
 pub mod passthrough;
+pub mod request_id;
 pub mod route;
 pub mod server;
 pub mod service;

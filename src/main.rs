@@ -1,11 +1,13 @@
-//! The daemon: arguments → config → listeners → serve until SIGINT/SIGTERM.
+//! The daemon: arguments → config → listeners → serve until SIGINT/SIGTERM, reloading the
+//! config on SIGHUP.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
-use openai_stream_proxy::server::DEFAULT_DRAIN;
+use clap::{Parser, ValueEnum};
+use openai_stream_proxy::server::{Control, DEFAULT_DRAIN};
 use openai_stream_proxy::{ClientOptions, Config, Server, UpstreamClient};
+use tokio::sync::mpsc;
 
 /// Converts non-streaming OpenAI Chat Completions and Responses calls into upstream
 /// streams and answers with one JSON body; passes everything else through unchanged.
@@ -20,21 +22,40 @@ struct Args {
         default_value = "config.json"
     )]
     config_file: PathBuf,
+
+    /// Validate the configuration, print the resolved rules and exit (0 when valid, 1 with
+    /// every problem listed); no port is bound.
+    #[arg(long)]
+    check: bool,
+
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging();
+    init_logging(args.log_format);
 
     let config = match Config::load(&args.config_file) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("error: {e}");
+            for line in e.to_string().lines() {
+                eprintln!("error: {line}");
+            }
             return ExitCode::FAILURE;
         }
     };
-    for key in &config.unknown_keys {
-        tracing::warn!(file = %config.source.display(), key = %key, "unknown config key ignored");
+    warn_about(&config);
+    if args.check {
+        print_resolved(&config);
+        return ExitCode::SUCCESS;
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -47,10 +68,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, args.config_file))
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, path: PathBuf) -> ExitCode {
     let client = match ClientOptions::from_env().and_then(UpstreamClient::new) {
         Ok(client) => client,
         Err(e) => {
@@ -58,7 +79,7 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let signals = match ShutdownSignals::install() {
+    let signals = match Signals::install() {
         Ok(signals) => signals,
         Err(e) => {
             eprintln!("error: cannot install signal handlers: {e}");
@@ -80,12 +101,86 @@ async fn run(config: Config) -> ExitCode {
     for (rule, addr) in config.rules.iter().zip(server.local_addrs()) {
         tracing::info!(listen = %addr, upstream = %rule.upstream, convert = rule.options.convert, "proxy rule");
     }
-    server.run(signals.received(), DEFAULT_DRAIN).await;
+
+    let (control, control_rx) = mpsc::channel(4);
+    let Signals {
+        shutdown,
+        mut reload,
+    } = signals;
+    let reloader = tokio::spawn(async move {
+        while reload.next().await {
+            match Config::load(&path) {
+                Ok(config) => {
+                    warn_about(&config);
+                    if control.send(Control::Reload(config)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let problems = e.problems.join("; ");
+                    tracing::error!(file = %path.display(), %problems, "config reload rejected; the running config keeps serving");
+                }
+            }
+        }
+    });
+    server
+        .run_with_control(shutdown.received(), control_rx, DEFAULT_DRAIN)
+        .await;
+    reloader.abort();
     ExitCode::SUCCESS
 }
 
+/// Warnings about a valid config: keys we do not know, and credentials injected on a
+/// port that other machines can reach.
+fn warn_about(config: &Config) {
+    for key in &config.unknown_keys {
+        tracing::warn!(file = %config.source.display(), key = %key, "unknown config key ignored");
+    }
+    for rule in &config.rules {
+        let injects_credentials = rule.options.headers.iter().any(|(name, _)| {
+            let name = name.as_str();
+            name == "authorization" || name.contains("api-key") || name.contains("token")
+        });
+        if injects_credentials && !rule.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %rule.listen,
+                "this rule adds credentials to upstream requests and listens on a non-loopback address: anyone who can reach it uses your key"
+            );
+        }
+    }
+}
+
+/// `--check`: the resolved rules, one per line, never a header value.
+fn print_resolved(config: &Config) {
+    println!(
+        "{}: valid, {} rule(s)",
+        config.source.display(),
+        config.rules.len()
+    );
+    if let Some(admin) = config.admin_listen {
+        println!("  admin endpoints on {admin}");
+    }
+    for rule in &config.rules {
+        let o = &rule.options;
+        let headers: Vec<&str> = o.headers.iter().map(|(name, _)| name.as_str()).collect();
+        println!(
+            "  {} -> {} (convert: {}, timeout: {} s, keep-alive: {}, max request body: {} B, max response: {} B, max WebSocket message: {} B, injected headers: {})",
+            rule.listen,
+            rule.upstream,
+            if o.convert { "on" } else { "off" },
+            o.timeout.as_secs(),
+            o.keep_alive.map_or("off".to_owned(), |d| format!("{} s", d.as_secs())),
+            o.max_request_body_bytes,
+            o.max_response_bytes,
+            o.max_websocket_message_bytes,
+            if headers.is_empty() { "none".to_owned() } else { headers.join(", ") },
+        );
+    }
+}
+
 /// `RUST_LOG` wins; the reference's `LOG_LEVEL` is honoured when it is unset (D23).
-fn init_logging() {
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("RUST_LOG")
         .ok()
@@ -97,15 +192,23 @@ fn init_logging() {
         })
         .and_then(|v| EnvFilter::try_new(v).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
-/// SIGINT/SIGTERM, registered before the proxy announces readiness: a signal that arrives
+/// Signal handlers, registered before the proxy announces readiness: a signal that arrives
 /// between "listening" and the first poll of a lazily created handler would otherwise get
 /// the default action and kill the process mid-request.
+struct Signals {
+    shutdown: ShutdownSignals,
+    reload: ReloadSignal,
+}
+
 struct ShutdownSignals {
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
@@ -113,22 +216,38 @@ struct ShutdownSignals {
     interrupt: tokio::signal::unix::Signal,
 }
 
-impl ShutdownSignals {
-    fn install() -> std::io::Result<ShutdownSignals> {
+/// SIGHUP; never fires where there is no such signal.
+struct ReloadSignal {
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
-            Ok(ShutdownSignals {
-                terminate: signal(SignalKind::terminate())?,
-                interrupt: signal(SignalKind::interrupt())?,
+            Ok(Signals {
+                shutdown: ShutdownSignals {
+                    terminate: signal(SignalKind::terminate())?,
+                    interrupt: signal(SignalKind::interrupt())?,
+                },
+                reload: ReloadSignal {
+                    hangup: signal(SignalKind::hangup())?,
+                },
             })
         }
         #[cfg(not(unix))]
         {
-            Ok(ShutdownSignals {})
+            Ok(Signals {
+                shutdown: ShutdownSignals {},
+                reload: ReloadSignal {},
+            })
         }
     }
+}
 
+impl ShutdownSignals {
     async fn received(mut self) {
         #[cfg(unix)]
         {
@@ -140,6 +259,20 @@ impl ShutdownSignals {
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+impl ReloadSignal {
+    /// `true` for each SIGHUP.
+    async fn next(&mut self) -> bool {
+        #[cfg(unix)]
+        {
+            self.hangup.recv().await.is_some()
+        }
+        #[cfg(not(unix))]
+        {
+            std::future::pending::<bool>().await
         }
     }
 }

@@ -5,19 +5,24 @@
 //! Every listener is bound before any is served, so a port in use fails the whole start with
 //! nothing left listening. On shutdown the accept loops stop, every connection is told to
 //! finish its in-flight requests (HTTP/1 closes after the current response, HTTP/2 sends
-//! GOAWAY), and the server waits for them up to the drain limit.
+//! GOAWAY), and the server waits for them up to the drain limit. A reload does the same for
+//! the rules it removes, while the others keep serving.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, Rule};
 use crate::service::ProxyService;
 use crate::upstream::UpstreamClient;
 
@@ -36,9 +41,57 @@ pub enum ServeError {
     },
 }
 
+/// Whether the server is serving: ready once every listener is bound and accepting, and
+/// draining from the moment shutdown begins. Cheap to clone; read by the health endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct Health(Arc<HealthState>);
+
+#[derive(Debug, Default)]
+struct HealthState {
+    ready: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Health {
+    /// Every listener is accepting and shutdown has not begun.
+    pub fn is_ready(&self) -> bool {
+        self.0.ready.load(Ordering::Acquire) && !self.is_draining()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.load(Ordering::Acquire)
+    }
+}
+
+/// Instructions to a running server.
+#[derive(Debug)]
+pub enum Control {
+    /// Apply a new configuration: new rules start listening, removed rules stop accepting
+    /// and drain, kept rules take their new upstream and options for new requests.
+    Reload(Config),
+}
+
 /// Bound listeners, ready to serve.
 pub struct Server {
-    listeners: Vec<(TcpListener, ProxyService)>,
+    listeners: Vec<Bound>,
+    client: Option<UpstreamClient>,
+    health: Health,
+}
+
+struct Bound {
+    /// The configured address (the key a reload matches rules by).
+    key: SocketAddr,
+    listener: TcpListener,
+    service: ProxyService,
+}
+
+/// A listener being served.
+struct Serving {
+    service: ProxyService,
+    stop: watch::Sender<bool>,
+    /// Resolves once the listening socket is closed (new connections refused).
+    closed: oneshot::Receiver<()>,
+    task: JoinHandle<()>,
 }
 
 impl Server {
@@ -52,60 +105,219 @@ impl Server {
                 port: rule.listen.port(),
                 source,
             })?;
-            let service =
-                ProxyService::new(rule.upstream.clone(), rule.options.clone(), client.clone())
-                    .with_port_label(rule.listen.port());
-            listeners.push((listener, service));
+            let service = service_for(rule, client);
+            listeners.push(Bound {
+                key: rule.listen,
+                listener,
+                service,
+            });
         }
-        Ok(Server { listeners })
+        Ok(Server {
+            listeners,
+            client: Some(client.clone()),
+            health: Health::default(),
+        })
     }
 
     /// Serves already-bound listeners (tests and embedders bind `127.0.0.1:0` themselves).
+    /// Such a server cannot bind new rules on reload.
     pub fn from_listeners(listeners: Vec<(TcpListener, ProxyService)>) -> Server {
-        Server { listeners }
+        let listeners = listeners
+            .into_iter()
+            .filter_map(|(listener, service)| {
+                let key = listener.local_addr().ok()?;
+                Some(Bound {
+                    key,
+                    listener,
+                    service,
+                })
+            })
+            .collect();
+        Server {
+            listeners,
+            client: None,
+            health: Health::default(),
+        }
     }
 
     /// The addresses actually bound, in rule order.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|(l, _)| l.local_addr().ok())
+            .filter_map(|b| b.listener.local_addr().ok())
             .collect()
+    }
+
+    /// The server's health, for an admin endpoint.
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// Serves until `shutdown` resolves, then drains for at most `drain`.
     pub async fn run(self, shutdown: impl Future<Output = ()>, drain: Duration) {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let graceful = GracefulShutdown::new();
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30));
-        builder.http2().timer(TokioTimer::new());
+        let (_keep, control) = mpsc::channel(1);
+        self.run_with_control(shutdown, control, drain).await
+    }
 
-        {
-            let accept_loops = self.listeners.into_iter().map(|(listener, service)| {
-                accept_loop(listener, service, &builder, &graceful, stop_rx.clone())
-            });
-            let serving = futures_util::future::join_all(accept_loops);
-            tokio::pin!(serving);
+    /// Serves, applying [`Control`] messages, until `shutdown` resolves; then every
+    /// listener stops accepting and its connections drain for at most `drain`.
+    pub async fn run_with_control(
+        self,
+        shutdown: impl Future<Output = ()>,
+        mut control: mpsc::Receiver<Control>,
+        drain: Duration,
+    ) {
+        let builder = Arc::new(connection_builder());
+        let mut serving: HashMap<SocketAddr, Serving> = HashMap::new();
+        let mut retired: Vec<JoinHandle<()>> = Vec::new();
+        for bound in self.listeners {
+            let started = serve(bound.listener, bound.service, builder.clone(), drain);
+            serving.insert(bound.key, started);
+        }
+        self.health.0.ready.store(true, Ordering::Release);
+
+        tokio::pin!(shutdown);
+        loop {
             tokio::select! {
-                _ = &mut serving => {}
-                _ = shutdown => {
-                    tracing::info!("shutting down: no new connections, draining in-flight requests for up to {} s", drain.as_secs());
-                    let _ = stop_tx.send(true);
-                    serving.await;
-                }
+                _ = &mut shutdown => break,
+                message = control.recv() => match message {
+                    Some(Control::Reload(config)) => {
+                        let client = self.client.as_ref();
+                        reload(config, client, &builder, &mut serving, &mut retired, drain).await;
+                    }
+                    None => {
+                        // No one can send reloads any more; serve until shutdown.
+                        (&mut shutdown).await;
+                        break;
+                    }
+                },
             }
         }
+
+        self.health.0.draining.store(true, Ordering::Release);
+        tracing::info!(
+            "shutting down: no new connections, draining in-flight requests for up to {} s",
+            drain.as_secs()
+        );
+        for serving in serving.values() {
+            let _ = serving.stop.send(true);
+        }
+        let tasks = serving.into_values().map(|s| s.task).chain(retired);
+        futures_util::future::join_all(tasks).await;
+    }
+}
+
+fn service_for(rule: &Rule, client: &UpstreamClient) -> ProxyService {
+    ProxyService::new(rule.upstream.clone(), rule.options.clone(), client.clone())
+        .with_port_label(rule.listen.port())
+}
+
+/// Applies a reloaded config to the running listeners.
+async fn reload(
+    config: Config,
+    client: Option<&UpstreamClient>,
+    builder: &Arc<auto::Builder<TokioExecutor>>,
+    serving: &mut HashMap<SocketAddr, Serving>,
+    retired: &mut Vec<JoinHandle<()>>,
+    drain: Duration,
+) {
+    let wanted: HashMap<SocketAddr, &Rule> = config.rules.iter().map(|r| (r.listen, r)).collect();
+    let (mut added, mut updated) = (0, 0);
+
+    // Removed rules first: their sockets must close before a new rule may take the port.
+    let removed: Vec<SocketAddr> = serving
+        .keys()
+        .filter(|key| !wanted.contains_key(key))
+        .copied()
+        .collect();
+    for key in &removed {
+        if let Some(old) = serving.remove(key) {
+            let _ = old.stop.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(5), old.closed).await;
+            retired.push(old.task);
+            tracing::info!(listen = %key, "rule removed: no longer accepting, draining its connections");
+        }
+    }
+
+    for rule in &config.rules {
+        if let Some(existing) = serving.get(&rule.listen) {
+            let current = existing.service.rule();
+            if current.upstream != rule.upstream || current.options != rule.options {
+                existing
+                    .service
+                    .update(rule.upstream.clone(), rule.options.clone());
+                updated += 1;
+                tracing::info!(listen = %rule.listen, upstream = %rule.upstream, "rule updated for new requests");
+            }
+            continue;
+        }
+        let Some(client) = client else {
+            tracing::error!(listen = %rule.listen, "cannot add a rule to a server built from listeners");
+            continue;
+        };
+        match listen(rule.listen) {
+            Ok(listener) => {
+                let started = serve(listener, service_for(rule, client), builder.clone(), drain);
+                serving.insert(rule.listen, started);
+                added += 1;
+                tracing::info!(listen = %rule.listen, upstream = %rule.upstream, convert = rule.options.convert, "proxy rule");
+            }
+            Err(e) => {
+                tracing::error!(listen = %rule.listen, error = %e, "cannot listen for a reloaded rule; it is not served");
+            }
+        }
+    }
+    tracing::info!(
+        file = %config.source.display(),
+        rules = serving.len(),
+        added,
+        removed = removed.len(),
+        updated,
+        "config reloaded"
+    );
+}
+
+fn connection_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Starts serving one listener in its own task; stopping it closes the socket, then drains
+/// that listener's connections for at most `drain`.
+fn serve(
+    listener: TcpListener,
+    service: ProxyService,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    drain: Duration,
+) -> Serving {
+    let (stop, stop_rx) = watch::channel(false);
+    let (closed_tx, closed) = oneshot::channel();
+    let task_service = service.clone();
+    let task = tokio::spawn(async move {
+        let graceful = GracefulShutdown::new();
+        let addr = listener.local_addr().ok();
+        accept_loop(&listener, &task_service, &builder, &graceful, stop_rx).await;
+        drop(listener);
+        let _ = closed_tx.send(());
         match tokio::time::timeout(drain, graceful.shutdown()).await {
-            Ok(()) => tracing::info!("all connections drained"),
+            Ok(()) => tracing::info!(listen = ?addr, "all connections drained"),
             Err(_) => tracing::warn!(
+                listen = ?addr,
                 "drain limit of {} s reached; closing remaining connections",
                 drain.as_secs()
             ),
         }
+    });
+    Serving {
+        service,
+        stop,
+        closed,
+        task,
     }
 }
 
@@ -122,8 +334,8 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
-    service: ProxyService,
+    listener: &TcpListener,
+    service: &ProxyService,
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
     mut stop: watch::Receiver<bool>,

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -24,7 +24,7 @@ use crate::config::RuleOptions;
 use crate::error::ProxyError;
 use crate::route::{route, Mode, Route};
 use crate::upstream::{BoxError, UpstreamBody, UpstreamClient, UpstreamUrl};
-use crate::{convert, passthrough, websocket};
+use crate::{convert, passthrough, request_id, websocket};
 
 /// Everything a handler needs to know about the rule a request arrived on.
 #[derive(Debug)]
@@ -68,49 +68,76 @@ impl RuleContext {
     }
 }
 
-/// The proxy for one upstream. Cheap to clone; clones share the rule and the client pool.
+/// The proxy for one upstream. Cheap to clone; clones share the rule, the client pool, and
+/// rule updates made through [`ProxyService::update`] (config reload), which apply to the
+/// next request, including on connections already open.
 #[derive(Debug, Clone)]
 pub struct ProxyService {
-    rule: Arc<RuleContext>,
+    slot: Arc<RwLock<Arc<RuleContext>>>,
 }
 
 impl ProxyService {
     /// A proxy that forwards every request to `upstream` with `options`, through `client`
     /// (share one client between services so they share its connection pool).
     pub fn new(upstream: UpstreamUrl, options: RuleOptions, client: UpstreamClient) -> Self {
+        let rule = RuleContext {
+            upstream,
+            options,
+            client,
+            port: 0,
+        };
         ProxyService {
-            rule: Arc::new(RuleContext {
-                upstream,
-                options,
-                client,
-                port: 0,
-            }),
+            slot: Arc::new(RwLock::new(Arc::new(rule))),
         }
     }
 
     /// Names the local port in log lines.
     pub fn with_port_label(self, port: u16) -> Self {
-        let rule = &*self.rule;
+        let rule = self.rule();
         ProxyService {
-            rule: Arc::new(RuleContext {
+            slot: Arc::new(RwLock::new(Arc::new(RuleContext {
                 upstream: rule.upstream.clone(),
                 options: rule.options.clone(),
                 client: rule.client.clone(),
                 port,
-            }),
+            }))),
         }
     }
 
-    /// The rule this service serves.
-    pub fn rule(&self) -> &RuleContext {
-        &self.rule
+    /// The rule requests are served with right now.
+    pub fn rule(&self) -> Arc<RuleContext> {
+        self.slot
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Replaces the upstream and options for every later request; requests already running
+    /// keep the rule they started with.
+    pub fn update(&self, upstream: UpstreamUrl, options: RuleOptions) {
+        let current = self.rule();
+        let next = Arc::new(RuleContext {
+            upstream,
+            options,
+            client: current.client.clone(),
+            port: current.port,
+        });
+        *self
+            .slot
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
     }
 
     /// Handles one request; every failure becomes an error response, never an `Err`.
     pub async fn handle(&self, request: Request<UpstreamBody>) -> Response<ProxyBody> {
         let started = Instant::now();
-        let rule = &*self.rule;
-        let (parts, body) = request.into_parts();
+        let rule = self.rule();
+        let (mut parts, body) = request.into_parts();
+        // Injected headers (e.g. the upstream's credentials) replace the client's own.
+        for (name, value) in &rule.options.headers {
+            parts.headers.insert(name.clone(), value.clone());
+        }
+        let request_id = request_id::ensure(&mut parts.headers);
         let mut log = AccessLog::new(
             rule.port,
             parts.method.clone(),
@@ -118,6 +145,7 @@ impl ProxyService {
             Mode::Passthrough,
             started,
         );
+        log.set_request_id(request_id);
         let routed = route(
             &parts.method,
             &parts.uri,
@@ -127,13 +155,13 @@ impl ProxyService {
         );
         let result = match routed {
             Err(e) => Err(e),
-            Ok(Route::Passthrough) => passthrough::forward(rule, parts, body).await,
+            Ok(Route::Passthrough) => passthrough::forward(&rule, parts, body).await,
             Ok(Route::ConvertCandidate(api)) => {
-                convert::handle(&self.rule, api, parts, body, &mut log).await
+                convert::handle(&rule, api, parts, body, &mut log).await
             }
             Ok(Route::WebSocket) => {
                 log.set_mode(Mode::WebSocket);
-                websocket::handle(&self.rule, parts, body).await
+                websocket::handle(&rule, parts, body).await
             }
         };
         let response = result.unwrap_or_else(|e| {
@@ -141,6 +169,9 @@ impl ProxyService {
             e.to_response()
         });
         log.set_status(response.status().as_u16());
+        if let Some(upstream_id) = response.headers().get(request_id::X_REQUEST_ID) {
+            log.set_upstream_request_id(upstream_id.clone());
+        }
         let (parts, body) = response.into_parts();
         Response::from_parts(parts, body.with_log(log))
     }

@@ -1,0 +1,52 @@
+//! Request ids: the client's `x-request-id` when it sent one, else a fresh id that also
+//! goes upstream, so one id follows a request through the client, this proxy's log and the
+//! upstream's.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A per-process prefix, so ids from two proxy processes (or a restart) do not collide.
+fn prefix() -> u32 {
+    static PREFIX: OnceLock<u32> = OnceLock::new();
+    *PREFIX.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
+        nanos ^ std::process::id().rotate_left(16)
+    })
+}
+
+/// The request's id, inserting a new one into `headers` when the client sent none.
+pub fn ensure(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(existing) = headers.get(X_REQUEST_ID) {
+        return existing.clone();
+    }
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let id = HeaderValue::from_str(&format!("osp-{:08x}{n:012x}", prefix()))
+        .unwrap_or_else(|_| HeaderValue::from_static("osp"));
+    headers.insert(X_REQUEST_ID, id.clone());
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_clients_id_and_makes_unique_ones_otherwise() {
+        let mut given = HeaderMap::new();
+        given.insert(X_REQUEST_ID, HeaderValue::from_static("client-1"));
+        assert_eq!(ensure(&mut given), "client-1");
+        let (mut a, mut b) = (HeaderMap::new(), HeaderMap::new());
+        let (id_a, id_b) = (ensure(&mut a), ensure(&mut b));
+        assert_ne!(id_a, id_b);
+        assert_eq!(a.get(X_REQUEST_ID), Some(&id_a));
+        assert!(id_a.to_str().unwrap().starts_with("osp-"));
+    }
+}
