@@ -9,6 +9,10 @@ use std::time::Instant;
 
 use http::{HeaderValue, Method};
 
+use crate::metrics::{
+    status_class, BytesLabels, Metrics, ModeLabel, ModeLabels, PortLabels, RequestLabels,
+    TerminalLabels, TokenLabels,
+};
 use crate::route::Mode;
 
 /// Conversion details for the log line.
@@ -18,6 +22,8 @@ pub struct ConvertSummary {
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
     pub total_tokens: Option<u64>,
+    pub cached_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
     /// Which fallback was used when the upstream refused the streaming form.
     pub fallback: Option<&'static str>,
 }
@@ -32,6 +38,7 @@ pub struct AccessLog {
     status: u16,
     started: Instant,
     bytes: u64,
+    request_bytes: u64,
     outcome: Outcome,
     convert: Option<ConvertSummary>,
     request_id: Option<HeaderValue>,
@@ -49,6 +56,10 @@ enum Outcome {
 
 impl AccessLog {
     pub fn new(port: u16, method: Method, path: &str, mode: Mode, started: Instant) -> Self {
+        Metrics::global()
+            .in_flight
+            .get_or_create(&PortLabels { port })
+            .inc();
         AccessLog {
             port,
             method,
@@ -57,6 +68,7 @@ impl AccessLog {
             status: 0,
             started,
             bytes: 0,
+            request_bytes: 0,
             outcome: Outcome::Streaming,
             convert: None,
             request_id: None,
@@ -90,6 +102,11 @@ impl AccessLog {
         self.convert_later = Some(slot);
     }
 
+    /// Request body bytes sent upstream.
+    pub fn set_request_bytes(&mut self, n: u64) {
+        self.request_bytes = n;
+    }
+
     pub fn add_bytes(&mut self, n: u64) {
         self.bytes += n;
     }
@@ -100,6 +117,68 @@ impl AccessLog {
 
     pub fn body_failed(&mut self, reason: String) {
         self.outcome = Outcome::Failed(reason);
+    }
+}
+
+impl AccessLog {
+    fn record_metrics(&self, seconds: f64) {
+        let metrics = Metrics::global();
+        let port = self.port;
+        let mode = ModeLabel::from(self.mode);
+        metrics.in_flight.get_or_create(&PortLabels { port }).dec();
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                port,
+                mode,
+                status_class: status_class(self.status),
+            })
+            .inc();
+        metrics
+            .request_duration
+            .get_or_create(&ModeLabels { port, mode })
+            .observe(seconds);
+        for (direction, n) in [
+            ("to_client", self.bytes),
+            ("to_upstream", self.request_bytes),
+        ] {
+            if n > 0 {
+                metrics
+                    .bytes
+                    .get_or_create(&BytesLabels {
+                        port,
+                        mode,
+                        direction,
+                    })
+                    .inc_by(n);
+            }
+        }
+        let Some(convert) = self.convert else { return };
+        metrics
+            .terminal
+            .get_or_create(&TerminalLabels {
+                port,
+                terminal: convert.terminal,
+            })
+            .inc();
+        let tokens = [
+            ("input", convert.input_tokens),
+            ("output", convert.output_tokens),
+            ("total", convert.total_tokens),
+            ("cached", convert.cached_tokens),
+            ("reasoning", convert.reasoning_tokens),
+        ];
+        for (token_type, n) in tokens {
+            if let Some(n) = n {
+                metrics
+                    .tokens
+                    .get_or_create(&TokenLabels { port, token_type })
+                    .inc_by(n);
+            }
+        }
+        if convert.fallback.is_some() {
+            metrics.upstream_error(port, "stream_fallback");
+        }
     }
 }
 
@@ -124,6 +203,7 @@ impl Drop for AccessLog {
                 .and_then(|slot| slot.get().copied());
         }
         let convert = self.convert.unwrap_or_default();
+        self.record_metrics(duration_ms / 1000.0);
         tracing::info!(
             target: "openai_stream_proxy::access",
             port = self.port,

@@ -72,6 +72,19 @@ impl ProxyError {
         }
     }
 
+    /// The upstream failure class for metrics; `None` for the client's own mistakes.
+    pub fn upstream_kind(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::UpstreamUnreachable { .. } => Some("connect"),
+            ProxyError::UpstreamTimeout { .. } => Some("timeout"),
+            ProxyError::UpstreamStream { .. } => Some("incomplete_stream"),
+            ProxyError::UpstreamReported(_) => Some("in_stream_error"),
+            ProxyError::BadRequest(_)
+            | ProxyError::RequestTooLarge { .. }
+            | ProxyError::RequestBody(_) => None,
+        }
+    }
+
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> StatusCode {
         self.classify().0

@@ -19,14 +19,18 @@
 //! - [`body`]: the response body type, idle timeouts.
 //! - [`error`]: the one mapping from failure to status and OpenAI error envelope.
 //! - [`access_log`]: one log line per request.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`admin`]: the `/metrics` and `/healthz` endpoints.
 //! - [`request_id`]: the id that follows a request through every log.
 
 pub mod access_log;
+pub mod admin;
 pub mod body;
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod headers;
+pub mod metrics;
 pub mod passthrough;
 pub mod request_id;
 pub mod route;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use openai_stream_proxy::server::{Control, DEFAULT_DRAIN};
-use openai_stream_proxy::{ClientOptions, Config, Server, UpstreamClient};
+use openai_stream_proxy::{admin, ClientOptions, Config, Server, UpstreamClient};
 use tokio::sync::mpsc;
 
 /// Converts non-streaming OpenAI Chat Completions and Responses calls into upstream
@@ -93,6 +93,29 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Admin endpoints keep answering while the proxy drains (healthz says 503 then), and
+    // stop with the process.
+    let admin = match config.admin_listen {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(listen = %addr, "admin endpoints /metrics and /healthz");
+                let health = server.health();
+                Some(tokio::spawn(admin::serve(
+                    listener,
+                    health,
+                    std::future::pending(),
+                )))
+            }
+            Err(e) => {
+                eprintln!(
+                    "error: {}: cannot listen on adminListen {addr}: {e}",
+                    config.source.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     tracing::info!(
         "loaded {} rule(s) from {}",
         config.rules.len(),
@@ -127,6 +150,9 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
         .run_with_control(shutdown.received(), control_rx, DEFAULT_DRAIN)
         .await;
     reloader.abort();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     ExitCode::SUCCESS
 }
 

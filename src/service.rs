@@ -22,6 +22,7 @@ use crate::access_log::AccessLog;
 use crate::body::ProxyBody;
 use crate::config::RuleOptions;
 use crate::error::ProxyError;
+use crate::metrics::{Metrics, PortLabels};
 use crate::route::{route, Mode, Route};
 use crate::upstream::{BoxError, UpstreamBody, UpstreamClient, UpstreamUrl};
 use crate::{convert, passthrough, request_id, websocket};
@@ -54,8 +55,15 @@ impl RuleContext {
         &self,
         request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let sent = Instant::now();
         match tokio::time::timeout(self.options.timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(response)) => {
+                Metrics::global()
+                    .upstream_headers
+                    .get_or_create(&PortLabels { port: self.port })
+                    .observe(sent.elapsed().as_secs_f64());
+                Ok(response)
+            }
             Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable {
                 upstream: self.upstream.to_string(),
                 reason: error_chain(&e),
@@ -146,6 +154,12 @@ impl ProxyService {
             started,
         );
         log.set_request_id(request_id);
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        log.set_request_bytes(declared.unwrap_or(0));
         let routed = route(
             &parts.method,
             &parts.uri,
@@ -165,6 +179,9 @@ impl ProxyService {
             }
         };
         let response = result.unwrap_or_else(|e| {
+            if let Some(kind) = e.upstream_kind() {
+                Metrics::global().upstream_error(rule.port, kind);
+            }
             tracing::warn!(port = rule.port, upstream = %rule.upstream, error = %e, "request failed");
             e.to_response()
         });

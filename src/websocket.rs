@@ -15,17 +15,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Response, StatusCode, Uri};
-use hyper::upgrade::OnUpgrade;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{error::ProtocolError, Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::body::ProxyBody;
@@ -80,34 +83,54 @@ pub async fn handle(
                 "request path cannot be appended to the upstream URL: {e}"
             ))
         })?;
-    let request = upstream_handshake(&connect_uri, &parts.headers)?;
+    let offers = subprotocol_offers(&parts.headers);
+    let key = generate_key();
+    let request = upstream_handshake(&connect_uri, &parts.headers, &offers, &key)?;
     let target = format!(
         "{}{}",
         rule.upstream.websocket_base(),
         parts.uri.path_and_query().map_or("/", |pq| pq.as_str())
     );
     let config = websocket_config(rule.options.max_websocket_message_bytes);
+    let failed = |reason: String| ProxyError::UpstreamUnreachable {
+        upstream: target.clone(),
+        reason,
+    };
 
+    // The whole opening handshake (connect, TLS, request, 101, hand-over of the connection)
+    // gets `timeoutSeconds`; the session after it has no deadline (D13).
     let handshake = async {
-        let stream = rule
+        let io = rule
             .client
             .connect_websocket(connect_uri.clone())
             .await
-            .map_err(|e| ProxyError::UpstreamUnreachable {
-                upstream: target.clone(),
-                reason: error_chain(&*e),
-            })?;
-        tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+            .map_err(|e| failed(error_chain(&*e)))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io.into_inner())
             .await
-            .map_err(|e| match e {
-                WsError::Http(response) => HandshakeFailure::Refused(response),
-                other => HandshakeFailure::Proxy(ProxyError::UpstreamUnreachable {
-                    upstream: target.clone(),
-                    reason: format!("WebSocket handshake failed: {other}"),
-                }),
-            })
+            .map_err(|e| failed(format!("WebSocket handshake failed: {}", error_chain(&e))))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream WebSocket handshake connection failed");
+            }
+        });
+        let mut response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| failed(format!("WebSocket handshake failed: {}", error_chain(&e))))?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(Handshake::Refused(response));
+        }
+        verify_upgrade(response.headers(), &key, &offers)
+            .map_err(|reason| failed(format!("WebSocket handshake failed: {reason}")))?;
+        let upgraded = hyper::upgrade::on(&mut response)
+            .await
+            .map_err(|e| failed(format!("WebSocket handshake failed: {}", error_chain(&e))))?;
+        Ok(Handshake::Upgraded(
+            response.into_parts().0.headers,
+            upgraded,
+        ))
     };
-    let (upstream, upstream_response) =
+    let (upstream_headers, upgraded) =
         match tokio::time::timeout(rule.options.timeout, handshake).await {
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout {
@@ -115,17 +138,21 @@ pub async fn handle(
                     seconds: rule.options.timeout.as_secs(),
                 });
             }
-            Ok(Err(HandshakeFailure::Proxy(e))) => return Err(e),
-            Ok(Err(HandshakeFailure::Refused(response))) => return Ok(relay_refusal(*response)),
-            Ok(Ok(connected)) => connected,
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(Handshake::Refused(response))) => {
+                return Ok(relay_refusal(response, rule.options.timeout));
+            }
+            Ok(Ok(Handshake::Upgraded(headers, upgraded))) => (headers, upgraded),
         };
+    let upstream =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, Some(config)).await;
 
     let mut response = Response::new(ProxyBody::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
-    // The upstream's own 101 headers (cookies, request ids) travel on, minus the
-    // per-connection handshake ones, which this leg answers itself.
-    let mut upstream_headers = upstream_response.headers().clone();
+    // The upstream's own 101 headers (its subprotocol choice, cookies, request ids) travel
+    // on, minus the per-connection handshake ones, which this leg answers itself.
+    let mut upstream_headers = upstream_headers;
     strip_hop_by_hop(&mut upstream_headers);
     for name in &WEBSOCKET_HANDSHAKE {
         upstream_headers.remove(name);
@@ -169,40 +196,46 @@ pub async fn handle(
     Ok(response)
 }
 
-enum HandshakeFailure {
-    Refused(Box<http::Response<Option<Vec<u8>>>>),
-    Proxy(ProxyError),
+/// How the upstream answered the opening handshake.
+enum Handshake {
+    /// Any status but 101: relayed to the client as it is.
+    Refused(Response<Incoming>),
+    /// A valid 101: its headers and the connection, now speaking WebSocket.
+    Upgraded(HeaderMap, Upgraded),
 }
 
-impl From<ProxyError> for HandshakeFailure {
-    fn from(e: ProxyError) -> Self {
-        HandshakeFailure::Proxy(e)
-    }
-}
-
-/// The upstream handshake request: the client's headers (credentials, `openai-beta`,
-/// cookies, `origin`, subprotocol offer) minus hop-by-hop and per-connection handshake
-/// headers, plus this leg's own handshake.
-fn upstream_handshake(
-    uri: &Uri,
-    client_headers: &HeaderMap,
-) -> Result<http::Request<()>, ProxyError> {
-    let mut headers = client_headers.clone();
-    strip_hop_by_hop(&mut headers);
-    for name in &WEBSOCKET_HANDSHAKE {
-        headers.remove(name);
-    }
-    headers.remove(header::HOST);
-    // Offers may come on several lines; the handshake library reads one.
-    let offers: Vec<&str> = client_headers
+/// The client's subprotocol offers, in order; they may come on several header lines.
+fn subprotocol_offers(headers: &HeaderMap) -> Vec<String> {
+    headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .collect();
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The upstream handshake request: the client's headers (credentials, `openai-beta`,
+/// cookies, `origin`, subprotocol offer) minus hop-by-hop and per-connection handshake
+/// headers, plus this leg's own handshake. The target is in origin form (`/path?query`):
+/// the connection already goes to the upstream (or through a CONNECT tunnel to it).
+fn upstream_handshake(
+    uri: &Uri,
+    client_headers: &HeaderMap,
+    offers: &[String],
+    key: &str,
+) -> Result<http::Request<Empty<Bytes>>, ProxyError> {
+    let mut headers = client_headers.clone();
+    strip_hop_by_hop(&mut headers);
+    for name in &WEBSOCKET_HANDSHAKE {
+        headers.remove(name);
+    }
+    headers.remove(header::HOST);
     headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
+    // A GET upgrade has no body; framing headers from the client would describe none.
+    headers.remove(header::CONTENT_LENGTH);
     if !offers.is_empty() {
         let joined = HeaderValue::from_str(&offers.join(", "))
             .map_err(|_| ProxyError::BadRequest("invalid Sec-WebSocket-Protocol".into()))?;
@@ -221,10 +254,11 @@ fn upstream_handshake(
     let bad = |e: http::Error| {
         ProxyError::BadRequest(format!("cannot build the upstream handshake: {e}"))
     };
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
     let mut request = http::Request::builder()
         .method(http::Method::GET)
-        .uri(uri.clone())
-        .body(())
+        .uri(target)
+        .body(Empty::new())
         .map_err(bad)?;
     *request.headers_mut() = headers;
     let h = request.headers_mut();
@@ -241,27 +275,66 @@ fn upstream_handshake(
     );
     h.insert(
         header::SEC_WEBSOCKET_KEY,
-        HeaderValue::from_str(&generate_key())
-            .map_err(|_| ProxyError::BadRequest("invalid key".into()))?,
+        HeaderValue::from_str(key).map_err(|_| ProxyError::BadRequest("invalid key".into()))?,
     );
     Ok(request)
 }
 
+/// RFC 6455 §4.1: the checks a client makes on a 101 before speaking WebSocket. A 101
+/// without a subprotocol although some were offered is accepted and relayed as it is:
+/// whether that is acceptable is the client's decision (browsers refuse it, others don't).
+fn verify_upgrade(headers: &HeaderMap, key: &str, offers: &[String]) -> Result<(), String> {
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Err("the upstream's 101 lacks `Upgrade: websocket`".into());
+    }
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return Err("the upstream's 101 lacks `Connection: upgrade`".into());
+    }
+    let expected = derive_accept_key(key.as_bytes());
+    if headers
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .map(|v| v.as_bytes())
+        != Some(expected.as_bytes())
+    {
+        return Err("the upstream's Sec-WebSocket-Accept does not match the key".into());
+    }
+    if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+        return Err("the upstream selected an extension although none was offered".into());
+    }
+    let mut chosen = headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter();
+    if let Some(protocol) = chosen.next() {
+        let offered = protocol
+            .to_str()
+            .is_ok_and(|p| offers.iter().any(|o| o == p.trim()));
+        if !offered || chosen.next().is_some() {
+            return Err(format!(
+                "the upstream selected subprotocol {protocol:?}, which the client did not offer"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
 /// The upstream refused the upgrade with an HTTP response: the client gets that status,
-/// headers and body instead of an upgrade (D19), so its own fallback logic can run.
-fn relay_refusal(refusal: http::Response<Option<Vec<u8>>>) -> Response<ProxyBody> {
+/// headers and body instead of an upgrade (D19), so its own fallback logic can run. The
+/// body streams through under the idle timeout, whatever its framing upstream.
+fn relay_refusal(refusal: Response<Incoming>, idle: Duration) -> Response<ProxyBody> {
     let (mut parts, body) = refusal.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     for name in &WEBSOCKET_HANDSHAKE {
         parts.headers.remove(name);
     }
-    let body = body.unwrap_or_default();
-    parts.headers.remove(header::TRANSFER_ENCODING);
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     parts.version = http::Version::HTTP_11;
-    Response::from_parts(parts, ProxyBody::full(body))
+    Response::from_parts(parts, ProxyBody::upstream(body, idle))
 }
 
 /// Buffers sized for many idle sessions: small read buffers that grow on demand, no write
@@ -401,6 +474,19 @@ where
             let _ = upstream_tx.close().await;
             report.client_close = await_close(&mut client_rx).await;
         }
+        // An upstream message over the cap closes both legs with 1009 (D20); the reason
+        // tells the client it was not its own message.
+        Side::Upstream(Ending::ReadFailed(error)) if matches!(error, WsError::Capacity(_)) => {
+            report.proxy_close = Some(1009);
+            let reason = format!("upstream {}", client_error_reason(&error));
+            let _ = upstream_tx
+                .send(Message::Close(Some(close_frame(CloseCode::Size, &reason))))
+                .await;
+            let _ = client_tx
+                .send(Message::Close(Some(close_frame(CloseCode::Size, &reason))))
+                .await;
+            report.client_close = await_close(&mut client_rx).await;
+        }
         Side::Upstream(Ending::ReadFailed(_))
         | Side::Upstream(Ending::Eof)
         | Side::Client(Ending::WriteFailed) => {
@@ -459,6 +545,8 @@ fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
 fn client_error_close(error: &WsError) -> Option<CloseCode> {
     match error {
         WsError::Capacity(_) => Some(CloseCode::Size),
+        // TCP closed without a close frame: there is nobody left to tell.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
         WsError::Protocol(_) => Some(CloseCode::Protocol),
         WsError::Utf8(_) => Some(CloseCode::Invalid),
         _ => None,

@@ -64,6 +64,7 @@ pub async fn handle(
         }
     };
     log.set_mode(Mode::Convert);
+    log.set_request_bytes(converted.len() as u64);
 
     let conversion = Conversion {
         rule: rule.clone(),
@@ -461,6 +462,8 @@ fn summary(aggregate: &Aggregate, fallback: Option<&'static str>) -> ConvertSumm
         input_tokens: usage.input,
         output_tokens: usage.output,
         total_tokens: usage.total,
+        cached_tokens: usage.cached,
+        reasoning_tokens: usage.reasoning,
         fallback,
     }
 }

@@ -1,0 +1,247 @@
+//! Prometheus metrics, exposed by the admin endpoint.
+//!
+//! `prometheus-client` (the Prometheus project's own Rust client) formats the exposition
+//! text, so the output follows the OpenMetrics spec without hand-written formatting. Most
+//! values are recorded in one place, when a request's access log is written; the rest where
+//! only that code knows them (time to upstream headers, WebSocket sessions).
+//!
+//! Token counters follow the OpenTelemetry GenAI `gen_ai.client.token.usage` idea: one
+//! series per token type (`input`, `output`, `total`, `cached`, `reasoning`).
+
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::route::Mode;
+
+/// `mode` label values.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ModeLabel {
+    passthrough,
+    convert,
+    websocket,
+}
+
+impl From<Mode> for ModeLabel {
+    fn from(mode: Mode) -> Self {
+        match mode {
+            Mode::Passthrough => ModeLabel::passthrough,
+            Mode::Convert => ModeLabel::convert,
+            Mode::WebSocket => ModeLabel::websocket,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub port: u16,
+    pub mode: ModeLabel,
+    pub status_class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    pub port: u16,
+    pub mode: ModeLabel,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub port: u16,
+    pub mode: ModeLabel,
+    /// `to_client` or `to_upstream`.
+    pub direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub port: u16,
+    /// `input`, `output`, `total`, `cached`, `reasoning`.
+    pub token_type: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TerminalLabels {
+    pub port: u16,
+    pub terminal: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub port: u16,
+    /// `connect`, `timeout`, `incomplete_stream`, `in_stream_error`, `stream_fallback`.
+    pub kind: &'static str,
+}
+
+/// Every metric the proxy keeps.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<ModeLabels, Histogram>,
+    pub upstream_headers: Family<PortLabels, Histogram>,
+    pub in_flight: Family<PortLabels, Gauge>,
+    pub websocket_sessions: Family<PortLabels, Gauge>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub terminal: Family<TerminalLabels, Counter>,
+    pub upstream_errors: Family<ErrorLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~27 min: from a local passthrough to a reasoning model thinking for minutes.
+    Histogram::new(exponential_buckets(0.0001, 2.5, 18))
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("openai_stream_proxy");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "Requests by rule port, mode and status class",
+            requests.clone(),
+        );
+        let request_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "request_duration",
+            "Time from request to the end of the response body",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        let upstream_headers = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "upstream_time_to_headers",
+            "Time from sending a request upstream to its response headers",
+            Unit::Seconds,
+            upstream_headers.clone(),
+        );
+        let in_flight = Family::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests whose response has not ended",
+            in_flight.clone(),
+        );
+        let websocket_sessions = Family::default();
+        registry.register(
+            "websocket_sessions_open",
+            "Open proxied WebSocket sessions",
+            websocket_sessions.clone(),
+        );
+        let bytes = Family::default();
+        registry.register_with_unit(
+            "body",
+            "Body bytes relayed, by direction (request bytes as declared by content-length, or the converted body)",
+            Unit::Bytes,
+            bytes.clone(),
+        );
+        let tokens = Family::default();
+        registry.register(
+            "converted_tokens",
+            "Token usage reported by converted responses, by token type (gen_ai.client.token.usage)",
+            tokens.clone(),
+        );
+        let terminal = Family::default();
+        registry.register(
+            "converted_terminal",
+            "Converted streams by the event that ended them",
+            terminal.clone(),
+        );
+        let upstream_errors = Family::default();
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by kind",
+            upstream_errors.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_headers,
+            in_flight,
+            websocket_sessions,
+            bytes,
+            tokens,
+            terminal,
+            upstream_errors,
+        }
+    }
+
+    /// The process-wide metrics.
+    pub fn global() -> &'static Metrics {
+        static METRICS: OnceLock<Metrics> = OnceLock::new();
+        METRICS.get_or_init(Metrics::new)
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Counts an upstream failure.
+    pub fn upstream_error(&self, port: u16, kind: &'static str) {
+        self.upstream_errors
+            .get_or_create(&ErrorLabels { port, kind })
+            .inc();
+    }
+}
+
+/// `2xx`, `4xx`, … for a status code.
+pub fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_uses_prometheus_naming() {
+        let metrics = Metrics::global();
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                port: 1,
+                mode: ModeLabel::convert,
+                status_class: "2xx",
+            })
+            .inc();
+        metrics.upstream_error(1, "timeout");
+        let text = metrics.encode();
+        assert!(text.contains("openai_stream_proxy_requests_total{port=\"1\",mode=\"convert\",status_class=\"2xx\"}"), "{text}");
+        assert!(
+            text.contains("openai_stream_proxy_upstream_errors_total{port=\"1\",kind=\"timeout\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE openai_stream_proxy_request_duration_seconds histogram"),
+            "{text}"
+        );
+    }
+}
