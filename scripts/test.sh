@@ -7,3 +7,4 @@ cd "$(dirname "$0")/.."
 cargo build --locked
 cargo test --locked --all-targets
 bash scripts/sdk-e2e.sh
+bash scripts/node-e2e.sh

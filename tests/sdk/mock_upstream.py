@@ -237,3 +237,91 @@ class MockUpstream:
         with self._lock:
             return list(self._records.get(request_id, []))
 
+
+
+# --- command line (for suites in other languages, e.g. tests/node) ------------------------------
+#
+# Additive only: nothing above depends on it, and importing this module (as the Python suite does)
+# never runs it.
+
+
+class _JsonLinesRecordingMock(MockUpstream):
+    """A MockUpstream that also appends every request, as one JSON line, to a file."""
+
+    def __init__(self, fixtures_dir: Path | None, records_path: Path) -> None:
+        super().__init__(fixtures_dir)
+        self._records_file = open(records_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
+
+    def _record(self, request_id: str | None, record: Recorded) -> None:
+        import base64
+
+        super()._record(request_id, record)
+        line = json.dumps(
+            {
+                "request_id": request_id,
+                "method": record.method,
+                "path": record.path,
+                "headers": record.headers,
+                "body_base64": base64.b64encode(record.body).decode("ascii"),
+                "json": record.json,
+            }
+        )
+        with self._lock:
+            # Written and flushed before the response is sent, so a client that has its answer
+            # can read the line.
+            self._records_file.write(line + "\n")
+            self._records_file.flush()
+
+    def stop(self) -> None:
+        super().stop()
+        with self._lock:
+            self._records_file.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serves until stdin reaches EOF (the parent closed it or died) or SIGTERM/SIGINT.
+
+    Prints one JSON line ``{"url": ..., "port": ...}`` on stdout once listening on 127.0.0.1:0.
+    ``--inline-dir``: every regular file in it is registered as ``inline:<file name>``.
+    ``--records``: every request is appended there as a JSON line (``request_id``, ``method``,
+    ``path``, ``headers``, ``body_base64``, ``json``).
+    """
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(description="Mock upstream that replays SSE bodies.")
+    parser.add_argument("--fixtures", type=Path, help="fixtures directory (ignored when absent)")
+    parser.add_argument("--inline-dir", type=Path, help="files to register as inline:<name>")
+    parser.add_argument("--records", type=Path, required=True, help="JSON-lines file for requests")
+    args = parser.parse_args(argv)
+
+    fixtures = args.fixtures if args.fixtures is not None and args.fixtures.is_dir() else None
+    mock = _JsonLinesRecordingMock(fixtures, args.records)
+    if args.inline_dir is not None:
+        for path in sorted(args.inline_dir.iterdir()):
+            if path.is_file():
+                mock.register(path.name, path.read_bytes())
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def wait_for_stdin_eof() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        finally:
+            stop.set()
+
+    mock.start()
+    threading.Thread(target=wait_for_stdin_eof, daemon=True).start()
+    print(json.dumps({"url": mock.url, "port": mock.port}), flush=True)
+    while not stop.wait(0.5):
+        pass
+    mock.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
