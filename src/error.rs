@@ -111,6 +111,11 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        // After a malformed or oversized request the rest of the connection's bytes cannot
+        // be trusted to start a new request: close it.
+        if self.upstream_kind().is_none() {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }

@@ -59,6 +59,22 @@ pub fn route(
             "absolute-form request targets are not accepted; send the path only".into(),
         ));
     }
+    if version == Version::HTTP_11 && !headers.contains_key(header::HOST) {
+        return Err(ProxyError::BadRequest(
+            "HTTP/1.1 requests must carry a Host header (RFC 9112 §3.2)".into(),
+        ));
+    }
+    // A message with both framings is the classic smuggling vector (RFC 9112 §6.1: "ought
+    // to be handled as an error"); the parser let Transfer-Encoding win, but the request is
+    // refused rather than forwarded with a framing some other hop may read differently.
+    if version < Version::HTTP_2
+        && headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return Err(ProxyError::BadRequest(
+            "Content-Length together with Transfer-Encoding is not accepted".into(),
+        ));
+    }
     if is_websocket_upgrade(method, version, headers) {
         return Ok(Route::WebSocket);
     }
@@ -96,6 +112,7 @@ mod tests {
 
     fn json_headers() -> HeaderMap {
         let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("proxy.local"));
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -138,6 +155,23 @@ mod tests {
             route(&Method::POST, &uri, Version::HTTP_11, &h, true).unwrap(),
             Route::ConvertCandidate(Api::Responses)
         );
+    }
+
+    #[test]
+    fn ambiguous_framing_and_missing_host_are_refused() {
+        let uri: Uri = "/v1/files".parse().unwrap();
+        let mut h = json_headers();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("4"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        assert!(route(&Method::POST, &uri, Version::HTTP_11, &h, true).is_err());
+        h.remove(header::TRANSFER_ENCODING);
+        assert!(route(&Method::POST, &uri, Version::HTTP_11, &h, true).is_ok());
+        h.remove(header::HOST);
+        assert!(route(&Method::POST, &uri, Version::HTTP_11, &h, true).is_err());
+        assert!(route(&Method::POST, &uri, Version::HTTP_10, &h, true).is_ok());
     }
 
     #[test]
