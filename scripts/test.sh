@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --locked
+bash scripts/lint-packaging.sh
 cargo test --locked --all-targets
 bash scripts/sdk-e2e.sh
 bash scripts/node-e2e.sh
