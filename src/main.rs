@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use clap::{Parser, ValueEnum};
 use openai_stream_proxy::server::{Control, DEFAULT_DRAIN};
@@ -47,7 +48,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => {
             for line in e.to_string().lines() {
-                eprintln!("error: {line}");
+                fail(line);
             }
             return ExitCode::FAILURE;
         }
@@ -64,7 +65,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            fail(format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -75,21 +76,21 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
     let client = match ClientOptions::from_env().and_then(UpstreamClient::new) {
         Ok(client) => client,
         Err(e) => {
-            eprintln!("error: {e}");
+            fail(e);
             return ExitCode::FAILURE;
         }
     };
     let signals = match Signals::install() {
         Ok(signals) => signals,
         Err(e) => {
-            eprintln!("error: cannot install signal handlers: {e}");
+            fail(format!("cannot install signal handlers: {e}"));
             return ExitCode::FAILURE;
         }
     };
     let server = match Server::bind(&config, &client).await {
         Ok(server) => server,
         Err(e) => {
-            eprintln!("error: {}: {e}", config.source.display());
+            fail(format!("{}: {e}", config.source.display()));
             return ExitCode::FAILURE;
         }
     };
@@ -108,10 +109,10 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
                 )))
             }
             Err(e) => {
-                eprintln!(
-                    "error: {}: cannot listen on adminListen {addr}: {e}",
+                fail(format!(
+                    "{}: cannot listen on adminListen {addr}: {e}",
                     config.source.display()
-                );
+                ));
                 return ExitCode::FAILURE;
             }
         },
@@ -130,11 +131,15 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
         shutdown,
         mut reload,
     } = signals;
+    let admin_listen = config.admin_listen;
     let reloader = tokio::spawn(async move {
         while reload.next().await {
             match Config::load(&path) {
                 Ok(config) => {
                     warn_about(&config);
+                    if config.admin_listen != admin_listen {
+                        tracing::warn!("adminListen changed; it takes effect at the next restart");
+                    }
                     if control.send(Control::Reload(config)).await.is_err() {
                         return;
                     }
@@ -204,10 +209,35 @@ fn print_resolved(config: &Config) {
     }
 }
 
+/// The `--log-format` in use, for the lines written outside the logger.
+static LOG_FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
+/// A fatal start-up error on stderr, never filtered by the log level: `error: …` in text
+/// format, one JSON object like the logger's in JSON format (so every line parses).
+fn fail(message: impl std::fmt::Display) {
+    match LOG_FORMAT.get() {
+        Some(LogFormat::Json) => {
+            use tracing_subscriber::fmt::format::Writer;
+            use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+            let mut timestamp = String::new();
+            let _ = SystemTime.format_time(&mut Writer::new(&mut timestamp));
+            let line = serde_json::json!({
+                "timestamp": timestamp,
+                "level": "ERROR",
+                "message": message.to_string(),
+                "target": "openai_stream_proxy",
+            });
+            eprintln!("{line}");
+        }
+        _ => eprintln!("error: {message}"),
+    }
+}
+
 /// `RUST_LOG` wins; the reference's `LOG_LEVEL` is honoured when it is unset (D23).
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    let _ = LOG_FORMAT.set(format);
     let filter = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.is_empty())

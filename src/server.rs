@@ -20,7 +20,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::{Config, Rule};
 use crate::service::ProxyService;
@@ -230,14 +230,22 @@ async fn reload(
         .filter(|key| !wanted.contains_key(key))
         .copied()
         .collect();
+    retired.retain(|task| !task.is_finished());
+    let mut closing = Vec::with_capacity(removed.len());
     for key in &removed {
         if let Some(old) = serving.remove(key) {
             let _ = old.stop.send(true);
-            let _ = tokio::time::timeout(Duration::from_secs(5), old.closed).await;
+            closing.push(old.closed);
             retired.push(old.task);
             tracing::info!(listen = %key, "rule removed: no longer accepting, draining its connections");
         }
     }
+    // All removed sockets close concurrently; a new rule may then take one of their ports.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures_util::future::join_all(closing),
+    )
+    .await;
 
     for rule in &config.rules {
         if let Some(existing) = serving.get(&rule.listen) {
@@ -300,17 +308,31 @@ fn serve(
     let task_service = service.clone();
     let task = tokio::spawn(async move {
         let graceful = GracefulShutdown::new();
+        let mut connections = JoinSet::new();
         let addr = listener.local_addr().ok();
-        accept_loop(&listener, &task_service, &builder, &graceful, stop_rx).await;
+        accept_loop(
+            &listener,
+            &task_service,
+            &builder,
+            &graceful,
+            &mut connections,
+            stop_rx,
+        )
+        .await;
         drop(listener);
         let _ = closed_tx.send(());
         match tokio::time::timeout(drain, graceful.shutdown()).await {
             Ok(()) => tracing::info!(listen = ?addr, "all connections drained"),
-            Err(_) => tracing::warn!(
-                listen = ?addr,
-                "drain limit of {} s reached; closing remaining connections",
-                drain.as_secs()
-            ),
+            Err(_) => {
+                tracing::warn!(
+                    listen = ?addr,
+                    remaining = connections.len(),
+                    "drain limit of {} s reached; closing remaining connections",
+                    drain.as_secs()
+                );
+                // Graceful shutdown only asks; after the limit the connections are cut.
+                connections.shutdown().await;
+            }
         }
     });
     Serving {
@@ -338,10 +360,13 @@ async fn accept_loop(
     service: &ProxyService,
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
+    connections: &mut JoinSet<()>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
+        // Reap finished connection tasks so the set holds only live ones.
+        while connections.try_join_next().is_some() {}
         let accepted = tokio::select! {
             biased;
             _ = stop.wait_for(|stop| *stop) => return,
@@ -357,7 +382,7 @@ async fn accept_loop(
                     .serve_connection_with_upgrades(TokioIo::new(stream), service.clone())
                     .into_owned();
                 let connection = graceful.watch(connection);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(e) = connection.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }

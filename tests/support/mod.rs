@@ -395,3 +395,4 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut out)).await;
     out
 }
+pub mod daemon;
