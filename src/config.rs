@@ -25,6 +25,9 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 64 * 1024 * 1024;
 /// Default cap on the bytes of one aggregated upstream stream.
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Default limit on receiving a request head (slow-loris protection).
+pub const DEFAULT_HEADER_READ_TIMEOUT_SECONDS: u64 = 30;
+
 /// Default cap on one WebSocket message (D20).
 pub const DEFAULT_MAX_WEBSOCKET_MESSAGE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -36,6 +39,9 @@ pub struct Config {
     pub rules: Vec<Rule>,
     /// Where the admin endpoints (`/metrics`, `/healthz`) listen; off when `None`.
     pub admin_listen: Option<SocketAddr>,
+    /// Longest time a client may take to send a request head (and longest idle time of a
+    /// kept-alive connection): slow-loris clients are closed after it.
+    pub header_read_timeout: Duration,
     /// Keys the file had that this version does not know, as key paths.
     pub unknown_keys: Vec<String>,
 }
@@ -147,10 +153,16 @@ impl Config {
         };
         let mut defaults = RuleOptions::default();
         let mut admin_listen = None;
+        let mut header_read_timeout = Duration::from_secs(DEFAULT_HEADER_READ_TIMEOUT_SECONDS);
         for (key, value) in root {
             match key.as_str() {
                 "rules" => {}
                 "adminListen" => admin_listen = check.socket_address(value, key),
+                "headerReadTimeoutSeconds" => {
+                    if let Some(t) = check.take(positive_seconds(value, key)) {
+                        header_read_timeout = t;
+                    }
+                }
                 _ if check.option(&mut defaults, key, value, key) => {}
                 _ => check.unknown_keys.push(key.clone()),
             }
@@ -225,6 +237,7 @@ impl Config {
             source: path.to_path_buf(),
             rules: parsed,
             admin_listen,
+            header_read_timeout,
             unknown_keys: check.unknown_keys,
         })
     }

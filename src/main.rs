@@ -191,6 +191,10 @@ fn print_resolved(config: &Config) {
     if let Some(admin) = config.admin_listen {
         println!("  admin endpoints on {admin}");
     }
+    println!(
+        "  request heads must arrive within {} s",
+        config.header_read_timeout.as_secs()
+    );
     for rule in &config.rules {
         let o = &rule.options;
         let headers: Vec<&str> = o.headers.iter().map(|(name, _)| name.as_str()).collect();

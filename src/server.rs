@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::config::{Config, Rule};
+use crate::config::{Config, Rule, DEFAULT_HEADER_READ_TIMEOUT_SECONDS};
 use crate::service::ProxyService;
 use crate::upstream::UpstreamClient;
 
@@ -76,6 +76,7 @@ pub struct Server {
     listeners: Vec<Bound>,
     client: Option<UpstreamClient>,
     health: Health,
+    header_read_timeout: Duration,
 }
 
 struct Bound {
@@ -116,6 +117,7 @@ impl Server {
             listeners,
             client: Some(client.clone()),
             health: Health::default(),
+            header_read_timeout: config.header_read_timeout,
         })
     }
 
@@ -137,7 +139,14 @@ impl Server {
             listeners,
             client: None,
             health: Health::default(),
+            header_read_timeout: Duration::from_secs(DEFAULT_HEADER_READ_TIMEOUT_SECONDS),
         }
+    }
+
+    /// Sets how long a client may take to send a request head.
+    pub fn with_header_read_timeout(mut self, timeout: Duration) -> Server {
+        self.header_read_timeout = timeout;
+        self
     }
 
     /// The addresses actually bound, in rule order.
@@ -167,7 +176,7 @@ impl Server {
         mut control: mpsc::Receiver<Control>,
         drain: Duration,
     ) {
-        let builder = Arc::new(connection_builder());
+        let builder = Arc::new(connection_builder(self.header_read_timeout));
         let mut serving: HashMap<SocketAddr, Serving> = HashMap::new();
         let mut retired: Vec<JoinHandle<()>> = Vec::new();
         for bound in self.listeners {
@@ -285,12 +294,12 @@ async fn reload(
     );
 }
 
-fn connection_builder() -> auto::Builder<TokioExecutor> {
+fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(header_read_timeout);
     builder.http2().timer(TokioTimer::new());
     builder
 }

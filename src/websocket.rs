@@ -40,6 +40,9 @@ use crate::upstream::UpstreamBody;
 /// How long a close handshake may take once one side has closed.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a client the proxy closed for cause may take to hang up.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// The close reason a client sees when the upstream vanished without a close frame.
 pub const ABNORMAL_UPSTREAM_REASON: &str = "upstream websocket disconnected abnormally";
 
@@ -86,11 +89,8 @@ pub async fn handle(
     let offers = subprotocol_offers(&parts.headers);
     let key = generate_key();
     let request = upstream_handshake(&connect_uri, &parts.headers, &offers, &key)?;
-    let target = format!(
-        "{}{}",
-        rule.upstream.websocket_base(),
-        parts.uri.path_and_query().map_or("/", |pq| pq.as_str())
-    );
+    // Named in errors and logs without the query, which may carry a credential.
+    let target = format!("{}{}", rule.upstream.websocket_base(), parts.uri.path());
     let config = websocket_config(rule.options.max_websocket_message_bytes);
     let failed = |reason: String| ProxyError::UpstreamUnreachable {
         upstream: target.clone(),
@@ -175,13 +175,16 @@ pub async fn handle(
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let client = WebSocketStream::from_raw_socket(
+                let mut client = WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     Role::Server,
                     Some(config),
                 )
                 .await;
-                let report = pump(client, upstream).await;
+                let report = pump(&mut client, upstream).await;
+                if report.proxy_close.is_some() {
+                    linger(client.get_mut()).await;
+                }
                 session.log(&report);
             }
             Err(e) => {
@@ -474,17 +477,22 @@ where
             let _ = upstream_tx.close().await;
             report.client_close = await_close(&mut client_rx).await;
         }
-        // An upstream message over the cap closes both legs with 1009 (D20); the reason
-        // tells the client it was not its own message.
-        Side::Upstream(Ending::ReadFailed(error)) if matches!(error, WsError::Capacity(_)) => {
-            report.proxy_close = Some(1009);
-            let reason = format!("upstream {}", client_error_reason(&error));
+        // An upstream that broke the protocol or the size cap is told why (best effort).
+        // An oversized message closes the client with 1009 too (D20), the reason saying it
+        // was the upstream's; anything else is an abnormal end for the client (1011).
+        Side::Upstream(Ending::ReadFailed(error)) if client_error_close(&error).is_some() => {
+            let code = client_error_close(&error).unwrap_or(CloseCode::Error);
+            let reason = short_reason(format!("upstream {error}"));
             let _ = upstream_tx
-                .send(Message::Close(Some(close_frame(CloseCode::Size, &reason))))
+                .send(Message::Close(Some(close_frame(code, &reason))))
                 .await;
-            let _ = client_tx
-                .send(Message::Close(Some(close_frame(CloseCode::Size, &reason))))
-                .await;
+            let to_client = if code == CloseCode::Size {
+                close_frame(CloseCode::Size, &reason)
+            } else {
+                close_frame(CloseCode::Error, ABNORMAL_UPSTREAM_REASON)
+            };
+            report.proxy_close = Some(u16::from(to_client.code));
+            let _ = client_tx.send(Message::Close(Some(to_client))).await;
             report.client_close = await_close(&mut client_rx).await;
         }
         Side::Upstream(Ending::ReadFailed(_))
@@ -506,6 +514,23 @@ where
 enum Side {
     Client(Ending),
     Upstream(Ending),
+}
+
+/// After the proxy closed a client for cause (oversized or malformed input, upstream gone),
+/// the client may still be sending. Closing the socket with unread data would make the
+/// kernel answer with a reset that can destroy the close frame before the client reads it,
+/// so half-close and discard input until the client hangs up (bounded), as HTTP servers do.
+async fn linger<S>(io: &mut S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let drain = async {
+        let _ = io.shutdown().await;
+        let mut sink = [0u8; 8192];
+        while let Ok(1..) = io.read(&mut sink).await {}
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// Waits (bounded) for the peer's close frame after we sent ours, discarding data.
@@ -554,8 +579,11 @@ fn client_error_close(error: &WsError) -> Option<CloseCode> {
 }
 
 fn client_error_reason(error: &WsError) -> String {
-    let mut reason = error.to_string();
-    // A close reason must fit in a control frame (123 bytes).
+    short_reason(error.to_string())
+}
+
+/// A close reason must fit in a control frame (125 bytes with the code).
+fn short_reason(mut reason: String) -> String {
     while reason.len() > 120 {
         reason.pop();
     }
@@ -576,7 +604,7 @@ impl Session {
             target: "openai_stream_proxy::access",
             port = self.port,
             path = %self.path,
-            upstream = %self.upstream.split('?').next().unwrap_or_default(),
+            upstream = %self.upstream,
             duration_ms = format_args!("{:.2}", self.started.elapsed().as_secs_f64() * 1000.0),
             frames_to_upstream = report.to_upstream.frames,
             bytes_to_upstream = report.to_upstream.bytes,
@@ -587,5 +615,106 @@ impl Session {
             proxy_close = report.proxy_close,
             "websocket session"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade_101(key: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_str(&derive_accept_key(key.as_bytes())).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn a_valid_101_passes_with_or_without_a_subprotocol() {
+        let key = generate_key();
+        let offers = vec!["realtime".to_owned(), "openai-beta.realtime-v1".to_owned()];
+        assert_eq!(verify_upgrade(&upgrade_101(&key), &key, &offers), Ok(()));
+        let mut chosen = upgrade_101(&key);
+        chosen.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("realtime"),
+        );
+        assert_eq!(verify_upgrade(&chosen, &key, &offers), Ok(()));
+    }
+
+    #[test]
+    fn a_101_that_breaks_rfc_6455_is_refused() {
+        let key = generate_key();
+        let offers = vec!["realtime".to_owned()];
+
+        let wrong_key = upgrade_101(&generate_key());
+        assert!(verify_upgrade(&wrong_key, &key, &offers).is_err());
+
+        let mut no_upgrade = upgrade_101(&key);
+        no_upgrade.remove(header::UPGRADE);
+        assert!(verify_upgrade(&no_upgrade, &key, &offers).is_err());
+
+        let mut not_offered = upgrade_101(&key);
+        not_offered.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("openai-insecure-api-key.sk-x"),
+        );
+        assert!(verify_upgrade(&not_offered, &key, &offers).is_err());
+
+        let mut extension = upgrade_101(&key);
+        extension.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate"),
+        );
+        assert!(verify_upgrade(&extension, &key, &offers).is_err());
+    }
+
+    #[test]
+    fn the_upstream_handshake_is_origin_form_with_its_own_key_and_host() {
+        let uri: Uri = "http://example.com:8080/base/v1/realtime?model=m"
+            .parse()
+            .unwrap();
+        let mut client = HeaderMap::new();
+        client.insert(header::HOST, HeaderValue::from_static("proxy:1"));
+        client.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("client-key"),
+        );
+        client.append(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("realtime"),
+        );
+        client.append(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("openai-beta.realtime-v1"),
+        );
+        let offers = subprotocol_offers(&client);
+        let request = upstream_handshake(&uri, &client, &offers, "own-key").unwrap();
+        assert_eq!(request.uri(), "/base/v1/realtime?model=m");
+        let h = request.headers();
+        assert_eq!(h[header::HOST], "example.com:8080");
+        assert_eq!(h[header::SEC_WEBSOCKET_KEY], "own-key");
+        assert_eq!(
+            h[header::SEC_WEBSOCKET_PROTOCOL],
+            "realtime, openai-beta.realtime-v1"
+        );
+
+        let default_port: Uri = "https://api.example.com:443/v1/realtime".parse().unwrap();
+        let request = upstream_handshake(&default_port, &client, &offers, "k").unwrap();
+        assert_eq!(request.headers()[header::HOST], "api.example.com");
+    }
+
+    #[test]
+    fn close_reasons_fit_in_a_control_frame() {
+        let reason = short_reason("é".repeat(200));
+        assert!(reason.len() <= 120);
+        assert!(reason.chars().all(|c| c == 'é'));
     }
 }
