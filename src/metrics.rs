@@ -233,6 +233,10 @@ mod tests {
             })
             .inc();
         metrics.upstream_error(1, "timeout");
+        metrics
+            .request_duration
+            .get_or_create(&ModeLabels { port: 1, mode: ModeLabel::convert })
+            .observe(0.25);
         let text = metrics.encode();
         assert!(text.contains("openai_stream_proxy_requests_total{port=\"1\",mode=\"convert\",status_class=\"2xx\"}"), "{text}");
         assert!(

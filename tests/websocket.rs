@@ -1,0 +1,1281 @@
+//! WebSocket proxying: the upstream handshake comes first (refusals are relayed as HTTP),
+//! frames travel both ways unchanged with backpressure, and close codes cross faithfully.
+//!
+//! The upstream is a tokio-tungstenite server on `127.0.0.1:0` driven by text commands
+//! (`close 4001 bye`, `drop last words`, …) so each test states the upstream's behaviour in
+//! the message that triggers it; clients are tokio-tungstenite clients over plain TCP.
+
+mod support;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::Full;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Request as HandshakeRequest, Response as HandshakeResponse,
+};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+type Ws = WebSocketStream<TcpStream>;
+
+const ABNORMAL: &str = "upstream websocket disconnected abnormally";
+
+/// Both test ends accept messages well above the proxy's 64 MiB default.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(128 << 20))
+        .max_frame_size(Some(128 << 20))
+}
+
+// ------------------------------------------------------------------------------------------
+// The mock upstream
+// ------------------------------------------------------------------------------------------
+
+/// What the upstream saw in an opening handshake.
+#[derive(Debug, Clone)]
+struct Handshake {
+    path_and_query: String,
+    headers: HeaderMap,
+}
+
+/// What an upstream session reports to its test.
+#[derive(Debug)]
+enum Event {
+    /// The client side closed with this frame (the proxy's forwarded close).
+    Closed(Option<CloseFrame>),
+    /// The session's read loop ended, with the error if it was not a clean end.
+    Ended(Option<String>),
+}
+
+/// A WebSocket upstream on `127.0.0.1:0`; each accepted session runs `script`.
+struct WsUpstream {
+    addr: SocketAddr,
+    handshakes: Arc<Mutex<Vec<Handshake>>>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl WsUpstream {
+    /// `select`: the subprotocol the upstream picks when the client offers it.
+    async fn start<F, Fut>(select: Option<&'static str>, script: F) -> WsUpstream
+    where
+        F: Fn(Ws) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handshakes: Arc<Mutex<Vec<Handshake>>> = Arc::default();
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        let script = Arc::new(script);
+        let recorded = handshakes.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = &mut stop_rx => return,
+                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => return },
+                };
+                let (script, recorded) = (script.clone(), recorded.clone());
+                tokio::spawn(async move {
+                    #[allow(clippy::result_large_err)] // tungstenite's callback type
+                    let callback = |req: &HandshakeRequest, mut res: HandshakeResponse| {
+                        recorded.lock().unwrap().push(Handshake {
+                            path_and_query: req.uri().to_string(),
+                            headers: req.headers().clone(),
+                        });
+                        let offered = req
+                            .headers()
+                            .get_all("sec-websocket-protocol")
+                            .iter()
+                            .filter_map(|v| v.to_str().ok())
+                            .flat_map(|v| v.split(','))
+                            .any(|p| Some(p.trim()) == select);
+                        if let (true, Some(p)) = (offered, select) {
+                            res.headers_mut()
+                                .insert("sec-websocket-protocol", p.parse().unwrap());
+                        }
+                        res.headers_mut()
+                            .insert("x-upstream-session", "s-1".parse().unwrap());
+                        Ok(res)
+                    };
+                    let accepted = tokio_tungstenite::accept_hdr_async_with_config(
+                        stream,
+                        callback,
+                        Some(ws_config()),
+                    )
+                    .await;
+                    if let Ok(ws) = accepted {
+                        script(ws).await;
+                    }
+                });
+            }
+        });
+        WsUpstream {
+            addr,
+            handshakes,
+            _stop: stop_tx,
+        }
+    }
+
+    /// The scripted echo server (see [`scripted`]), reporting to `events`.
+    async fn echo(events: mpsc::Sender<Event>) -> WsUpstream {
+        Self::echo_selecting(None, events).await
+    }
+
+    async fn echo_selecting(
+        select: Option<&'static str>,
+        events: mpsc::Sender<Event>,
+    ) -> WsUpstream {
+        WsUpstream::start(select, move |ws| scripted(ws, Some(events.clone()))).await
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn handshakes(&self) -> Vec<Handshake> {
+        self.handshakes.lock().unwrap().clone()
+    }
+}
+
+fn report(events: &Option<mpsc::Sender<Event>>, event: Event) {
+    if let Some(events) = events {
+        let _ = events.try_send(event);
+    }
+}
+
+/// Echoes data messages, except text commands:
+/// `close <code> <reason>`, `close-empty`, `drop <text>` (send, then vanish without a close
+/// frame), `partial` (half a frame, then vanish), `bad-opcode` (a frame with a reserved
+/// opcode), `fragments <n> <text>` (send the text split into `n` frames), `big <bytes>` (send
+/// a binary message of that size), `ping <data>`.
+async fn scripted(mut ws: Ws, events: Option<mpsc::Sender<Event>>) {
+    loop {
+        let message = match ws.next().await {
+            None => break report(&events, Event::Ended(None)),
+            Some(Err(e)) => break report(&events, Event::Ended(Some(e.to_string()))),
+            Some(Ok(message)) => message,
+        };
+        let text = match &message {
+            Message::Text(t) => t.as_str().to_owned(),
+            Message::Binary(_) => {
+                if ws.send(message).await.is_err() {
+                    return report(&events, Event::Ended(Some("send failed".into())));
+                }
+                continue;
+            }
+            Message::Close(frame) => {
+                report(&events, Event::Closed(frame.clone()));
+                continue;
+            }
+            _ => continue,
+        };
+        let (command, rest) = text.split_once(' ').unwrap_or((text.as_str(), ""));
+        let sent = match command {
+            "close" => {
+                let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+                let frame = CloseFrame {
+                    code: CloseCode::from(code.parse::<u16>().unwrap()),
+                    reason: reason.to_owned().into(),
+                };
+                ws.send(Message::Close(Some(frame))).await
+            }
+            "close-empty" => ws.send(Message::Close(None)).await,
+            "drop" => {
+                let _ = ws.send(Message::text(rest)).await;
+                // Dropping the stream closes TCP without a close frame.
+                return report(&events, Event::Ended(Some("dropped".into())));
+            }
+            "partial" => {
+                // A binary frame header announcing 100 bytes, then 3 of them.
+                let _ = ws.get_mut().write_all(&[0x82, 100, 1, 2, 3]).await;
+                let _ = ws.get_mut().flush().await;
+                return report(&events, Event::Ended(Some("dropped".into())));
+            }
+            "bad-opcode" => {
+                // An unmasked frame with the reserved data opcode 0x3, then carry on reading.
+                let _ = ws.get_mut().write_all(&[0x83, 0x00]).await;
+                let _ = ws.get_mut().flush().await;
+                Ok(())
+            }
+            "fragments" => {
+                let (n, payload) = rest.split_once(' ').unwrap();
+                let chunks = split_bytes(payload.as_bytes(), n.parse().unwrap());
+                let mut result = Ok(());
+                for (i, chunk) in chunks.iter().enumerate() {
+                    let opcode = if i == 0 {
+                        OpCode::Data(Data::Text)
+                    } else {
+                        OpCode::Data(Data::Continue)
+                    };
+                    let frame = Frame::message(chunk.clone(), opcode, i + 1 == chunks.len());
+                    result = ws.send(Message::Frame(frame)).await;
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                result
+            }
+            "big" => {
+                let size: usize = rest.parse().unwrap();
+                ws.send(Message::binary(pattern(size, 7))).await
+            }
+            "ping" => ws.send(Message::Ping(Bytes::from(rest.to_owned()))).await,
+            _ => ws.send(message).await,
+        };
+        if let Err(e) = sent {
+            return report(&events, Event::Ended(Some(e.to_string())));
+        }
+    }
+}
+
+/// Splits `data` into `n` non-empty pieces of roughly equal size (UTF-8 may be cut).
+fn split_bytes(data: &[u8], n: usize) -> Vec<Bytes> {
+    let size = data.len().div_ceil(n).max(1);
+    data.chunks(size).map(Bytes::copy_from_slice).collect()
+}
+
+/// Deterministic, position-dependent bytes, so a reordering or a truncation shows.
+fn pattern(size: usize, seed: u8) -> Bytes {
+    (0..size)
+        .map(|i| {
+            (i as u8)
+                .wrapping_mul(31)
+                .wrapping_add(seed ^ (i >> 12) as u8)
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// The next event, or a panic after `WAIT`.
+async fn next_event(events: &mut mpsc::Receiver<Event>) -> Event {
+    tokio::time::timeout(WAIT, events.recv())
+        .await
+        .expect("no upstream event in time")
+        .expect("upstream event channel closed")
+}
+
+/// Waits until the upstream session's read loop ended (close frames may come first).
+async fn wait_session_end(events: &mut mpsc::Receiver<Event>) {
+    while let Event::Closed(_) = next_event(events).await {}
+}
+
+// ------------------------------------------------------------------------------------------
+// The client
+// ------------------------------------------------------------------------------------------
+
+type HandshakeReply = http::Response<Option<Vec<u8>>>;
+
+/// Opens a WebSocket to the proxy at `addr` with extra request headers.
+async fn try_connect(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Ws, HandshakeReply), WsError> {
+    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    let stream = TcpStream::connect(addr).await.unwrap();
+    tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config())),
+    )
+    .await
+    .expect("handshake timed out")
+}
+
+async fn connect(addr: SocketAddr, path: &str) -> Ws {
+    try_connect(addr, path, &[]).await.unwrap().0
+}
+
+/// The next message, or a panic after `WAIT`; `None` when the stream ended.
+async fn recv(ws: &mut Ws) -> Option<Result<Message, WsError>> {
+    tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("no message in time")
+}
+
+async fn recv_message(ws: &mut Ws) -> Message {
+    recv(ws).await.expect("stream ended").expect("read failed")
+}
+
+/// Reads until the close frame (no data may come first) and then to the end of the stream.
+async fn expect_close(ws: &mut Ws) -> Option<CloseFrame> {
+    let frame = match recv_message(ws).await {
+        Message::Close(frame) => frame,
+        other => panic!("expected a close frame, got {other:?}"),
+    };
+    // The close handshake completes and the proxy ends the connection.
+    if let Some(Ok(other)) = recv(ws).await {
+        panic!("data after the close frame: {other:?}");
+    }
+    frame
+}
+
+fn assert_close(frame: Option<CloseFrame>, code: u16, reason: &str) {
+    let frame = frame.expect("close frame without a status");
+    assert_eq!(
+        u16::from(frame.code),
+        code,
+        "close code (reason {:?})",
+        frame.reason
+    );
+    assert_eq!(frame.reason.as_str(), reason);
+}
+
+/// An upgrade written by hand (every header line exactly as given, plus the key and version):
+/// returns the lower-cased response head and the WebSocket over the same connection.
+async fn raw_upgrade(addr: SocketAddr, path: &str, lines: &[&str]) -> (String, Ws) {
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nsec-websocket-version: 13\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for line in lines {
+        request.push_str(line);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut stream).await.to_ascii_lowercase();
+    let ws = WebSocketStream::from_raw_socket(
+        stream,
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        Some(ws_config()),
+    )
+    .await;
+    (head, ws)
+}
+
+/// An upgrade request sent with a plain HTTP client, to see a refusal exactly.
+fn upgrade_request(url: &str) -> Request<Full<Bytes>> {
+    Request::get(url)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("authorization", "Bearer sk-test")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+// ------------------------------------------------------------------------------------------
+// Handshake
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn upgrade_goes_to_the_same_path_and_query_under_the_upstream_prefix() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&format!("{}/base/", upstream.url()), options()).await;
+
+    let path = "/v1/realtime?model=gpt-realtime&q=a%20b&x=%2F";
+    let mut ws = connect(proxy.addr, path).await;
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text("hello"));
+    ws.close(None).await.unwrap();
+
+    // Any path, not only the Realtime one.
+    let mut ws = connect(proxy.addr, "/anything/else").await;
+    ws.send(Message::text("again")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text("again"));
+
+    let seen: Vec<String> = upstream
+        .handshakes()
+        .into_iter()
+        .map(|h| h.path_and_query)
+        .collect();
+    assert_eq!(
+        seen,
+        vec![format!("/base{path}"), "/base/anything/else".to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn handshake_headers_are_forwarded_minus_hop_by_hop_and_per_connection_ones() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+
+    let client_key_probe = "x-client-key-probe";
+    // Written by hand: client libraries rewrite `Connection` to their own.
+    let (head, mut ws) = raw_upgrade(
+        proxy.addr,
+        "/v1/realtime",
+        &[
+            "authorization: Bearer sk-test",
+            "openai-beta: realtime=v1",
+            "cookie: a=1; b=2",
+            "origin: https://app.example",
+            "user-agent: ws-test/1.0",
+            "x-custom: kept",
+            "keep-alive: timeout=5",
+            "proxy-authorization: Basic c2VjcmV0",
+            "te: trailers",
+            "x-listed: dropped",
+            "connection: keep-alive, Upgrade, x-listed",
+            "upgrade: websocket",
+            "sec-websocket-extensions: permessage-deflate; client_max_window_bits",
+            "x-client-key-probe: 1",
+        ],
+    )
+    .await;
+    // The upstream's own 101 headers come back; the handshake itself is this leg's.
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("\r\nx-upstream-session: s-1\r\n"), "{head}");
+    assert!(!head.contains("sec-websocket-extensions"), "{head}");
+    ws.send(Message::text("ok")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text("ok"));
+
+    let seen = upstream.handshakes();
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0].headers;
+    assert_eq!(h["host"], upstream.addr.to_string());
+    for (name, value) in [
+        ("authorization", "Bearer sk-test"),
+        ("openai-beta", "realtime=v1"),
+        ("cookie", "a=1; b=2"),
+        ("origin", "https://app.example"),
+        ("user-agent", "ws-test/1.0"),
+        ("x-custom", "kept"),
+        (client_key_probe, "1"),
+    ] {
+        assert_eq!(
+            h.get(name).map(|v| v.to_str().unwrap()),
+            Some(value),
+            "{name}"
+        );
+    }
+    for name in [
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "x-listed",
+        "sec-websocket-extensions",
+        "sec-websocket-accept",
+    ] {
+        assert!(h.get(name).is_none(), "{name} must not be forwarded");
+    }
+    // The upstream leg has its own, valid handshake.
+    assert_eq!(h["sec-websocket-version"], "13");
+    assert!(h.get("sec-websocket-key").is_some());
+    assert_eq!(h.get_all("sec-websocket-key").iter().count(), 1);
+    assert!(h["upgrade"]
+        .to_str()
+        .unwrap()
+        .eq_ignore_ascii_case("websocket"));
+    assert!(h["connection"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase()
+        .contains("upgrade"));
+}
+
+#[tokio::test]
+async fn subprotocol_offer_is_forwarded_and_the_101_names_the_upstream_choice() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo_selecting(Some("realtime"), events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+
+    let offer = "realtime, openai-insecure-api-key.sk-x, openai-beta.realtime-v1";
+    let (mut ws, reply) = try_connect(
+        proxy.addr,
+        "/v1/realtime?model=m",
+        &[("sec-websocket-protocol", offer)],
+    )
+    .await
+    .unwrap();
+    let chosen: Vec<_> = reply
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .collect();
+    assert_eq!(chosen, vec!["realtime"]);
+    ws.send(Message::text("ok")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text("ok"));
+
+    // Offers on several header lines reach the upstream as one list, in order.
+    let (_ws2, reply) = try_connect(
+        proxy.addr,
+        "/v1/realtime",
+        &[
+            ("sec-websocket-protocol", "realtime"),
+            ("sec-websocket-protocol", "openai-insecure-api-key.sk-y"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.headers()["sec-websocket-protocol"], "realtime");
+
+    let seen = upstream.handshakes();
+    assert_eq!(seen[0].headers["sec-websocket-protocol"], offer);
+    assert_eq!(
+        seen[1].headers["sec-websocket-protocol"],
+        "realtime, openai-insecure-api-key.sk-y"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_selects_no_subprotocol_is_relayed_as_such() {
+    // The upstream accepts without choosing: the client (not the proxy) decides whether that
+    // is acceptable, so the 101 carries no subprotocol.
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo_selecting(None, events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let (head, mut ws) = raw_upgrade(
+        proxy.addr,
+        "/v1/realtime",
+        &[
+            "connection: Upgrade",
+            "upgrade: websocket",
+            "sec-websocket-protocol: realtime",
+        ],
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    assert!(!head.contains("sec-websocket-protocol"), "{head}");
+    ws.send(Message::text("works")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text("works"));
+}
+
+#[tokio::test]
+async fn upstream_refusals_are_relayed_with_status_headers_and_body() {
+    let body_401 = r#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
+    for (status, body, extra) in [
+        (401, body_401, ("www-authenticate", "Bearer")),
+        (
+            404,
+            r#"{"error":{"message":"not found"}}"#,
+            ("x-request-id", "req-404"),
+        ),
+        (
+            429,
+            r#"{"error":{"message":"slow down"}}"#,
+            ("retry-after", "7"),
+        ),
+    ] {
+        let upstream = MockUpstream::start(move |_| {
+            response(
+                status,
+                &[("content-type", "application/json"), extra],
+                full(body),
+            )
+        })
+        .await;
+        let proxy = start_proxy(&upstream.url(), options()).await;
+
+        let (parts, got) = send(upgrade_request(&proxy.url("/v1/realtime?model=m"))).await;
+        assert_eq!(parts.status, status);
+        assert_eq!(parts.headers["content-type"], "application/json");
+        assert_eq!(parts.headers[extra.0], extra.1);
+        assert!(parts.headers.get("upgrade").is_none());
+        assert_eq!(&got[..], body.as_bytes());
+
+        // A WebSocket client sees the same refusal, not an upgrade.
+        match try_connect(proxy.addr, "/v1/realtime", &[]).await {
+            Err(WsError::Http(response)) => {
+                assert_eq!(response.status(), status);
+                assert_eq!(response.body().as_deref(), Some(body.as_bytes()));
+            }
+            other => panic!("expected an HTTP refusal, got {other:?}"),
+        }
+        let seen = upstream.requests();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(
+            seen[0].uri.path_and_query().unwrap(),
+            "/v1/realtime?model=m"
+        );
+        assert_eq!(seen[0].headers["authorization"], "Bearer sk-test");
+    }
+}
+
+#[tokio::test]
+async fn chunked_and_large_refusal_bodies_are_relayed_whole() {
+    // A chunked 401 and a 300 KiB 403 whose body follows the head in later writes: the
+    // client must get the decoded body, every byte of it.
+    let large = "x".repeat(300 * 1024);
+    let large_body = format!("{{\"error\":{{\"message\":\"{large}\"}}}}");
+    let chunked = RawUpstream::start(|mut stream| async move {
+        read_head(&mut stream).await;
+        let parts: [&[u8]; 4] = [
+            b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"a\r\n{\"error\":{\r\n",
+            b"14\r\n\"message\":\"bad key\"}\r\n",
+            b"1\r\n}\r\n0\r\n\r\n",
+        ];
+        for part in parts {
+            if stream.write_all(part).await.is_err() {
+                return;
+            }
+            let _ = stream.flush().await;
+        }
+        let _ = tokio::time::timeout(WAIT, stream.read(&mut [0u8; 1])).await;
+    })
+    .await;
+    let proxy = start_proxy(&chunked.url(), options()).await;
+    let (parts, got) = send(upgrade_request(&proxy.url("/v1/realtime"))).await;
+    assert_eq!(parts.status, 401);
+    assert_eq!(
+        std::str::from_utf8(&got).unwrap(),
+        r#"{"error":{"message":"bad key"}}"#
+    );
+
+    let body = large_body.clone();
+    let big = RawUpstream::start(move |mut stream| {
+        let body = body.clone();
+        async move {
+            read_head(&mut stream).await;
+            let head = format!(
+                "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.flush().await;
+            for chunk in body.as_bytes().chunks(16 * 1024) {
+                if stream.write_all(chunk).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tokio::time::timeout(WAIT, stream.read(&mut [0u8; 1])).await;
+        }
+    })
+    .await;
+    let proxy = start_proxy(&big.url(), options()).await;
+    let (parts, got) = send(upgrade_request(&proxy.url("/v1/realtime"))).await;
+    assert_eq!(parts.status, 403);
+    assert_eq!(got.len(), large_body.len());
+    assert!(got == large_body.as_bytes());
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_with_an_error_envelope() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let proxy = start_proxy(&format!("http://{addr}"), options()).await;
+
+    let (parts, body) = send(upgrade_request(&proxy.url("/v1/realtime?key=secret"))).await;
+    assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
+    assert!(parts.headers.get("upgrade").is_none());
+    let (kind, message) = envelope(&body);
+    assert_eq!(kind, "upstream_error");
+    assert!(message.contains(&format!("ws://{addr}")), "{message}");
+    assert!(!message.contains("sk-test"), "{message}");
+    assert!(
+        !message.contains("secret"),
+        "the query may hold a credential: {message}"
+    );
+}
+
+#[tokio::test]
+async fn an_upgrade_not_answered_within_the_timeout_is_504() {
+    // Accepts TCP, reads the upgrade request, never answers.
+    let silent = RawUpstream::start(|mut stream| async move {
+        read_head(&mut stream).await;
+        let _ = tokio::time::timeout(WAIT, stream.read(&mut [0u8; 1])).await;
+    })
+    .await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&silent.url(), opts).await;
+
+    let started = Instant::now();
+    let (parts, body) = send(upgrade_request(&proxy.url("/v1/realtime"))).await;
+    let elapsed = started.elapsed();
+    assert_eq!(parts.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(envelope(&body).0, "upstream_timeout");
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+}
+
+// ------------------------------------------------------------------------------------------
+// Frames
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn text_and_binary_frames_travel_unchanged_both_ways() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+
+    let messages = [
+        Message::text("{\"type\":\"session.update\"}"),
+        Message::text("héllo wörld ✓ 🚀"),
+        Message::text(""),
+        Message::binary(Bytes::from_static(b"\x00\x01\xff\xfe binary")),
+        Message::binary(Bytes::new()),
+        Message::binary(pattern(70_000, 3)),
+    ];
+    for message in &messages {
+        ws.send(message.clone()).await.unwrap();
+    }
+    for message in &messages {
+        assert_eq!(&recv_message(&mut ws).await, message);
+    }
+    // Upstream-initiated messages reach the client too.
+    ws.send(Message::text("big 5")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::binary(pattern(5, 7)));
+}
+
+#[tokio::test]
+async fn an_upstream_that_speaks_first_is_heard() {
+    // The Realtime API sends `session.created` right after its 101, often in the same
+    // packet: those bytes must not be lost in the hand-over.
+    let upstream = WsUpstream::start(None, |mut ws| async move {
+        let _ = ws.send(Message::text("session.created")).await;
+        let _ = ws.send(Message::binary(pattern(3000, 9))).await;
+        scripted(ws, None).await;
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+    assert_eq!(
+        recv_message(&mut ws).await,
+        Message::text("session.created")
+    );
+    assert_eq!(
+        recv_message(&mut ws).await,
+        Message::binary(pattern(3000, 9))
+    );
+    ws.send(Message::text("then echo")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text("then echo"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_mib_messages_travel_both_ways() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+
+    let size = 16 << 20;
+    let big = pattern(size, 11);
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    match tokio::time::timeout(WAIT * 3, ws.next()).await.unwrap() {
+        Some(Ok(Message::Binary(got))) => {
+            assert_eq!(got.len(), size);
+            assert!(got == big, "16 MiB echo differs");
+        }
+        other => panic!("expected the 16 MiB echo, got {other:?}"),
+    }
+    let text = "é".repeat(size / 2);
+    ws.send(Message::text(text.clone())).await.unwrap();
+    match tokio::time::timeout(WAIT * 3, ws.next()).await.unwrap() {
+        Some(Ok(Message::Text(got))) => assert!(got.as_str() == text, "16 MiB text differs"),
+        other => panic!("expected the 16 MiB text echo, got {other:?}"),
+    }
+    // And one the upstream originates.
+    ws.send(Message::text(format!("big {size}"))).await.unwrap();
+    match tokio::time::timeout(WAIT * 3, ws.next()).await.unwrap() {
+        Some(Ok(Message::Binary(got))) => assert!(got == pattern(size, 7)),
+        other => panic!("expected the upstream's 16 MiB message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn fragmented_messages_arrive_whole_in_both_directions() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+
+    // Client → upstream: text in 5 raw frames (a multi-byte character is cut), with a ping
+    // between fragments as RFC 6455 allows.
+    let text = "fragmented ✓ message with ünïcödé, cut anywhere";
+    let pieces = split_bytes(text.as_bytes(), 5);
+    for (i, piece) in pieces.iter().enumerate() {
+        let opcode = if i == 0 {
+            OpCode::Data(Data::Text)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let frame = Frame::message(piece.clone(), opcode, i + 1 == pieces.len());
+        ws.send(Message::Frame(frame)).await.unwrap();
+        if i == 2 {
+            ws.send(Message::Ping(Bytes::from_static(b"mid")))
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(
+        recv_message(&mut ws).await,
+        Message::Pong(Bytes::from_static(b"mid"))
+    );
+    assert_eq!(recv_message(&mut ws).await, Message::text(text));
+
+    // Binary, 3 frames.
+    let data = pattern(100_000, 5);
+    let pieces = split_bytes(&data, 3);
+    for (i, piece) in pieces.iter().enumerate() {
+        let opcode = if i == 0 {
+            OpCode::Data(Data::Binary)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let frame = Frame::message(piece.clone(), opcode, i + 1 == pieces.len());
+        ws.send(Message::Frame(frame)).await.unwrap();
+    }
+    assert_eq!(recv_message(&mut ws).await, Message::binary(data));
+
+    // Upstream → client: the mock sends the text in 4 frames.
+    let text = "from the upstream, in pieces: ✓✓✓";
+    ws.send(Message::text(format!("fragments 4 {text}")))
+        .await
+        .unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text(text));
+}
+
+#[tokio::test]
+async fn client_ping_is_answered_and_the_session_stays_up() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+
+    for i in 0..3 {
+        let data = Bytes::from(format!("ping-{i}"));
+        ws.send(Message::Ping(data.clone())).await.unwrap();
+        assert_eq!(recv_message(&mut ws).await, Message::Pong(data));
+        ws.send(Message::text(format!("after {i}"))).await.unwrap();
+        assert_eq!(
+            recv_message(&mut ws).await,
+            Message::text(format!("after {i}"))
+        );
+    }
+    // An upstream ping reaches the client (liveness is end to end) and is answered.
+    ws.send(Message::text("ping from-upstream")).await.unwrap();
+    assert_eq!(
+        recv_message(&mut ws).await,
+        Message::Ping(Bytes::from_static(b"from-upstream"))
+    );
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text("still here"));
+}
+
+// ------------------------------------------------------------------------------------------
+// Closing
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn upstream_close_code_and_reason_reach_the_client() {
+    for (command, code, reason) in [
+        ("close 4001 bye", 4001, "bye"),
+        ("close 1000 done", 1000, "done"),
+        ("close 1011 server error", 1011, "server error"),
+        // No status in the upstream's close frame: the client gets a plain 1000.
+        ("close-empty", 1000, ""),
+    ] {
+        let (events, mut rx) = mpsc::channel(64);
+        let upstream = WsUpstream::echo(events).await;
+        let proxy = start_proxy(&upstream.url(), options()).await;
+        let mut ws = connect(proxy.addr, "/v1/realtime").await;
+        ws.send(Message::text(command)).await.unwrap();
+        assert_close(expect_close(&mut ws).await, code, reason);
+        // The upstream's close handshake was completed by the proxy.
+        match next_event(&mut rx).await {
+            Event::Closed(_) => {}
+            other => panic!("{command}: upstream saw {other:?} instead of a close reply"),
+        }
+        match next_event(&mut rx).await {
+            Event::Ended(None) => {}
+            other => panic!("{command}: upstream session ended with {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn upstream_vanishing_after_a_frame_gives_the_frame_then_1011() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+    ws.send(Message::text("drop last words")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text("last words"));
+    assert_close(expect_close(&mut ws).await, 1011, ABNORMAL);
+
+    // Half a frame then EOF: nothing of it is forwarded.
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+    ws.send(Message::text("partial")).await.unwrap();
+    assert_close(expect_close(&mut ws).await, 1011, ABNORMAL);
+}
+
+#[tokio::test]
+async fn an_upstream_protocol_violation_gives_the_client_1011_and_the_upstream_1002() {
+    let (events, mut rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+    ws.send(Message::text("bad-opcode")).await.unwrap();
+    assert_close(expect_close(&mut ws).await, 1011, ABNORMAL);
+    match next_event(&mut rx).await {
+        Event::Closed(Some(frame)) => assert_eq!(u16::from(frame.code), 1002, "{frame:?}"),
+        other => panic!("upstream saw {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn client_close_code_and_reason_reach_the_upstream() {
+    for (code, reason) in [(4000, "client done"), (1000, ""), (1001, "going away")] {
+        let (events, mut rx) = mpsc::channel(64);
+        let upstream = WsUpstream::echo(events).await;
+        let proxy = start_proxy(&upstream.url(), options()).await;
+        let mut ws = connect(proxy.addr, "/v1/realtime").await;
+        ws.send(Message::text("warm-up")).await.unwrap();
+        recv_message(&mut ws).await;
+
+        ws.close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        }))
+        .await
+        .unwrap();
+        match next_event(&mut rx).await {
+            Event::Closed(frame) => assert_close(frame, code, reason),
+            other => panic!("upstream saw {other:?} instead of the client's close"),
+        }
+        // The client's close is answered and the connection ends.
+        assert_close(expect_close(&mut ws).await, code, reason);
+        assert!(matches!(next_event(&mut rx).await, Event::Ended(None)));
+    }
+}
+
+#[tokio::test]
+async fn client_vanishing_closes_the_upstream_promptly() {
+    let (events, mut rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+    ws.send(Message::text("warm-up")).await.unwrap();
+    recv_message(&mut ws).await;
+
+    let started = Instant::now();
+    drop(ws); // TCP close, no close frame
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match rx.recv().await {
+                Some(Event::Ended(_)) | None => return,
+                Some(Event::Closed(frame)) => {
+                    // The proxy says why it is closing.
+                    let frame = frame.expect("close frame without a status");
+                    assert_eq!(u16::from(frame.code), 1001);
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "upstream still open {:?} after the client vanished",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_client_message_over_the_limit_closes_with_1009() {
+    let (events, mut rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let mut opts = options();
+    opts.max_websocket_message_bytes = 64 * 1024;
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+
+    // Exactly the limit passes, in one frame and in fragments.
+    let at_limit = pattern(64 * 1024, 1);
+    ws.send(Message::binary(at_limit.clone())).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::binary(at_limit));
+
+    // One byte more, as fragments that each fit, is refused: the limit is per message.
+    let over = pattern(64 * 1024 + 1, 2);
+    let pieces = split_bytes(&over, 4);
+    for (i, piece) in pieces.iter().enumerate() {
+        let opcode = if i == 0 {
+            OpCode::Data(Data::Binary)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let frame = Frame::message(piece.clone(), opcode, i + 1 == pieces.len());
+        // The proxy may close while the last fragments are still on their way.
+        if ws.send(Message::Frame(frame)).await.is_err() {
+            break;
+        }
+    }
+    let frame = expect_close(&mut ws).await.expect("close without status");
+    assert_eq!(u16::from(frame.code), 1009, "{:?}", frame.reason);
+
+    // The upstream session is closed too.
+    wait_session_end(&mut rx).await;
+}
+
+#[tokio::test]
+async fn a_large_single_frame_over_the_limit_closes_with_1009() {
+    let (events, mut rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let mut opts = options();
+    opts.max_websocket_message_bytes = 64 * 1024;
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+
+    // Far over the limit, so the proxy refuses it while most of it is still unsent.
+    let _ = ws.send(Message::binary(pattern(8 << 20, 4))).await;
+    let frame = expect_close(&mut ws).await.expect("close without status");
+    assert_eq!(u16::from(frame.code), 1009, "{:?}", frame.reason);
+    wait_session_end(&mut rx).await;
+}
+
+#[tokio::test]
+async fn an_upstream_message_over_the_limit_closes_both_sides_with_1009() {
+    let (events, mut rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let mut opts = options();
+    opts.max_websocket_message_bytes = 64 * 1024;
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+
+    ws.send(Message::text(format!("big {}", 64 * 1024 + 1)))
+        .await
+        .unwrap();
+    let frame = expect_close(&mut ws).await.expect("close without status");
+    assert_eq!(u16::from(frame.code), 1009, "{:?}", frame.reason);
+    assert!(frame.reason.starts_with("upstream "), "{:?}", frame.reason);
+    match next_event(&mut rx).await {
+        Event::Closed(Some(frame)) => assert_eq!(u16::from(frame.code), 1009),
+        other => panic!("upstream saw {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn malformed_client_frames_close_with_1002_and_close_the_upstream() {
+    let cases: [(&str, &[u8]); 3] = [
+        // An unmasked text frame "hi" from a client.
+        ("unmasked", &[0x81, 0x02, b'h', b'i']),
+        // A masked frame with reserved opcode 0x3.
+        ("reserved opcode", &[0x83, 0x80, 1, 2, 3, 4]),
+        // A continuation frame with no message to continue.
+        ("stray continuation", &[0x80, 0x80, 1, 2, 3, 4]),
+    ];
+    for (name, bytes) in cases {
+        let (events, mut rx) = mpsc::channel(64);
+        let upstream = WsUpstream::echo(events).await;
+        let proxy = start_proxy(&upstream.url(), options()).await;
+        let mut ws = connect(proxy.addr, "/v1/realtime").await;
+        ws.send(Message::text("warm-up")).await.unwrap();
+        recv_message(&mut ws).await;
+
+        ws.get_mut().write_all(bytes).await.unwrap();
+        let frame = expect_close(&mut ws).await.expect("close without status");
+        assert_eq!(u16::from(frame.code), 1002, "{name}: {:?}", frame.reason);
+        wait_session_end(&mut rx).await;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Flow control and lifetime
+// ------------------------------------------------------------------------------------------
+
+/// The most bytes the kernel may buffer on one loopback connection, one direction.
+fn socket_buffer_ceiling() -> usize {
+    let max_of = |path: &str| -> usize {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.split_whitespace().last().and_then(|v| v.parse().ok()))
+            .unwrap_or(8 << 20)
+    };
+    max_of("/proc/sys/net/ipv4/tcp_wmem") + max_of("/proc/sys/net/ipv4/tcp_rmem")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_throttles_the_upstream() {
+    const MESSAGE: usize = 64 * 1024;
+    // Two TCP legs (upstream→proxy, proxy→client), each able to buffer at most
+    // `ceiling` bytes, plus a few messages held by the libraries and the proxy.
+    let ceiling = socket_buffer_ceiling();
+    let bound = 2 * ceiling / MESSAGE + 16;
+    // Unthrottled, the upstream would send all of these during the stall.
+    let total = (bound * 4).max(1000);
+
+    let (sent_tx, mut sent_rx) = watch::channel(0usize);
+    let sent_tx = Arc::new(sent_tx);
+    let upstream = WsUpstream::start(None, move |mut ws| {
+        let sent = sent_tx.clone();
+        async move {
+            for i in 0..total {
+                let mut data = vec![0u8; MESSAGE];
+                data[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                if ws.send(Message::binary(data)).await.is_err() {
+                    return;
+                }
+                sent.send_replace(i + 1);
+            }
+            let _ = ws
+                .send(Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "done".into(),
+                })))
+                .await;
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut ws = connect(proxy.addr, "/v1/stream").await;
+
+    // Do not read. The upstream is throttled once it has made no progress for a while.
+    let started = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), sent_rx.changed()).await {
+            Err(_) => break, // no progress for 500 ms: stalled
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("upstream session ended while the client was not reading"),
+        }
+        assert!(started.elapsed() < WAIT * 3, "the upstream never stalled");
+        assert!(
+            *sent_rx.borrow() < total,
+            "the upstream sent everything ({total} messages) to a client that reads nothing"
+        );
+    }
+    let stalled_at = *sent_rx.borrow();
+    eprintln!(
+        "backpressure: upstream stalled after {stalled_at} of {total} messages ({} MiB; bound {bound}) in {:?}",
+        (stalled_at * MESSAGE) >> 20,
+        started.elapsed()
+    );
+    assert!(stalled_at > 0, "nothing was sent at all");
+    assert!(
+        stalled_at <= bound,
+        "the upstream got {stalled_at} messages out to a stalled client (bound {bound})"
+    );
+
+    // Now read: every message, in order, then the upstream's close.
+    for i in 0..total {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(data)))) => {
+                assert_eq!(data.len(), MESSAGE);
+                assert_eq!(u64::from_be_bytes(data[..8].try_into().unwrap()), i as u64);
+            }
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    assert_close(expect_close(&mut ws).await, 1000, "done");
+    assert_eq!(*sent_rx.borrow(), total);
+}
+
+#[tokio::test]
+async fn an_idle_session_outlives_the_timeout() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text("before"));
+
+    // The point of this test is elapsed time: idle for 2.5 × timeoutSeconds.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    ws.send(Message::text("after")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text("after"));
+    ws.send(Message::text("big 100")).await.unwrap();
+    assert_eq!(
+        recv_message(&mut ws).await,
+        Message::binary(pattern(100, 7))
+    );
+}
+
+/// The soft open-files limit of this process.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line.split_whitespace().nth(3)?;
+    if soft == "unlimited" {
+        return Some(u64::MAX);
+    }
+    soft.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_sessions() {
+    const WANTED: usize = 1000;
+    // In-process, each session holds four descriptors: the client's, the proxy's two and
+    // the upstream's. Other tests of this binary run at the same time: leave room.
+    let limit = open_files_limit().unwrap_or(1024);
+    let fit = usize::try_from(limit.saturating_sub(512) / 4).unwrap_or(usize::MAX);
+    let sessions = WANTED.min(fit);
+    if sessions < WANTED {
+        eprintln!(
+            "note: open-files soft limit is {limit}; running {sessions} concurrent sessions \
+             instead of {WANTED} (each needs 4 descriptors in one process)"
+        );
+    }
+    if sessions < 100 {
+        eprintln!("skipped: open-files soft limit {limit} leaves room for fewer than 100 sessions");
+        return;
+    }
+
+    let upstream = WsUpstream::start(None, |ws| scripted(ws, None)).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let addr = proxy.addr;
+
+    let started = Instant::now();
+    // Open them all (at most 64 handshakes in flight, so no listen backlog overflows), hold
+    // them all open together, then exchange and close.
+    let handshakes = Arc::new(Semaphore::new(64));
+    let all_open = Arc::new(tokio::sync::Barrier::new(sessions + 1));
+    let (go_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..sessions {
+        let (handshakes, all_open, mut go_rx) =
+            (handshakes.clone(), all_open.clone(), go_tx.subscribe());
+        tasks.spawn(async move {
+            let permit = handshakes.acquire_owned().await.unwrap();
+            let mut ws = connect(addr, &format!("/v1/realtime?session={i}")).await;
+            drop(permit);
+            all_open.wait().await;
+            let _ = go_rx.recv().await;
+            let text = format!("hello from session {i}");
+            ws.send(Message::text(text.clone())).await.unwrap();
+            assert_eq!(recv_message(&mut ws).await, Message::text(text));
+            ws.close(None).await.unwrap();
+            let frame = expect_close(&mut ws).await;
+            assert!(frame.is_none(), "session {i}: {frame:?}");
+        });
+    }
+    tokio::time::timeout(WAIT * 6, all_open.wait())
+        .await
+        .expect("sessions did not all open in time");
+    let opened = started.elapsed();
+    assert_eq!(upstream.handshakes().len(), sessions);
+    go_tx.send(()).unwrap();
+    let finished = tokio::time::timeout(WAIT * 6, async {
+        while let Some(result) = tasks.join_next().await {
+            result.unwrap();
+        }
+    })
+    .await;
+    assert!(finished.is_ok(), "sessions did not finish in time");
+    eprintln!(
+        "{sessions} concurrent sessions: all open after {opened:?}, all done after {:?}",
+        started.elapsed()
+    );
+}
