@@ -34,6 +34,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::headers::{strip_hop_by_hop, WEBSOCKET_HANDSHAKE};
+use crate::metrics::{BytesLabels, Metrics, ModeLabel, PortLabels};
 use crate::service::{error_chain, RuleContext};
 use crate::upstream::UpstreamBody;
 
@@ -166,12 +167,7 @@ pub async fn handle(
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?,
     );
 
-    let session = Session {
-        port: rule.port,
-        path: parts.uri.path().to_owned(),
-        upstream: target,
-        started: Instant::now(),
-    };
+    let session = Session::open(rule.port, parts.uri.path().to_owned(), target);
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -590,7 +586,8 @@ fn short_reason(mut reason: String) -> String {
     reason
 }
 
-/// The per-session log line.
+/// An open session: counted in the open-sessions gauge from the upgrade until it is
+/// dropped (however the session task ends), and logged with its traffic.
 struct Session {
     port: u16,
     path: String,
@@ -599,7 +596,36 @@ struct Session {
 }
 
 impl Session {
+    fn open(port: u16, path: String, upstream: String) -> Session {
+        Metrics::global()
+            .websocket_sessions
+            .get_or_create(&PortLabels { port })
+            .inc();
+        Session {
+            port,
+            path,
+            upstream,
+            started: Instant::now(),
+        }
+    }
+
+    /// The per-session log line and its byte counters.
     fn log(&self, report: &SessionReport) {
+        let metrics = Metrics::global();
+        let traffic = [
+            ("to_upstream", report.to_upstream.bytes),
+            ("to_client", report.to_client.bytes),
+        ];
+        for (direction, bytes) in traffic {
+            metrics
+                .bytes
+                .get_or_create(&BytesLabels {
+                    port: self.port,
+                    mode: ModeLabel::websocket,
+                    direction,
+                })
+                .inc_by(bytes);
+        }
         tracing::info!(
             target: "openai_stream_proxy::access",
             port = self.port,
@@ -615,6 +641,15 @@ impl Session {
             proxy_close = report.proxy_close,
             "websocket session"
         );
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        Metrics::global()
+            .websocket_sessions
+            .get_or_create(&PortLabels { port: self.port })
+            .dec();
     }
 }
 

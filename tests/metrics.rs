@@ -242,3 +242,53 @@ async fn client_request(addr: std::net::SocketAddr) -> http::Response<hyper::bod
         .unwrap()
         .unwrap()
 }
+
+#[tokio::test]
+async fn websocket_sessions_are_counted_while_open_with_their_bytes() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = upstream.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        while let Some(Ok(message)) = ws.next().await {
+            if message.is_close() {
+                break;
+            }
+            ws.send(message).await.unwrap();
+        }
+    });
+    let proxy = start_proxy(&format!("http://{upstream_addr}"), options()).await;
+    let p = format!("port=\"{}\"", proxy.addr.port());
+    let open = format!("openai_stream_proxy_websocket_sessions_open{{{p}}}");
+
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("ws://{}/v1/realtime", proxy.addr), stream)
+            .await
+            .unwrap();
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+    assert_eq!(value(&Metrics::global().encode(), &open), Some(1.0));
+
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = Metrics::global().encode();
+        if value(&text, &open) == Some(0.0) {
+            let up = format!("openai_stream_proxy_body_bytes_total{{{p},mode=\"websocket\",direction=\"to_upstream\"}}");
+            let down = format!("openai_stream_proxy_body_bytes_total{{{p},mode=\"websocket\",direction=\"to_client\"}}");
+            assert_eq!(value(&text, &up), Some(5.0), "{text}");
+            assert_eq!(value(&text, &down), Some(5.0), "{text}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "session still counted as open:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
