@@ -18,11 +18,18 @@ use crate::route::Mode;
 /// Conversion details for the log line.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ConvertSummary {
+    /// The event that ended the upstream stream, as named by
+    /// [`Terminal::as_str`](crate::convert::outcome::Terminal::as_str).
     pub terminal: &'static str,
+    /// Input (prompt) tokens the upstream reported.
     pub input_tokens: Option<u64>,
+    /// Output (completion) tokens the upstream reported.
     pub output_tokens: Option<u64>,
+    /// Total tokens the upstream reported.
     pub total_tokens: Option<u64>,
+    /// Cached input tokens; counted in metrics only, not written to the log line.
     pub cached_tokens: Option<u64>,
+    /// Reasoning tokens; counted in metrics only, not written to the log line.
     pub reasoning_tokens: Option<u64>,
     /// Which fallback was used when the upstream refused the streaming form.
     pub fallback: Option<&'static str>,
@@ -55,6 +62,8 @@ enum Outcome {
 }
 
 impl AccessLog {
+    /// Starts the line for a request that arrived at `started`. The request counts as in
+    /// flight (metric) from now until the line is written.
     pub fn new(port: u16, method: Method, path: &str, mode: Mode, started: Instant) -> Self {
         Metrics::global()
             .in_flight
@@ -77,18 +86,23 @@ impl AccessLog {
         }
     }
 
+    /// The status the client is answered with.
     pub fn set_status(&mut self, status: u16) {
         self.status = status;
     }
 
+    /// The mode the request ended up in. A conversion candidate is logged as passthrough
+    /// until its body is actually converted, so this is set late.
     pub fn set_mode(&mut self, mode: Mode) {
         self.mode = mode;
     }
 
+    /// The summary of a conversion that finished before its response was committed.
     pub fn set_convert(&mut self, summary: ConvertSummary) {
         self.convert = Some(summary);
     }
 
+    /// The request's id (see [`request_id`](crate::request_id)).
     pub fn set_request_id(&mut self, id: HeaderValue) {
         self.request_id = Some(id);
     }
@@ -98,6 +112,9 @@ impl AccessLog {
         self.upstream_request_id = Some(id);
     }
 
+    /// A slot for the summary of a conversion that is still running when its 200 is
+    /// committed (keep-alive): the summary does not exist yet, so the line reads the slot
+    /// when it is written. A summary given with [`Self::set_convert`] takes precedence.
     pub fn set_convert_later(&mut self, slot: Arc<OnceLock<ConvertSummary>>) {
         self.convert_later = Some(slot);
     }
@@ -107,14 +124,19 @@ impl AccessLog {
         self.request_bytes = n;
     }
 
+    /// Counts response body bytes sent to the client.
     pub fn add_bytes(&mut self, n: u64) {
         self.bytes += n;
     }
 
+    /// The response body ended normally (`outcome=complete`). A line written without this
+    /// or [`Self::body_failed`] reports `client_closed`: the body was dropped before its end.
     pub fn body_complete(&mut self) {
         self.outcome = Outcome::Complete;
     }
 
+    /// The response body failed mid-way (`outcome=upstream_failed`); `reason` becomes the
+    /// line's `error`.
     pub fn body_failed(&mut self, reason: String) {
         self.outcome = Outcome::Failed(reason);
     }

@@ -181,6 +181,8 @@ pin_project! {
 }
 
 impl IdleTimer {
+    /// A timer that expires once `limit` passes without [`Self::touch`]; the clock starts
+    /// now.
     pub fn new(limit: Duration) -> Self {
         let now = Instant::now();
         IdleTimer {

@@ -36,6 +36,7 @@ pub const DEFAULT_MAX_WEBSOCKET_MESSAGE_BYTES: u64 = 64 * 1024 * 1024;
 pub struct Config {
     /// Where it was loaded from, for messages.
     pub source: PathBuf,
+    /// One per listening port, in file order.
     pub rules: Vec<Rule>,
     /// Where the admin endpoints (`/metrics`, `/healthz`) listen; off when `None`.
     pub admin_listen: Option<SocketAddr>,
@@ -49,8 +50,11 @@ pub struct Config {
 /// One listening port and where its traffic goes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
+    /// The address the rule listens on (`listenAddress`, `listenPort`).
     pub listen: SocketAddr,
+    /// Where its requests go (`upstreamUrl`).
     pub upstream: UpstreamUrl,
+    /// Its options, defaults already filled in.
     pub options: RuleOptions,
 }
 
@@ -63,7 +67,12 @@ pub struct RuleOptions {
     pub convert: bool,
     /// Once an aggregation has run this long, commit 200 and send a space every interval.
     pub keep_alive: Option<Duration>,
+    /// Cap on a request body the proxy must read whole to decide on conversion (D5);
+    /// larger ones get 413. Bodies that are streamed through are not capped.
     pub max_request_body_bytes: u64,
+    /// Cap on the (decoded) bytes of one upstream stream being aggregated: the whole answer
+    /// is held in memory. A larger stream fails the conversion; it is never answered
+    /// partially.
     pub max_response_bytes: u64,
     /// Largest WebSocket message either side may send (D20); larger ones close with 1009.
     pub max_websocket_message_bytes: u64,
@@ -89,6 +98,7 @@ impl Default for RuleOptions {
 /// Everything wrong with a config file: which file, and each problem with its key path.
 #[derive(Debug)]
 pub struct ConfigError {
+    /// The config file.
     pub path: PathBuf,
     /// One entry per problem, each naming its key path (or JSON line and column).
     pub problems: Vec<String>,

@@ -18,14 +18,29 @@ pub enum ProxyError {
     /// The upstream could not be reached or refused the request before answering:
     /// DNS, connection refused, TLS failure, a reset before the response head.
     #[error("cannot reach upstream {upstream}: {reason}")]
-    UpstreamUnreachable { upstream: String, reason: String },
+    UpstreamUnreachable {
+        /// The upstream base URL.
+        upstream: String,
+        /// What failed, with the error's chain of causes.
+        reason: String,
+    },
     /// No response head (or no byte of an aggregated stream) within `timeoutSeconds`.
     #[error("upstream {upstream} sent nothing for {seconds} s")]
-    UpstreamTimeout { upstream: String, seconds: u64 },
+    UpstreamTimeout {
+        /// The upstream base URL.
+        upstream: String,
+        /// The timeout that ran out, in seconds.
+        seconds: u64,
+    },
     /// The upstream's stream could not be turned into a response (truncated, corrupt,
     /// over the size limit).
     #[error("upstream {upstream} returned an unusable stream: {reason}")]
-    UpstreamStream { upstream: String, reason: String },
+    UpstreamStream {
+        /// The upstream base URL.
+        upstream: String,
+        /// What was wrong with the stream.
+        reason: String,
+    },
     /// The upstream reported an error inside its stream; relayed with its own fields.
     #[error("upstream reported an error: {}", .0.message)]
     UpstreamReported(Box<UpstreamStreamError>),
@@ -34,7 +49,10 @@ pub enum ProxyError {
     BadRequest(String),
     /// A request body over the configured limit.
     #[error("request body is larger than the limit of {limit} bytes")]
-    RequestTooLarge { limit: u64 },
+    RequestTooLarge {
+        /// The rule's `maxRequestBodyBytes`.
+        limit: u64,
+    },
     /// The client's request body failed while the proxy was reading it.
     #[error("reading the request body failed: {0}")]
     RequestBody(String),

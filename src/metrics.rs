@@ -23,8 +23,11 @@ use crate::route::Mode;
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum ModeLabel {
+    /// Forwarded unchanged.
     passthrough,
+    /// Sent upstream as a stream and answered with the aggregated body.
     convert,
+    /// A WebSocket session.
     websocket,
 }
 
@@ -38,47 +41,74 @@ impl From<Mode> for ModeLabel {
     }
 }
 
+/// Labels of [`Metrics::requests`].
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    /// The rule's listening port (`0` for a [`ProxyService`](crate::ProxyService) without a
+    /// port label).
     pub port: u16,
+    /// The mode the request ended up in.
     pub mode: ModeLabel,
+    /// The response status class, from [`status_class`].
     pub status_class: &'static str,
 }
 
+/// Labels of [`Metrics::request_duration`].
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabels {
+    /// The rule's listening port (`0` for a [`ProxyService`](crate::ProxyService) without a
+    /// port label).
     pub port: u16,
+    /// The mode the request ended up in.
     pub mode: ModeLabel,
 }
 
+/// Labels of the per-port series: [`Metrics::upstream_headers`], [`Metrics::in_flight`],
+/// [`Metrics::websocket_sessions`].
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PortLabels {
+    /// The rule's listening port (`0` for a [`ProxyService`](crate::ProxyService) without a
+    /// port label).
     pub port: u16,
 }
 
+/// Labels of [`Metrics::bytes`].
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
+    /// The rule's listening port (`0` for a [`ProxyService`](crate::ProxyService) without a
+    /// port label).
     pub port: u16,
+    /// The mode the request ended up in.
     pub mode: ModeLabel,
     /// `to_client` or `to_upstream`.
     pub direction: &'static str,
 }
 
+/// Labels of [`Metrics::tokens`].
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
+    /// The rule's listening port (`0` for a [`ProxyService`](crate::ProxyService) without a
+    /// port label).
     pub port: u16,
     /// `input`, `output`, `total`, `cached`, `reasoning`.
     pub token_type: &'static str,
 }
 
+/// Labels of [`Metrics::terminal`].
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TerminalLabels {
+    /// The rule's listening port (`0` for a [`ProxyService`](crate::ProxyService) without a
+    /// port label).
     pub port: u16,
+    /// `done`, `end_of_stream`, `completed`, `incomplete`.
     pub terminal: &'static str,
 }
 
+/// Labels of [`Metrics::upstream_errors`].
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
+    /// The rule's listening port (`0` for a [`ProxyService`](crate::ProxyService) without a
+    /// port label).
     pub port: u16,
     /// `connect`, `timeout`, `incomplete_stream`, `in_stream_error`, `stream_fallback`.
     pub kind: &'static str,
@@ -87,14 +117,31 @@ pub struct ErrorLabels {
 /// Every metric the proxy keeps.
 pub struct Metrics {
     registry: Registry,
+    /// Requests, counted when their log line is written
+    /// (`openai_stream_proxy_requests_total`).
     pub requests: Family<RequestLabels, Counter>,
+    /// Seconds from request to the end of the response body
+    /// (`openai_stream_proxy_request_duration_seconds`).
     pub request_duration: Family<ModeLabels, Histogram>,
+    /// Seconds from sending a request upstream to its response head
+    /// (`openai_stream_proxy_upstream_time_to_headers_seconds`).
     pub upstream_headers: Family<PortLabels, Histogram>,
+    /// Requests whose response body has not ended
+    /// (`openai_stream_proxy_requests_in_flight`).
     pub in_flight: Family<PortLabels, Gauge>,
+    /// Open proxied WebSocket sessions (`openai_stream_proxy_websocket_sessions_open`).
     pub websocket_sessions: Family<PortLabels, Gauge>,
+    /// Bytes relayed, by direction (`openai_stream_proxy_body_bytes_total`). HTTP request
+    /// bytes are the declared `content-length` or the converted body; WebSocket bytes are
+    /// message payloads, added when the session ends.
     pub bytes: Family<BytesLabels, Counter>,
+    /// Token usage reported by converted responses, by token type
+    /// (`openai_stream_proxy_converted_tokens_total`).
     pub tokens: Family<TokenLabels, Counter>,
+    /// Converted streams by the event that ended them
+    /// (`openai_stream_proxy_converted_terminal_total`).
     pub terminal: Family<TerminalLabels, Counter>,
+    /// Upstream failures by kind (`openai_stream_proxy_upstream_errors_total`).
     pub upstream_errors: Family<ErrorLabels, Counter>,
 }
 
@@ -235,7 +282,10 @@ mod tests {
         metrics.upstream_error(1, "timeout");
         metrics
             .request_duration
-            .get_or_create(&ModeLabels { port: 1, mode: ModeLabel::convert })
+            .get_or_create(&ModeLabels {
+                port: 1,
+                mode: ModeLabel::convert,
+            })
             .observe(0.25);
         let text = metrics.encode();
         assert!(text.contains("openai_stream_proxy_requests_total{port=\"1\",mode=\"convert\",status_class=\"2xx\"}"), "{text}");

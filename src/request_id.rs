@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+/// `x-request-id`: the request's id on the way upstream, and the upstream's own id on its
+/// response (OpenAI sets it), which the access log records next to ours.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);

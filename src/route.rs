@@ -24,12 +24,17 @@ pub enum Route {
 /// The mode a request ended up in, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// Forwarded unchanged; also a conversion candidate whose body was not converted, and
+    /// a request refused before reaching the upstream.
     Passthrough,
+    /// Sent upstream as a stream and answered with the aggregated body.
     Convert,
+    /// A WebSocket session.
     WebSocket,
 }
 
 impl Mode {
+    /// The name used in logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Passthrough => "passthrough",

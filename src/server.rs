@@ -32,11 +32,16 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// A rule's address could not be bound; listeners bound before it are closed again.
     #[error("cannot listen on {addr} (rules[{rule}], port {port}): {source}")]
     Bind {
+        /// The address that could not be bound.
         addr: SocketAddr,
+        /// The rule's index in the config's `rules`.
         rule: usize,
+        /// The rule's port.
         port: u16,
+        /// The operating system's error.
         source: std::io::Error,
     },
 }
@@ -58,6 +63,8 @@ impl Health {
         self.0.ready.load(Ordering::Acquire) && !self.is_draining()
     }
 
+    /// Shutdown has begun: `/healthz` answers 503 `draining` so load balancers stop sending
+    /// new traffic while in-flight requests finish.
     pub fn is_draining(&self) -> bool {
         self.0.draining.load(Ordering::Acquire)
     }

@@ -30,10 +30,14 @@ use crate::{convert, passthrough, request_id, websocket};
 /// Everything a handler needs to know about the rule a request arrived on.
 #[derive(Debug)]
 pub struct RuleContext {
+    /// Where requests go.
     pub upstream: UpstreamUrl,
+    /// The rule's options.
     pub options: RuleOptions,
+    /// The shared upstream client.
     pub client: UpstreamClient,
-    /// The listening port, for logs.
+    /// The listening port, for logs and metric labels; `0` unless set with
+    /// [`ProxyService::with_port_label`].
     pub port: u16,
 }
 

@@ -121,8 +121,16 @@ pin_project! {
     /// server) is not boxed; bodies from embedding applications are.
     #[project = UpstreamBodyProj]
     pub enum UpstreamBody {
+        /// `body` straight from the hyper server, streamed as it arrives.
+        // pin_project_lite accepts no attributes on enum fields, so they are described in
+        // their variant's doc instead.
+        #[allow(missing_docs)]
         Incoming { #[pin] body: Incoming },
+        /// A complete body in memory; `data` is `None` for an empty body and once sent.
+        #[allow(missing_docs)]
         Full { data: Option<Bytes> },
+        /// Any other `body`, boxed (tower / axum callers).
+        #[allow(missing_docs)]
         Boxed { #[pin] body: UnsyncBoxBody<Bytes, BoxError> },
     }
 }
@@ -199,10 +207,18 @@ impl fmt::Debug for ClientOptions {
 /// Upstream client setup problems.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The given PEM data held no certificate, so no upstream TLS could be verified.
     #[error("no usable TLS trust anchors: {0}")]
     NoTrustAnchors(String),
+    /// PEM certificate data could not be parsed.
     #[error("cannot read certificate file {path}: {reason}")]
-    CertificateFile { path: String, reason: String },
+    CertificateFile {
+        /// Where the data came from (`<pem>` for in-memory data).
+        path: String,
+        /// The parser's error.
+        reason: String,
+    },
+    /// rustls refused a certificate or the TLS configuration.
     #[error("TLS setup failed: {0}")]
     Tls(String),
 }
@@ -296,6 +312,8 @@ impl fmt::Debug for UpstreamClient {
 }
 
 impl UpstreamClient {
+    /// Builds the client. Connections are made lazily, on the first request to each
+    /// upstream, and kept in the pool until idle for 90 s.
     pub fn new(options: ClientOptions) -> Result<UpstreamClient, ClientError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);

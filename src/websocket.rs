@@ -351,14 +351,18 @@ pub fn websocket_config(max_message_bytes: u64) -> WebSocketConfig {
 /// What one direction of a session saw.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Traffic {
+    /// Messages forwarded (pings included, pongs not: each hop answers its own).
     pub frames: u64,
+    /// Payload bytes of those messages.
     pub bytes: u64,
 }
 
 /// How a session ended, for logs and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SessionReport {
+    /// What the client sent that reached the upstream.
     pub to_upstream: Traffic,
+    /// What the upstream sent that reached the client.
     pub to_client: Traffic,
     /// Close code the client sent, if it sent one.
     pub client_close: Option<u16>,

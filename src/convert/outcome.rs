@@ -47,8 +47,11 @@ impl Terminal {
 /// `input_tokens`/`output_tokens`; both land here as input/output.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TokenUsage {
+    /// `prompt_tokens` / `input_tokens`.
     pub input: Option<u64>,
+    /// `completion_tokens` / `output_tokens`.
     pub output: Option<u64>,
+    /// `total_tokens`.
     pub total: Option<u64>,
     /// `prompt_tokens_details.cached_tokens` / `input_tokens_details.cached_tokens`.
     pub cached: Option<u64>,
@@ -61,7 +64,9 @@ pub struct TokenUsage {
 pub struct Aggregate {
     /// The JSON body, ready to send with `content-type: application/json`.
     pub body: Vec<u8>,
+    /// The event that ended the stream.
     pub terminal: Terminal,
+    /// The token counts the upstream reported; `None` when it reported none.
     pub usage: Option<TokenUsage>,
 }
 
@@ -72,7 +77,9 @@ pub struct Aggregate {
 pub struct UpstreamStreamError {
     /// HTTP status the client gets (see [`status_for_error_code`]).
     pub status: u16,
+    /// The upstream's `message`, or a generic one when it sent none.
     pub message: String,
+    /// The upstream's `type`; when it sent none, the type that goes with `status`.
     pub error_type: String,
     /// `code` as the upstream sent it (string, number or null).
     pub code: Value,

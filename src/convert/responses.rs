@@ -108,6 +108,7 @@ enum Ending {
 }
 
 impl ResponsesAccumulator {
+    /// An accumulator that has seen nothing yet.
     pub fn new() -> Self {
         Self::default()
     }

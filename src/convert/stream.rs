@@ -25,11 +25,14 @@ use crate::sse::{SseError, SseParser};
 
 /// Either accumulator behind one interface.
 pub enum Accumulator {
+    /// A Chat Completions stream.
     Chat(ChatAccumulator),
+    /// A Responses stream; boxed because its accumulator is much larger than the chat one.
     Responses(Box<ResponsesAccumulator>),
 }
 
 impl Accumulator {
+    /// A fresh accumulator for `api`'s stream format.
     pub fn new(api: Api) -> Self {
         match api {
             Api::ChatCompletions => Accumulator::Chat(ChatAccumulator::new()),
@@ -57,10 +60,15 @@ impl Accumulator {
 /// The content codings a converted stream may arrive in (D4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Coding {
+    /// No content coding (`identity` or no `content-encoding`).
     Identity,
+    /// `gzip` (or `x-gzip`).
     Gzip,
+    /// `deflate`: zlib-wrapped or raw, told apart by the first bytes.
     Deflate,
+    /// `br`.
     Brotli,
+    /// `zstd`.
     Zstd,
 }
 
@@ -84,12 +92,17 @@ impl Coding {
 /// Why reading the stream stopped without an aggregate.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
+    /// The events could not be aggregated (corrupt, truncated, or an error the upstream
+    /// reported in the stream).
     #[error(transparent)]
     Aggregate(#[from] AggregateError),
+    /// No upstream bytes for this long (the rule's timeout).
     #[error("upstream sent no data for {} s", .0.as_secs())]
     Idle(Duration),
+    /// The stream, or one event in it, exceeded this many bytes (`maxResponseBytes`).
     #[error("upstream stream is larger than maxResponseBytes ({0} bytes)")]
     TooLarge(u64),
+    /// The upstream body failed, or could not be decoded, in the middle of the stream.
     #[error("upstream connection failed in the middle of the stream: {0}")]
     Body(String),
 }
@@ -97,7 +110,9 @@ pub enum StreamError {
 /// Limits for one aggregation.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamLimits {
+    /// Longest silence between upstream bytes.
     pub idle: Duration,
+    /// Cap on the decoded stream, in bytes.
     pub max_bytes: u64,
 }
 
