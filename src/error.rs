@@ -47,6 +47,10 @@ pub enum ProxyError {
     /// The request itself is unusable (absolute-form target, CONNECT, …).
     #[error("{0}")]
     BadRequest(String),
+    /// A request the proxy understands but does not support (a transfer coding other than
+    /// `chunked`).
+    #[error("{0}")]
+    NotImplemented(String),
     /// A request body over the configured limit.
     #[error("request body is larger than the limit of {limit} bytes")]
     RequestTooLarge {
@@ -82,6 +86,11 @@ impl ProxyError {
                 "invalid_request_error",
                 Value::from("invalid_request"),
             ),
+            ProxyError::NotImplemented(_) => (
+                StatusCode::NOT_IMPLEMENTED,
+                "invalid_request_error",
+                Value::from("not_implemented"),
+            ),
             ProxyError::RequestTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
@@ -98,6 +107,7 @@ impl ProxyError {
             ProxyError::UpstreamStream { .. } => Some("incomplete_stream"),
             ProxyError::UpstreamReported(_) => Some("in_stream_error"),
             ProxyError::BadRequest(_)
+            | ProxyError::NotImplemented(_)
             | ProxyError::RequestTooLarge { .. }
             | ProxyError::RequestBody(_) => None,
         }

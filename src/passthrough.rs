@@ -48,6 +48,11 @@ pub fn relay_response(
     idle: std::time::Duration,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
+    // RFC 9112 §6.3: with both framings, Transfer-Encoding decides and Content-Length is
+    // stale; relaying it would make the client stop early at a length that looks complete.
+    if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     Response::from_parts(parts, ProxyBody::upstream(body, idle))

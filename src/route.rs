@@ -64,21 +64,8 @@ pub fn route(
             "absolute-form request targets are not accepted; send the path only".into(),
         ));
     }
-    if version == Version::HTTP_11 && !headers.contains_key(header::HOST) {
-        return Err(ProxyError::BadRequest(
-            "HTTP/1.1 requests must carry a Host header (RFC 9112 §3.2)".into(),
-        ));
-    }
-    // A message with both framings is the classic smuggling vector (RFC 9112 §6.1: "ought
-    // to be handled as an error"); the parser let Transfer-Encoding win, but the request is
-    // refused rather than forwarded with a framing some other hop may read differently.
-    if version < Version::HTTP_2
-        && headers.contains_key(header::TRANSFER_ENCODING)
-        && headers.contains_key(header::CONTENT_LENGTH)
-    {
-        return Err(ProxyError::BadRequest(
-            "Content-Length together with Transfer-Encoding is not accepted".into(),
-        ));
+    if version < Version::HTTP_2 {
+        check_http1_framing(version, headers)?;
     }
     if is_websocket_upgrade(method, version, headers) {
         return Ok(Route::WebSocket);
@@ -90,6 +77,45 @@ pub fn route(
         }
     }
     Ok(Route::Passthrough)
+}
+
+/// HTTP/1 head checks that keep every hop agreeing on where this request ends.
+fn check_http1_framing(version: Version, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let hosts = headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (version == Version::HTTP_11 && hosts == 0) {
+        return Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request must carry exactly one Host header (RFC 9112 §3.2)".into(),
+        ));
+    }
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    // Both framings at once are the classic smuggling vector (RFC 9112 §6.1). hyper lets
+    // Transfer-Encoding win and drops Content-Length before we see the request; this is
+    // the second line for servers that do not.
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(ProxyError::BadRequest(
+            "Content-Length together with Transfer-Encoding is not accepted".into(),
+        ));
+    }
+    // Only `chunked` alone is understood; dropping another coding (`gzip, chunked`) would
+    // forward coded bytes that nothing labels as coded (RFC 9112 §6.1: 501).
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty());
+    let only_chunked = codings
+        .next()
+        .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none();
+    if !only_chunked {
+        return Err(ProxyError::NotImplemented(
+            "only the chunked transfer coding is supported".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// RFC 6455 §4.1 opening handshake: GET, HTTP/1.1, `Upgrade: websocket` and `Connection`
@@ -177,6 +203,23 @@ mod tests {
         h.remove(header::HOST);
         assert!(route(&Method::POST, &uri, Version::HTTP_11, &h, true).is_err());
         assert!(route(&Method::POST, &uri, Version::HTTP_10, &h, true).is_ok());
+        h.append(header::HOST, HeaderValue::from_static("a"));
+        h.append(header::HOST, HeaderValue::from_static("b"));
+        assert!(route(&Method::POST, &uri, Version::HTTP_11, &h, true).is_err());
+        h.remove(header::HOST);
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.remove(header::CONTENT_LENGTH);
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("gzip, chunked"),
+        );
+        let refused = route(&Method::POST, &uri, Version::HTTP_11, &h, true).unwrap_err();
+        assert_eq!(refused.status(), http::StatusCode::NOT_IMPLEMENTED);
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("Chunked"),
+        );
+        assert!(route(&Method::POST, &uri, Version::HTTP_11, &h, true).is_ok());
     }
 
     #[test]

@@ -183,11 +183,11 @@ impl Server {
         mut control: mpsc::Receiver<Control>,
         drain: Duration,
     ) {
-        let builder = Arc::new(connection_builder(self.header_read_timeout));
+        let setup = Arc::new(ConnectionSetup::new(self.header_read_timeout));
         let mut serving: HashMap<SocketAddr, Serving> = HashMap::new();
         let mut retired: Vec<JoinHandle<()>> = Vec::new();
         for bound in self.listeners {
-            let started = serve(bound.listener, bound.service, builder.clone(), drain);
+            let started = serve(bound.listener, bound.service, setup.clone(), drain);
             serving.insert(bound.key, started);
         }
         self.health.0.ready.store(true, Ordering::Release);
@@ -199,7 +199,7 @@ impl Server {
                 message = control.recv() => match message {
                     Some(Control::Reload(config)) => {
                         let client = self.client.as_ref();
-                        reload(config, client, &builder, &mut serving, &mut retired, drain).await;
+                        reload(config, client, &setup, &mut serving, &mut retired, drain).await;
                     }
                     None => {
                         // No one can send reloads any more; serve until shutdown.
@@ -232,7 +232,7 @@ fn service_for(rule: &Rule, client: &UpstreamClient) -> ProxyService {
 async fn reload(
     config: Config,
     client: Option<&UpstreamClient>,
-    builder: &Arc<auto::Builder<TokioExecutor>>,
+    setup: &Arc<ConnectionSetup>,
     serving: &mut HashMap<SocketAddr, Serving>,
     retired: &mut Vec<JoinHandle<()>>,
     drain: Duration,
@@ -281,7 +281,7 @@ async fn reload(
         };
         match listen(rule.listen) {
             Ok(listener) => {
-                let started = serve(listener, service_for(rule, client), builder.clone(), drain);
+                let started = serve(listener, service_for(rule, client), setup.clone(), drain);
                 serving.insert(rule.listen, started);
                 added += 1;
                 tracing::info!(listen = %rule.listen, upstream = %rule.upstream, convert = rule.options.convert, "proxy rule");
@@ -301,14 +301,55 @@ async fn reload(
     );
 }
 
-fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
-    builder
+/// How accepted connections are served.
+struct ConnectionSetup {
+    builder: auto::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+}
+
+impl ConnectionSetup {
+    fn new(header_read_timeout: Duration) -> ConnectionSetup {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            // A request head larger than this is refused with 431: API requests carry a
+            // handful of headers, and every idle connection may hold this much.
+            .max_buf_size(MAX_HEAD_BYTES);
+        builder.http2().timer(TokioTimer::new());
+        ConnectionSetup {
+            builder,
+            header_read_timeout,
+        }
+    }
+}
+
+/// Largest HTTP/1 request head accepted (nginx allows 8 KiB lines, HAProxy about 16 KiB).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits, at most `limit`, until the client has sent enough to tell HTTP/1 from HTTP/2
+/// (any byte that is not the start of the HTTP/2 preface, or the whole preface).
+async fn first_bytes_arrive(stream: &tokio::net::TcpStream, limit: Duration) -> bool {
+    let wait = async {
+        let mut seen = [0u8; H2_PREFACE.len()];
+        // Bounded by the deadline around it; each round waits for the socket or 5 ms.
+        loop {
+            match stream.peek(&mut seen).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if n == H2_PREFACE.len() || !H2_PREFACE.starts_with(&seen[..n]) => {
+                    return true
+                }
+                // Part of a preface: peek would return the same bytes at once, so pause
+                // before looking again.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    };
+    tokio::time::timeout(limit, wait).await.unwrap_or(false)
 }
 
 /// Starts serving one listener in its own task; stopping it closes the socket, then drains
@@ -316,7 +357,7 @@ fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecu
 fn serve(
     listener: TcpListener,
     service: ProxyService,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    setup: Arc<ConnectionSetup>,
     drain: Duration,
 ) -> Serving {
     let (stop, stop_rx) = watch::channel(false);
@@ -329,7 +370,7 @@ fn serve(
         accept_loop(
             &listener,
             &task_service,
-            &builder,
+            &setup,
             &graceful,
             &mut connections,
             stop_rx,
@@ -374,7 +415,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn accept_loop(
     listener: &TcpListener,
     service: &ProxyService,
-    builder: &auto::Builder<TokioExecutor>,
+    setup: &Arc<ConnectionSetup>,
     graceful: &GracefulShutdown,
     connections: &mut JoinSet<()>,
     mut stop: watch::Receiver<bool>,
@@ -394,12 +435,21 @@ async fn accept_loop(
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
                 }
-                let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service.clone())
-                    .into_owned();
-                let connection = graceful.watch(connection);
+                let setup = setup.clone();
+                let service = service.clone();
+                let watcher = graceful.watcher();
                 connections.spawn(async move {
-                    if let Err(e) = connection.await {
+                    // The HTTP/1-or-HTTP/2 sniff has no deadline of its own: a client that
+                    // connects and sends nothing (or half an HTTP/2 preface) would hold the
+                    // connection forever.
+                    if !first_bytes_arrive(&stream, setup.header_read_timeout).await {
+                        tracing::debug!(%peer, "no request within the header read timeout; closing");
+                        return;
+                    }
+                    let connection = setup
+                        .builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(connection).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });
