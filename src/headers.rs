@@ -53,6 +53,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether a comma-separated header (`Connection`, `Upgrade`) lists `token`, on any of its
+/// lines, ignoring case and surrounding spaces.
+pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
 /// Prepares client request headers for the upstream: hop-by-hop removed, and `host`
 /// removed so the upstream connection sets its own authority.
 pub fn upstream_request_headers(headers: &mut HeaderMap) {

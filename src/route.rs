@@ -9,6 +9,7 @@ use http::{header, HeaderMap, Method, Uri, Version};
 
 use crate::convert::request::{conversion_candidate, Api};
 use crate::error::ProxyError;
+use crate::headers::has_token;
 
 /// What the proxy does with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,15 +126,6 @@ pub fn is_websocket_upgrade(method: &Method, version: Version, headers: &HeaderM
         && version == Version::HTTP_11
         && has_token(headers, header::UPGRADE, "websocket")
         && has_token(headers, header::CONNECTION, "upgrade")
-}
-
-fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Response, StatusCode, Uri};
 use http_body_util::Empty;
@@ -33,7 +33,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::headers::{strip_hop_by_hop, WEBSOCKET_HANDSHAKE};
+use crate::headers::{has_token, strip_hop_by_hop, WEBSOCKET_HANDSHAKE};
 use crate::metrics::{BytesLabels, Metrics, ModeLabel, PortLabels};
 use crate::service::{error_chain, RuleContext};
 use crate::upstream::UpstreamBody;
@@ -312,15 +312,6 @@ fn verify_upgrade(headers: &HeaderMap, key: &str, offers: &[String]) -> Result<(
         }
     }
     Ok(())
-}
-
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// The upstream refused the upgrade with an HTTP response: the client gets that status,

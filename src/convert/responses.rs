@@ -407,37 +407,24 @@ impl ResponsesAccumulator {
                     },
                 );
             }
-            "reasoning_summary_text.delta" | "reasoning_summary_text.done" => {
+            "reasoning_summary_text.delta"
+            | "reasoning_summary_text.done"
+            | "reasoning_text.delta"
+            | "reasoning_text.done" => {
+                // Summary text and reasoning text fill different lists of a reasoning item.
                 let done = kind.ends_with("done");
                 let text = if done { &event.text } else { &event.delta };
-                self.with_part(
-                    event,
-                    event.summary_index,
-                    Parts::Summary,
-                    "reasoning",
-                    |part| {
-                        part.kind.get_or_insert("summary_text");
-                        if let Some(text) = text {
-                            part.set_or_append_text(text, done);
-                        }
-                    },
-                );
-            }
-            "reasoning_text.delta" | "reasoning_text.done" => {
-                let done = kind.ends_with("done");
-                let text = if done { &event.text } else { &event.delta };
-                self.with_part(
-                    event,
-                    event.content_index,
-                    Parts::Content,
-                    "reasoning",
-                    |part| {
-                        part.kind.get_or_insert("reasoning_text");
-                        if let Some(text) = text {
-                            part.set_or_append_text(text, done);
-                        }
-                    },
-                );
+                let (index, parts, part_type) = if kind.starts_with("reasoning_summary") {
+                    (event.summary_index, Parts::Summary, "summary_text")
+                } else {
+                    (event.content_index, Parts::Content, "reasoning_text")
+                };
+                self.with_part(event, index, parts, "reasoning", |part| {
+                    part.kind.get_or_insert(part_type);
+                    if let Some(text) = text {
+                        part.set_or_append_text(text, done);
+                    }
+                });
             }
             "function_call_arguments.delta" | "function_call_arguments.done" => {
                 self.item_text(event, kind, "function_call", "arguments", &event.arguments);
