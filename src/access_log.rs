@@ -9,10 +9,7 @@ use std::time::Instant;
 
 use http::{HeaderValue, Method};
 
-use crate::metrics::{
-    status_class, BytesLabels, Metrics, ModeLabel, ModeLabels, PortLabels, RequestLabels,
-    TerminalLabels, TokenLabels,
-};
+use crate::metrics::{Metrics, ModeLabel, PortMetrics, TerminalLabels, TokenLabels};
 use crate::route::Mode;
 
 /// Conversion details for the log line.
@@ -39,6 +36,7 @@ pub struct ConvertSummary {
 #[derive(Debug)]
 pub struct AccessLog {
     port: u16,
+    metrics: PortMetrics,
     method: Method,
     path: String,
     mode: Mode,
@@ -64,13 +62,18 @@ enum Outcome {
 impl AccessLog {
     /// Starts the line for a request that arrived at `started`. The request counts as in
     /// flight (metric) from now until the line is written.
-    pub fn new(port: u16, method: Method, path: &str, mode: Mode, started: Instant) -> Self {
-        Metrics::global()
-            .in_flight
-            .get_or_create(&PortLabels { port })
-            .inc();
+    pub fn new(
+        port: u16,
+        metrics: PortMetrics,
+        method: Method,
+        path: &str,
+        mode: Mode,
+        started: Instant,
+    ) -> Self {
+        metrics.request_started();
         AccessLog {
             port,
+            metrics,
             method,
             path: path.to_owned(),
             mode,
@@ -144,37 +147,15 @@ impl AccessLog {
 
 impl AccessLog {
     fn record_metrics(&self, seconds: f64) {
-        let metrics = Metrics::global();
         let port = self.port;
-        let mode = ModeLabel::from(self.mode);
-        metrics.in_flight.get_or_create(&PortLabels { port }).dec();
-        metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                port,
-                mode,
-                status_class: status_class(self.status),
-            })
-            .inc();
-        metrics
-            .request_duration
-            .get_or_create(&ModeLabels { port, mode })
-            .observe(seconds);
-        for (direction, n) in [
-            ("to_client", self.bytes),
-            ("to_upstream", self.request_bytes),
-        ] {
-            if n > 0 {
-                metrics
-                    .bytes
-                    .get_or_create(&BytesLabels {
-                        port,
-                        mode,
-                        direction,
-                    })
-                    .inc_by(n);
-            }
-        }
+        self.metrics.request_finished(
+            ModeLabel::from(self.mode),
+            self.status,
+            seconds,
+            self.bytes,
+            self.request_bytes,
+        );
+        let metrics = Metrics::global();
         let Some(convert) = self.convert else { return };
         metrics
             .terminal

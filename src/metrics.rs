@@ -8,7 +8,7 @@
 //! Token counters follow the OpenTelemetry GenAI `gen_ai.client.token.usage` idea: one
 //! series per token type (`input`, `output`, `total`, `cached`, `reasoning`).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -249,6 +249,117 @@ impl Metrics {
         self.upstream_errors
             .get_or_create(&ErrorLabels { port, kind })
             .inc();
+    }
+}
+
+/// The metric handles of one rule port, resolved once: a request then records with a few
+/// atomic operations instead of hashing label sets and locking the families.
+#[derive(Clone)]
+pub struct PortMetrics(Arc<PortHandles>);
+
+struct PortHandles {
+    /// By mode, then status class.
+    requests: [[Counter; STATUS_CLASSES.len()]; MODES.len()],
+    /// By mode.
+    duration: [Histogram; MODES.len()],
+    /// By mode, then direction (to client, to upstream).
+    bytes: [[Counter; 2]; MODES.len()],
+    in_flight: Gauge,
+    upstream_headers: Histogram,
+}
+
+const MODES: [ModeLabel; 3] = [
+    ModeLabel::passthrough,
+    ModeLabel::convert,
+    ModeLabel::websocket,
+];
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+
+impl std::fmt::Debug for PortMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PortMetrics")
+    }
+}
+
+impl PortMetrics {
+    /// Handles for `port` in the process-wide metrics.
+    pub fn for_port(port: u16) -> PortMetrics {
+        let m = Metrics::global();
+        let requests = MODES.map(|mode| {
+            STATUS_CLASSES.map(|status_class| {
+                m.requests
+                    .get_or_create(&RequestLabels {
+                        port,
+                        mode,
+                        status_class,
+                    })
+                    .clone()
+            })
+        });
+        let duration = MODES.map(|mode| {
+            m.request_duration
+                .get_or_create(&ModeLabels { port, mode })
+                .clone()
+        });
+        let bytes = MODES.map(|mode| {
+            ["to_client", "to_upstream"].map(|direction| {
+                m.bytes
+                    .get_or_create(&BytesLabels {
+                        port,
+                        mode,
+                        direction,
+                    })
+                    .clone()
+            })
+        });
+        PortMetrics(Arc::new(PortHandles {
+            requests,
+            duration,
+            bytes,
+            in_flight: m.in_flight.get_or_create(&PortLabels { port }).clone(),
+            upstream_headers: m
+                .upstream_headers
+                .get_or_create(&PortLabels { port })
+                .clone(),
+        }))
+    }
+
+    /// A request arrived.
+    pub fn request_started(&self) {
+        self.0.in_flight.inc();
+    }
+
+    /// A request's response ended (or was dropped).
+    pub fn request_finished(
+        &self,
+        mode: ModeLabel,
+        status: u16,
+        seconds: f64,
+        to_client: u64,
+        to_upstream: u64,
+    ) {
+        let m = mode as usize;
+        self.0.in_flight.dec();
+        self.0.requests[m][status_class_index(status)].inc();
+        self.0.duration[m].observe(seconds);
+        if to_client > 0 {
+            self.0.bytes[m][0].inc_by(to_client);
+        }
+        if to_upstream > 0 {
+            self.0.bytes[m][1].inc_by(to_upstream);
+        }
+    }
+
+    /// The upstream answered with its response head after `seconds`.
+    pub fn upstream_headers(&self, seconds: f64) {
+        self.0.upstream_headers.observe(seconds);
+    }
+}
+
+fn status_class_index(status: u16) -> usize {
+    match status / 100 {
+        1..=5 => usize::from(status / 100) - 1,
+        _ => STATUS_CLASSES.len() - 1,
     }
 }
 

@@ -224,8 +224,12 @@ impl Server {
 }
 
 fn service_for(rule: &Rule, client: &UpstreamClient) -> ProxyService {
-    ProxyService::new(rule.upstream.clone(), rule.options.clone(), client.clone())
-        .with_port_label(rule.listen.port())
+    ProxyService::for_port(
+        rule.upstream.clone(),
+        rule.options.clone(),
+        client.clone(),
+        rule.listen.port(),
+    )
 }
 
 /// Applies a reloaded config to the running listeners.

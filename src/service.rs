@@ -22,7 +22,7 @@ use crate::access_log::AccessLog;
 use crate::body::ProxyBody;
 use crate::config::RuleOptions;
 use crate::error::ProxyError;
-use crate::metrics::{Metrics, PortLabels};
+use crate::metrics::{Metrics, PortMetrics};
 use crate::route::{route, Mode, Route};
 use crate::upstream::{BoxError, UpstreamBody, UpstreamClient, UpstreamUrl};
 use crate::{convert, passthrough, request_id, websocket};
@@ -39,6 +39,8 @@ pub struct RuleContext {
     /// The listening port, for logs and metric labels; `0` unless set with
     /// [`ProxyService::with_port_label`].
     pub port: u16,
+    /// This port's metric handles.
+    pub metrics: PortMetrics,
 }
 
 impl RuleContext {
@@ -62,10 +64,7 @@ impl RuleContext {
         let sent = Instant::now();
         match tokio::time::timeout(self.options.timeout, self.client.request(request)).await {
             Ok(Ok(response)) => {
-                Metrics::global()
-                    .upstream_headers
-                    .get_or_create(&PortLabels { port: self.port })
-                    .observe(sent.elapsed().as_secs_f64());
+                self.metrics.upstream_headers(sent.elapsed().as_secs_f64());
                 Ok(response)
             }
             // The request body we were streaming from the client broke (invalid chunk,
@@ -97,28 +96,37 @@ impl ProxyService {
     /// A proxy that forwards every request to `upstream` with `options`, through `client`
     /// (share one client between services so they share its connection pool).
     pub fn new(upstream: UpstreamUrl, options: RuleOptions, client: UpstreamClient) -> Self {
+        Self::for_port(upstream, options, client, 0)
+    }
+
+    /// As [`ProxyService::new`], naming `port` in log lines and metric labels.
+    pub fn for_port(
+        upstream: UpstreamUrl,
+        options: RuleOptions,
+        client: UpstreamClient,
+        port: u16,
+    ) -> Self {
         let rule = RuleContext {
             upstream,
             options,
             client,
-            port: 0,
+            port,
+            metrics: PortMetrics::for_port(port),
         };
         ProxyService {
             slot: Arc::new(RwLock::new(Arc::new(rule))),
         }
     }
 
-    /// Names the local port in log lines.
+    /// Names the local port in log lines and metric labels.
     pub fn with_port_label(self, port: u16) -> Self {
         let rule = self.rule();
-        ProxyService {
-            slot: Arc::new(RwLock::new(Arc::new(RuleContext {
-                upstream: rule.upstream.clone(),
-                options: rule.options.clone(),
-                client: rule.client.clone(),
-                port,
-            }))),
-        }
+        Self::for_port(
+            rule.upstream.clone(),
+            rule.options.clone(),
+            rule.client.clone(),
+            port,
+        )
     }
 
     /// The rule requests are served with right now.
@@ -138,6 +146,7 @@ impl ProxyService {
             options,
             client: current.client.clone(),
             port: current.port,
+            metrics: current.metrics.clone(),
         });
         *self
             .slot
@@ -157,6 +166,7 @@ impl ProxyService {
         let request_id = request_id::ensure(&mut parts.headers);
         let mut log = AccessLog::new(
             rule.port,
+            rule.metrics.clone(),
             parts.method.clone(),
             parts.uri.path(),
             Mode::Passthrough,
@@ -180,11 +190,13 @@ impl ProxyService {
             Err(e) => Err(e),
             Ok(Route::Passthrough) => passthrough::forward(&rule, parts, body).await,
             Ok(Route::ConvertCandidate(api)) => {
-                convert::handle(&rule, api, parts, body, &mut log).await
+                // Boxed: the conversion's state machine is large, and keeping it out of
+                // this future keeps every passthrough request's future small.
+                Box::pin(convert::handle(&rule, api, parts, body, &mut log)).await
             }
             Ok(Route::WebSocket) => {
                 log.set_mode(Mode::WebSocket);
-                websocket::handle(&rule, parts, body).await
+                Box::pin(websocket::handle(&rule, parts, body)).await
             }
         };
         let response = result.unwrap_or_else(|e| {

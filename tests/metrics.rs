@@ -70,7 +70,7 @@ async fn counters_follow_real_traffic_of_each_mode() {
     let deadline = tokio::time::Instant::now() + WAIT;
     let text = loop {
         let text = Metrics::global().encode();
-        let done = value(&text, &format!("openai_stream_proxy_requests_total{{{p},mode=\"passthrough\",status_class=\"4xx\"}}")).is_some();
+        let done = value(&text, &format!("openai_stream_proxy_requests_total{{{p},mode=\"passthrough\",status_class=\"4xx\"}}")) == Some(1.0);
         if done || tokio::time::Instant::now() > deadline {
             break text;
         }
