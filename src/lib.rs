@@ -14,6 +14,7 @@
 //! - [`convert`]: non-streaming → streaming conversion and aggregation.
 //! - [`sse`]: the Server-Sent Events parser.
 //! - [`websocket`]: WebSocket sessions, upstream handshake first.
+//! - [`pool`]: kept-alive HTTP/1.1 connections to plain-`http` upstreams.
 //! - [`upstream`]: the upstream URL and the pooled client (TLS, proxies, HTTP/2).
 //! - [`headers`]: the hop-by-hop header rules.
 //! - [`body`]: the response body type, idle timeouts.
@@ -102,6 +103,7 @@ pub mod error;
 pub mod headers;
 pub mod metrics;
 pub mod passthrough;
+pub mod pool;
 pub mod request_id;
 pub mod route;
 pub mod server;

@@ -69,12 +69,12 @@ impl RuleContext {
             }
             // The request body we were streaming from the client broke (invalid chunk,
             // client gone): the client's fault, not the upstream's.
-            Ok(Err(e)) if is_request_body_error(&e) => {
-                Err(ProxyError::RequestBody(error_chain(&e)))
+            Ok(Err(e)) if is_request_body_error(&*e) => {
+                Err(ProxyError::RequestBody(error_chain(&*e)))
             }
             Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable {
                 upstream: self.upstream.to_string(),
-                reason: error_chain(&e),
+                reason: error_chain(&*e),
             }),
             Err(_) => Err(ProxyError::UpstreamTimeout {
                 upstream: self.upstream.to_string(),
@@ -259,7 +259,7 @@ where
 /// Whether a client error was caused by the request body we were sending (hyper reports
 /// failures of the body it was given as "user" errors).
 fn is_request_body_error(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = error.source();
+    let mut source = Some(error);
     while let Some(cause) = source {
         if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
             return hyper_error.is_user();

@@ -31,6 +31,8 @@ use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+use crate::pool::Http1Pool;
+
 /// Errors crossing body and connector boundaries.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -292,6 +294,10 @@ fn rustls_pemfile_certs(
 
 type Connector = hyper_rustls::HttpsConnector<ProxyConnector>;
 
+/// A response head on its way.
+pub type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Incoming>, BoxError>> + Send>>;
+
 /// The transport under an upstream WebSocket session.
 pub type WebSocketTransport = hyper_rustls::MaybeHttpsStream<ProxiedStream>;
 
@@ -303,6 +309,8 @@ pub struct UpstreamClient {
     proxy: ProxyConnector,
     /// HTTP/1.1-only connections for WebSocket handshakes (ALPN must not pick h2).
     websocket: Connector,
+    /// Kept-alive connections to plain-`http` upstreams reached without a proxy.
+    http1: Http1Pool,
 }
 
 impl fmt::Debug for UpstreamClient {
@@ -356,6 +364,7 @@ impl UpstreamClient {
             client,
             proxy,
             websocket,
+            http1: Http1Pool::default(),
         })
     }
 
@@ -371,24 +380,28 @@ impl UpstreamClient {
     }
 
     /// Sends a request; the future resolves at the response head.
-    pub fn request(
-        &self,
-        mut request: Request<UpstreamBody>,
-    ) -> hyper_util::client::legacy::ResponseFuture {
-        // A forwarding proxy (plain-http upstream behind HTTP_PROXY) sees every request, so
-        // its credentials travel as a request header; tunnels carry them in CONNECT instead.
+    pub fn request(&self, mut request: Request<UpstreamBody>) -> ResponseFuture {
         if request.uri().scheme() == Some(&Scheme::HTTP) {
-            if let Some(auth) = self
-                .proxy
-                .intercept(request.uri())
-                .and_then(|i| i.basic_auth().cloned())
-            {
-                request
-                    .headers_mut()
-                    .insert(http::header::PROXY_AUTHORIZATION, auth);
+            match self.proxy.intercept(request.uri()) {
+                // Plain HTTP, no proxy: our own kept-alive HTTP/1.1 connections.
+                None => {
+                    let pool = self.http1.clone();
+                    return Box::pin(async move { pool.send(request).await });
+                }
+                // A forwarding proxy (plain-http upstream behind HTTP_PROXY) sees every
+                // request, so its credentials travel as a request header; tunnels carry
+                // them in CONNECT instead.
+                Some(intercept) => {
+                    if let Some(auth) = intercept.basic_auth() {
+                        request
+                            .headers_mut()
+                            .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
+                    }
+                }
             }
         }
-        self.client.request(request)
+        let response = self.client.request(request);
+        Box::pin(async move { response.await.map_err(BoxError::from) })
     }
 }
 

@@ -622,3 +622,37 @@ async fn upstream_connections_are_reused() {
         peers.len()
     );
 }
+
+#[tokio::test]
+async fn a_kept_alive_connection_the_upstream_closed_is_not_reused() {
+    // Each connection answers one request without `connection: close`, then closes:
+    // the proxy must notice (or retry on a fresh connection), never fail the next request.
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::channel::<()>(4);
+    let upstream = RawUpstream::start(move |mut stream| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            let _ = read_head(&mut stream).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            let _ = stream.shutdown().await;
+            drop(stream);
+            let _ = closed_tx.send(()).await;
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    for _ in 0..3 {
+        let (parts, body) = send(
+            Request::get(proxy.url("/again"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"ok"[..]));
+        tokio::time::timeout(WAIT, closed_rx.recv())
+            .await
+            .expect("upstream never closed")
+            .unwrap();
+    }
+}
