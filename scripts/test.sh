@@ -7,5 +7,7 @@ cd "$(dirname "$0")/.."
 cargo build --locked
 bash scripts/lint-packaging.sh
 cargo test --locked --all-targets
+# `--all-targets` skips doctests: the crate-level embedding example is compiled here.
+cargo test --locked --doc
 bash scripts/sdk-e2e.sh
 bash scripts/node-e2e.sh
