@@ -8,6 +8,10 @@
 //! conversion streams, `maxResponseBytes` on a finite stream and upstream silence are in
 //! `tests/convert.rs`.
 
+// The `/proc` readers and the tests using them are Linux-only; elsewhere some helpers are
+// unused.
+#![cfg_attr(not(target_os = "linux"), allow(dead_code, unused_imports))]
+
 mod support;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -931,9 +935,10 @@ async fn a_client_leaving_mid_upload_aborts_the_upstream_request() {
 
 // ---------------------------------------------------------------------------------------
 // The real binary: memory while gigabytes stream through, and everything freed after
-// disconnects.
+// disconnects. Linux only: memory and descriptors are read from `/proc`.
 // ---------------------------------------------------------------------------------------
 
+#[cfg(target_os = "linux")]
 /// `VmRSS` and `VmHWM` (peak RSS) of a process, in bytes.
 fn memory(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -948,17 +953,22 @@ fn memory(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+#[cfg(target_os = "linux")]
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count()
 }
 
+#[cfg(target_os = "linux")]
 const MIB: u64 = 1 << 20;
+#[cfg(target_os = "linux")]
 const GIB: u64 = 1 << 30;
+#[cfg(target_os = "linux")]
 /// The peak RSS the proxy may reach while 1 GiB bodies or a 256 MiB stream pass through.
 const PEAK_LIMIT: u64 = 64 * MIB;
 
+#[cfg(target_os = "linux")]
 /// Writes `n` bytes of the block pattern: every byte of the i-th MiB is `i % 251`, so a
 /// reader can check its position without keeping anything. One reused 1 MiB buffer.
 async fn write_pattern(stream: &mut TcpStream, n: u64) -> std::io::Result<()> {
@@ -970,6 +980,7 @@ async fn write_pattern(stream: &mut TcpStream, n: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+#[cfg(target_os = "linux")]
 /// A response or request body read from a raw socket, de-chunked when it is chunked.
 struct BodyReader {
     stream: TcpStream,
@@ -980,6 +991,7 @@ struct BodyReader {
     remaining: usize,
 }
 
+#[cfg(target_os = "linux")]
 impl BodyReader {
     fn new(stream: TcpStream, chunked: bool) -> BodyReader {
         BodyReader {
@@ -1045,6 +1057,7 @@ impl BodyReader {
     }
 }
 
+#[cfg(target_os = "linux")]
 /// Reads the block pattern from offset `from` up to offset `to`, checking the first byte
 /// of each read (and of each block a read crosses into) against its offset. Returns the
 /// number of bytes read.
@@ -1075,6 +1088,7 @@ async fn read_pattern(body: &mut BodyReader, from: u64, to: u64) -> u64 {
     total - from
 }
 
+#[cfg(target_os = "linux")]
 async fn daemon_for(upstream: &str, extra: &str) -> (daemon::Daemon, u16, daemon::TempDir) {
     let dir = daemon::TempDir::new("faults");
     let port = daemon::free_port();
@@ -1087,6 +1101,7 @@ async fn daemon_for(upstream: &str, extra: &str) -> (daemon::Daemon, u16, daemon
     (proxy, port, dir)
 }
 
+#[cfg(target_os = "linux")]
 /// 1 GiB up and 1 GiB down through passthrough, generated and checked on the fly: the
 /// proxy's peak RSS stays under 64 MiB.
 #[tokio::test]
@@ -1174,6 +1189,7 @@ async fn gigabyte_bodies_stream_through_with_flat_memory() {
     proxy.stop().await;
 }
 
+#[cfg(target_os = "linux")]
 /// A fast upstream streaming 256 MiB of SSE to a client that reads slowly: the proxy holds
 /// back (the upstream cannot run far ahead of the reader) and its memory stays flat.
 #[tokio::test]
@@ -1256,6 +1272,7 @@ async fn a_slow_reader_of_a_fast_event_stream_keeps_memory_flat() {
     proxy.stop().await;
 }
 
+#[cfg(target_os = "linux")]
 /// The upstream for the disconnect test: a sink for uploads, an endless download, and an
 /// event stream that never ends. Each connection counts once in `closed` when the proxy
 /// closes it, whenever that happens (even before the request head arrived).
@@ -1313,6 +1330,7 @@ async fn bottomless_upstream(watch: Arc<Watch>) -> RawUpstream {
     .await
 }
 
+#[cfg(target_os = "linux")]
 /// Clients that leave mid-upload, mid-aggregation and mid-download: every upstream
 /// connection is closed (the upstream request cancelled), and the proxy is back to its
 /// idle state: no request in flight, no extra file descriptor, no memory kept.

@@ -7,6 +7,10 @@
 //! event (a log line, a counter reaching its target, a connection closing); the only timed
 //! sleeps are the CPU measurement window and the mock upstream's pacing.
 
+// The `/proc` readers and the tests using them are Linux-only; elsewhere their helpers
+// are unused.
+#![cfg_attr(not(target_os = "linux"), allow(dead_code, unused_imports))]
+
 mod support;
 
 use std::path::Path;
@@ -22,6 +26,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use support::daemon::*;
+#[cfg(target_os = "linux")]
+use support::limits::{has_prlimit, open_files_limits};
 use support::*;
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, watch, Barrier, Notify, Semaphore};
@@ -36,64 +42,7 @@ const CHAT: &str = "/v1/chat/completions";
 // Helpers: processes and their resources.
 // ---------------------------------------------------------------------------------------
 
-/// Soft and hard open-files limits of a process (`u64::MAX` for unlimited).
-fn open_files_limits(pid: &str) -> Option<(u64, u64)> {
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let mut words = line.split_whitespace().skip(3);
-    let parse = |w: Option<&str>| match w? {
-        "unlimited" => Some(u64::MAX),
-        n => n.parse().ok(),
-    };
-    Some((parse(words.next())?, parse(words.next())?))
-}
-
-fn has_prlimit() -> bool {
-    Command::new("prlimit")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// Makes this process's soft open-files limit at least `needed`, raising it up to the hard
-/// limit with `prlimit --pid` (util-linux) when it is lower. The proxy started afterwards
-/// inherits it. `Err` says why it cannot.
-fn ensure_open_files(needed: u64) -> Result<(), String> {
-    let (soft, hard) =
-        open_files_limits("self").ok_or("cannot read the open-files limit of this process")?;
-    if soft >= needed {
-        return Ok(());
-    }
-    if hard < needed {
-        return Err(format!(
-            "the open-files hard limit is {hard}, this test needs {needed}"
-        ));
-    }
-    if !has_prlimit() {
-        return Err(format!(
-            "the open-files soft limit is {soft}, this test needs {needed}, and prlimit \
-             (util-linux) is not installed to raise it"
-        ));
-    }
-    let hard = if hard == u64::MAX {
-        "unlimited".to_owned()
-    } else {
-        hard.to_string()
-    };
-    let status = Command::new("prlimit")
-        .arg("--pid")
-        .arg(std::process::id().to_string())
-        .arg(format!("--nofile={needed}:{hard}"))
-        .status()
-        .map_err(|e| format!("cannot run prlimit: {e}"))?;
-    match open_files_limits("self") {
-        Some((soft, _)) if soft >= needed => Ok(()),
-        _ => Err(format!(
-            "prlimit could not raise the open-files soft limit to {needed} ({status})"
-        )),
-    }
-}
-
+#[cfg(target_os = "linux")]
 /// The binary with `-c config`, its open-files limit set to `nofile` (soft and hard) by
 /// `prlimit` or, without util-linux, by the shell's `ulimit`. Both exec the proxy, so the
 /// child's pid is the proxy's. The environment is [`proxy_command`]'s.
@@ -119,6 +68,7 @@ fn limited_command(dir: &TempDir, config: &Path, nofile: u64) -> Command {
     cmd
 }
 
+#[cfg(target_os = "linux")]
 /// User plus system CPU time of a process, in clock ticks (`/proc/<pid>/stat` fields 14
 /// and 15, counted after the parenthesised command name, which may contain spaces).
 fn cpu_ticks(pid: u32) -> u64 {
@@ -129,6 +79,7 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+#[cfg(target_os = "linux")]
 /// Clock ticks per second (`getconf CLK_TCK`; 100 on every Linux we know of).
 fn clock_ticks_per_second() -> f64 {
     Command::new("getconf")
@@ -140,6 +91,7 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
+#[cfg(target_os = "linux")]
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|dir| dir.count())
@@ -481,6 +433,8 @@ async fn all_ok(tasks: &mut JoinSet<Result<(), String>>, limit: Duration, what: 
 /// the proxy stays up, logs a warning, backs off instead of spinning (CPU time over a
 /// one-second window with the limit exhausted), keeps serving a connection it already
 /// has, and serves new clients again once the extra connections close.
+// Reads the proxy's limits, descriptors and CPU time from `/proc`.
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_backs_off_at_the_open_files_limit_and_recovers() {
     const LIMIT: u64 = 64;
@@ -631,6 +585,8 @@ async fn accept_backs_off_at_the_open_files_limit_and_recovers() {
 /// every one sends an upload echoed by the upstream, waits until all are connected, sends
 /// a second one on the same connection, then a third request that is a conversion, a
 /// streaming passthrough or another echo. Every byte of every response is checked.
+// Raises the open-files limit and counts the proxy's descriptors through `/proc`.
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_thousand_concurrent_keep_alive_clients_are_served_byte_exact() {
     const CLIENTS: usize = 3000;
@@ -639,8 +595,7 @@ async fn three_thousand_concurrent_keep_alive_clients_are_served_byte_exact() {
     // This process holds every client socket and the mock's end of every upstream
     // connection; the proxy (which inherits the limit) holds the other two ends.
     let needed = (2 * CLIENTS + 1024) as u64;
-    if let Err(why) = ensure_open_files(needed) {
-        eprintln!("skipped: {why}");
+    if !support::limits::require_open_files(needed, "3000 keep-alive clients") {
         return;
     }
 

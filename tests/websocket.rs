@@ -1203,35 +1203,18 @@ async fn an_idle_session_outlives_the_timeout() {
     );
 }
 
-/// The soft open-files limit of this process.
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let soft = line.split_whitespace().nth(3)?;
-    if soft == "unlimited" {
-        return Some(u64::MAX);
-    }
-    soft.parse().ok()
-}
-
+// The open-files limit is read and raised through `/proc` and `prlimit`.
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_sessions() {
-    const WANTED: usize = 1000;
+    const SESSIONS: usize = 1000;
     // In-process, each session holds four descriptors: the client's, the proxy's two and
     // the upstream's. Other tests of this binary run at the same time: leave room.
-    let limit = open_files_limit().unwrap_or(1024);
-    let fit = usize::try_from(limit.saturating_sub(512) / 4).unwrap_or(usize::MAX);
-    let sessions = WANTED.min(fit);
-    if sessions < WANTED {
-        eprintln!(
-            "note: open-files soft limit is {limit}; running {sessions} concurrent sessions \
-             instead of {WANTED} (each needs 4 descriptors in one process)"
-        );
-    }
-    if sessions < 100 {
-        eprintln!("skipped: open-files soft limit {limit} leaves room for fewer than 100 sessions");
+    let needed = (4 * SESSIONS + 512) as u64;
+    if !support::limits::require_open_files(needed, "a thousand concurrent sessions") {
         return;
     }
+    let sessions = SESSIONS;
 
     let upstream = WsUpstream::start(None, |ws| scripted(ws, None)).await;
     let proxy = start_proxy(&upstream.url(), options()).await;

@@ -396,3 +396,5 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     out
 }
 pub mod daemon;
+#[cfg(target_os = "linux")]
+pub mod limits;
