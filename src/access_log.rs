@@ -4,6 +4,7 @@
 //! Only the path is logged, never the query (some providers take keys in it), headers or
 //! bodies.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -43,7 +44,13 @@ pub struct AccessLog {
     status: u16,
     started: Instant,
     bytes: u64,
-    request_bytes: u64,
+    /// Request bytes sent upstream when they are not the bytes read from the client (a
+    /// converted body).
+    request_bytes: Option<u64>,
+    /// Request body bytes read from the client, as they are read.
+    request_counter: Option<Arc<AtomicU64>>,
+    /// The first upstream failure kind this request met (metric `upstream_errors`).
+    upstream_error: Option<&'static str>,
     outcome: Outcome,
     convert: Option<ConvertSummary>,
     request_id: Option<HeaderValue>,
@@ -80,7 +87,9 @@ impl AccessLog {
             status: 0,
             started,
             bytes: 0,
-            request_bytes: 0,
+            request_bytes: None,
+            request_counter: None,
+            upstream_error: None,
             outcome: Outcome::Streaming,
             convert: None,
             request_id: None,
@@ -122,9 +131,24 @@ impl AccessLog {
         self.convert_later = Some(slot);
     }
 
-    /// Request body bytes sent upstream.
+    /// Request body bytes sent upstream, when they differ from the bytes read from the
+    /// client (a converted body); takes precedence over [`Self::count_request_bytes`].
     pub fn set_request_bytes(&mut self, n: u64) {
-        self.request_bytes = n;
+        self.request_bytes = Some(n);
+    }
+
+    /// A counter of the request body bytes read from the client (see
+    /// [`UpstreamBody::count_sent`](crate::upstream::UpstreamBody::count_sent)), read when
+    /// the line is written.
+    pub fn count_request_bytes(&mut self, counter: Arc<AtomicU64>) {
+        self.request_counter = Some(counter);
+    }
+
+    /// The request met an upstream failure of `kind` (`connect`, `timeout`,
+    /// `incomplete_stream`, `in_stream_error`); counted once per request, the first kind
+    /// given wins.
+    pub fn set_upstream_error(&mut self, kind: &'static str) {
+        self.upstream_error.get_or_insert(kind);
     }
 
     /// Counts response body bytes sent to the client.
@@ -148,14 +172,22 @@ impl AccessLog {
 impl AccessLog {
     fn record_metrics(&self, seconds: f64) {
         let port = self.port;
+        let request_bytes = self.request_bytes.unwrap_or_else(|| {
+            self.request_counter
+                .as_ref()
+                .map_or(0, |c| c.load(Ordering::Relaxed))
+        });
         self.metrics.request_finished(
             ModeLabel::from(self.mode),
             self.status,
             seconds,
             self.bytes,
-            self.request_bytes,
+            request_bytes,
         );
         let metrics = Metrics::global();
+        if let Some(kind) = self.upstream_error {
+            metrics.upstream_error(port, kind);
+        }
         let Some(convert) = self.convert else { return };
         metrics
             .terminal
@@ -178,9 +210,6 @@ impl AccessLog {
                     .get_or_create(&TokenLabels { port, token_type })
                     .inc_by(n);
             }
-        }
-        if convert.fallback.is_some() {
-            metrics.upstream_error(port, "stream_fallback");
         }
     }
 }

@@ -147,7 +147,16 @@ impl Body for ProxyBody {
                         log.body_complete();
                     }
                 }
-                Some(Err(e)) => log.body_failed(e.to_string()),
+                Some(Err(e)) => {
+                    // A relayed body that breaks off is a truncated upstream answer, unless
+                    // it broke off because the upstream fell silent.
+                    log.set_upstream_error(if e.is::<IdleTimeout>() {
+                        "timeout"
+                    } else {
+                        "incomplete_stream"
+                    });
+                    log.body_failed(e.to_string());
+                }
                 None => log.body_complete(),
             }
         }

@@ -12,6 +12,12 @@ use serde_json::Value;
 
 use crate::convert::outcome::UpstreamStreamError;
 
+/// Response extension on every error response caused by the upstream: the failure kind
+/// from [`ProxyError::upstream_kind`], which the service counts in the
+/// `upstream_errors` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamFailure(pub &'static str);
+
 /// Everything that can stop the proxy from relaying an upstream answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -128,7 +134,8 @@ impl ProxyError {
         envelope_bytes(&message, error_type, param, code)
     }
 
-    /// A complete response for this error, with `content-type` and exact `content-length`.
+    /// A complete response for this error, with `content-type` and exact `content-length`;
+    /// an upstream failure also carries its [`UpstreamFailure`] kind as an extension.
     pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
         let body = self.envelope();
         let mut response = Response::new(B::from(body.clone()));
@@ -139,10 +146,15 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        // After a malformed or oversized request the rest of the connection's bytes cannot
-        // be trusted to start a new request: close it.
-        if self.upstream_kind().is_none() {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        match self.upstream_kind() {
+            Some(kind) => {
+                response.extensions_mut().insert(UpstreamFailure(kind));
+            }
+            // After a malformed or oversized request the rest of the connection's bytes
+            // cannot be trusted to start a new request: close it.
+            None => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
         }
         response
     }

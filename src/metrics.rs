@@ -132,8 +132,8 @@ pub struct Metrics {
     /// Open proxied WebSocket sessions (`openai_stream_proxy_websocket_sessions_open`).
     pub websocket_sessions: Family<PortLabels, Gauge>,
     /// Bytes relayed, by direction (`openai_stream_proxy_body_bytes_total`). HTTP request
-    /// bytes are the declared `content-length` or the converted body; WebSocket bytes are
-    /// message payloads, added when the session ends.
+    /// bytes are the body bytes read from the client (whatever its framing) or the converted
+    /// body; WebSocket bytes are message payloads, added when the session ends.
     pub bytes: Family<BytesLabels, Counter>,
     /// Token usage reported by converted responses, by token type
     /// (`openai_stream_proxy_converted_tokens_total`).
@@ -194,7 +194,7 @@ impl Metrics {
         let bytes = Family::default();
         registry.register_with_unit(
             "body",
-            "Body bytes relayed, by direction (request bytes as declared by content-length, or the converted body)",
+            "Body bytes relayed, by direction (request bytes as read from the client, or the converted body)",
             Unit::Bytes,
             bytes.clone(),
         );

@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -21,8 +22,8 @@ use hyper::body::Incoming;
 use crate::access_log::AccessLog;
 use crate::body::ProxyBody;
 use crate::config::RuleOptions;
-use crate::error::ProxyError;
-use crate::metrics::{Metrics, PortMetrics};
+use crate::error::{ProxyError, UpstreamFailure};
+use crate::metrics::PortMetrics;
 use crate::route::{route, Mode, Route};
 use crate::upstream::{BoxError, UpstreamBody, UpstreamClient, UpstreamUrl};
 use crate::{convert, passthrough, request_id, websocket};
@@ -158,7 +159,7 @@ impl ProxyService {
     pub async fn handle(&self, request: Request<UpstreamBody>) -> Response<ProxyBody> {
         let started = Instant::now();
         let rule = self.rule();
-        let (mut parts, body) = request.into_parts();
+        let (mut parts, mut body) = request.into_parts();
         // Injected headers (e.g. the upstream's credentials) replace the client's own.
         for (name, value) in &rule.options.headers {
             parts.headers.insert(name.clone(), value.clone());
@@ -173,12 +174,12 @@ impl ProxyService {
             started,
         );
         log.set_request_id(request_id);
-        let declared = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        log.set_request_bytes(declared.unwrap_or(0));
+        // Upload bytes as read, not as declared: a chunked upload declares no length.
+        if !body.is_end_stream() {
+            let sent = Arc::new(AtomicU64::new(0));
+            body.count_sent(sent.clone());
+            log.count_request_bytes(sent);
+        }
         let routed = route(
             &parts.method,
             &parts.uri,
@@ -200,12 +201,14 @@ impl ProxyService {
             }
         };
         let response = result.unwrap_or_else(|e| {
-            if let Some(kind) = e.upstream_kind() {
-                Metrics::global().upstream_error(rule.port, kind);
-            }
             tracing::warn!(port = rule.port, upstream = %rule.upstream, error = %e, "request failed");
             e.to_response()
         });
+        // Every upstream failure answered with an error response carries its kind, whether
+        // the handler returned the error or built the response itself (conversion).
+        if let Some(failure) = response.extensions().get::<UpstreamFailure>() {
+            log.set_upstream_error(failure.0);
+        }
         log.set_status(response.status().as_u16());
         if let Some(upstream_id) = response.headers().get(request_id::X_REQUEST_ID) {
             log.set_upstream_request_id(upstream_id.clone());
@@ -225,7 +228,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let service = self.clone();
         Box::pin(async move {
-            let request = request.map(|body| UpstreamBody::Incoming { body });
+            let request = request.map(UpstreamBody::incoming);
             Ok(service.handle(request).await)
         })
     }
@@ -248,9 +251,8 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let service = self.clone();
         Box::pin(async move {
-            let request = request.map(|body| UpstreamBody::Boxed {
-                body: body.map_err(Into::into).boxed_unsync(),
-            });
+            let request =
+                request.map(|body| UpstreamBody::boxed(body.map_err(Into::into).boxed_unsync()));
             Ok(service.handle(request).await)
         })
     }

@@ -11,6 +11,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -123,17 +124,18 @@ pin_project! {
     /// server) is not boxed; bodies from embedding applications are.
     #[project = UpstreamBodyProj]
     pub enum UpstreamBody {
-        /// `body` straight from the hyper server, streamed as it arrives.
+        /// `body` straight from the hyper server, streamed as it arrives; `sent`, when set
+        /// with [`UpstreamBody::count_sent`], counts the data bytes read from it.
         // pin_project_lite accepts no attributes on enum fields, so they are described in
         // their variant's doc instead.
         #[allow(missing_docs)]
-        Incoming { #[pin] body: Incoming },
+        Incoming { #[pin] body: Incoming, sent: Option<Arc<AtomicU64>> },
         /// A complete body in memory; `data` is `None` for an empty body and once sent.
         #[allow(missing_docs)]
         Full { data: Option<Bytes> },
-        /// Any other `body`, boxed (tower / axum callers).
+        /// Any other `body`, boxed (tower / axum callers); `sent` as for `Incoming`.
         #[allow(missing_docs)]
-        Boxed { #[pin] body: UnsyncBoxBody<Bytes, BoxError> },
+        Boxed { #[pin] body: UnsyncBoxBody<Bytes, BoxError>, sent: Option<Arc<AtomicU64>> },
     }
 }
 
@@ -149,6 +151,41 @@ impl UpstreamBody {
     pub fn empty() -> Self {
         UpstreamBody::Full { data: None }
     }
+
+    /// A body straight from the hyper server.
+    pub fn incoming(body: Incoming) -> Self {
+        UpstreamBody::Incoming { body, sent: None }
+    }
+
+    /// Any other body, boxed.
+    pub fn boxed(body: UnsyncBoxBody<Bytes, BoxError>) -> Self {
+        UpstreamBody::Boxed { body, sent: None }
+    }
+
+    /// Adds the data bytes read from this streamed body to `counter` as they are read, so
+    /// the bytes actually relayed are known whatever the framing (a chunked upload declares
+    /// no length). In-memory bodies have a known length and are not counted.
+    pub fn count_sent(&mut self, counter: Arc<AtomicU64>) {
+        match self {
+            UpstreamBody::Incoming { sent, .. } | UpstreamBody::Boxed { sent, .. } => {
+                *sent = Some(counter);
+            }
+            UpstreamBody::Full { .. } => {}
+        }
+    }
+}
+
+/// Adds a data frame's length to `sent`.
+fn count(
+    polled: Poll<Option<Result<Frame<Bytes>, BoxError>>>,
+    sent: &Option<Arc<AtomicU64>>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    if let (Some(sent), Poll::Ready(Some(Ok(frame)))) = (sent, &polled) {
+        if let Some(data) = frame.data_ref() {
+            sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+    }
+    polled
 }
 
 impl Body for UpstreamBody {
@@ -160,27 +197,29 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            UpstreamBodyProj::Incoming { body } => body.poll_frame(cx).map_err(Into::into),
+            UpstreamBodyProj::Incoming { body, sent } => {
+                count(body.poll_frame(cx).map_err(Into::into), sent)
+            }
             UpstreamBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            UpstreamBodyProj::Boxed { body } => body.poll_frame(cx),
+            UpstreamBodyProj::Boxed { body, sent } => count(body.poll_frame(cx), sent),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Incoming { body } => body.is_end_stream(),
+            UpstreamBody::Incoming { body, .. } => body.is_end_stream(),
             UpstreamBody::Full { data } => data.is_none(),
-            UpstreamBody::Boxed { body } => body.is_end_stream(),
+            UpstreamBody::Boxed { body, .. } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Incoming { body } => body.size_hint(),
+            UpstreamBody::Incoming { body, .. } => body.size_hint(),
             UpstreamBody::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            UpstreamBody::Boxed { body } => body.size_hint(),
+            UpstreamBody::Boxed { body, .. } => body.size_hint(),
         }
     }
 }

@@ -38,6 +38,7 @@ use crate::access_log::{AccessLog, ConvertSummary};
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::headers::strip_hop_by_hop;
+use crate::metrics::Metrics;
 use crate::passthrough;
 use crate::route::Mode;
 use crate::service::RuleContext;
@@ -99,7 +100,7 @@ pub async fn handle(
     let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(2);
     let summary_slot = Arc::new(OnceLock::new());
     log.set_convert_later(summary_slot.clone());
-    tokio::spawn(keep_alive(running, tx, interval, summary_slot));
+    tokio::spawn(keep_alive(running, tx, interval, summary_slot, rule.port));
     let mut response = Response::new(ProxyBody::channel(rx));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -115,14 +116,20 @@ async fn keep_alive(
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
     interval: Duration,
     summary_slot: Arc<OnceLock<ConvertSummary>>,
+    port: u16,
 ) {
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now(), interval);
     loop {
         tokio::select! {
             outcome = &mut running => {
-                let (body, summary) = outcome.into_committed_body().await;
+                let (body, summary, failure) = outcome.into_committed_body().await;
                 if let Some(summary) = summary {
                     let _ = summary_slot.set(summary);
+                }
+                // Past the committed 200 the error response never reaches the service,
+                // which counts the others: count it here.
+                if let Some(kind) = failure {
+                    Metrics::global().upstream_error(port, kind);
                 }
                 let _ = tx.send(Ok(body)).await;
                 return;
@@ -243,6 +250,10 @@ impl Conversion {
                 match refusal_fallback(self.api, &peek, fallback, &self.original) {
                     Some((name, next_body)) => {
                         tracing::warn!(upstream = %rule.upstream, fallback = name, "upstream refused the streaming form; retrying");
+                        // Once per request, whatever the retry then brings.
+                        if fallback.is_none() {
+                            Metrics::global().upstream_error(rule.port, "stream_fallback");
+                        }
                         fallback = Some(name);
                         body = next_body;
                         continue;
@@ -427,8 +438,9 @@ impl Outcome {
         }
     }
 
-    /// The body to finish an already committed 200 with.
-    async fn into_committed_body(self) -> (Bytes, Option<ConvertSummary>) {
+    /// The body to finish an already committed 200 with, and the upstream failure kind when
+    /// that body is an error envelope.
+    async fn into_committed_body(self) -> (Bytes, Option<ConvertSummary>, Option<&'static str>) {
         match self {
             Outcome::Aggregated {
                 aggregate,
@@ -436,21 +448,20 @@ impl Outcome {
                 ..
             } => {
                 let summary = summary(&aggregate, fallback);
-                (Bytes::from(aggregate.body), Some(summary))
+                (Bytes::from(aggregate.body), Some(summary), None)
             }
             // The upstream's own body (its error envelope, or JSON it sent without streaming).
             Outcome::Relay(response) => match response.into_body().collect().await {
-                Ok(collected) => (collected.to_bytes(), None),
-                Err(e) => (
-                    ProxyError::UpstreamStream {
+                Ok(collected) => (collected.to_bytes(), None, None),
+                Err(e) => {
+                    let error = ProxyError::UpstreamStream {
                         upstream: "the upstream".to_owned(),
                         reason: e.to_string(),
-                    }
-                    .envelope(),
-                    None,
-                ),
+                    };
+                    (error.envelope(), None, error.upstream_kind())
+                }
             },
-            Outcome::Failed { error, .. } => (error.envelope(), None),
+            Outcome::Failed { error, .. } => (error.envelope(), None, error.upstream_kind()),
         }
     }
 }
