@@ -543,3 +543,36 @@ async fn unreachable_upstream_is_502_for_conversions() {
     assert_eq!(parts.status, 502);
     assert_eq!(envelope(&got).0, "upstream_error");
 }
+
+#[tokio::test]
+async fn in_stream_http_status_codes_and_rate_limit_types_set_the_status() {
+    let upstream = MockUpstream::start(|r| {
+        let body: &'static str = match r.uri.path() {
+            "/num/v1/chat/completions" => "data: {\"error\":{\"message\":\"numeric\",\"code\":429}}\n\n",
+            "/text/v1/chat/completions" => "data: {\"error\":{\"message\":\"text\",\"code\":\"429\"}}\n\n",
+            "/typed/v1/chat/completions" => "data: {\"error\":{\"message\":\"typed\",\"type\":\"rate_limit_exceeded\"}}\n\n",
+            "/gateway/v1/chat/completions" => "data: {\"error\":{\"message\":\"gateway\",\"code\":503}}\n\n",
+            "/typed/v1/responses" => "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"typed\"}}\n\n",
+            _ => "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"id\":\"r\",\"status\":\"failed\",\"error\":{\"code\":429,\"message\":\"numeric\"},\"output\":[]}}\n\n",
+        };
+        sse(body)
+    })
+    .await;
+    for (path, status, ty) in [
+        ("/num/v1/chat/completions", 429, "rate_limit_error"),
+        ("/text/v1/chat/completions", 429, "rate_limit_error"),
+        ("/typed/v1/chat/completions", 429, "rate_limit_exceeded"),
+        ("/gateway/v1/chat/completions", 503, "server_error"),
+        ("/typed/v1/responses", 429, "rate_limit_error"),
+        ("/failed/v1/responses", 429, "rate_limit_error"),
+    ] {
+        let (parts, got) = convert(&upstream, path, "{\"model\":\"m\"}").await;
+        assert_eq!(
+            parts.status,
+            status,
+            "{path}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        assert_eq!(envelope(&got).0, ty, "{path}");
+    }
+}
