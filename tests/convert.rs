@@ -576,3 +576,37 @@ async fn in_stream_http_status_codes_and_rate_limit_types_set_the_status() {
         assert_eq!(envelope(&got).0, ty, "{path}");
     }
 }
+
+#[tokio::test]
+async fn stream_options_retry_drops_the_clients_own_stream_options_too() {
+    let upstream = MockUpstream::start(|r| {
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        if body.get("stream_options").is_some() {
+            response(400, &[("content-type", "application/json")], full(json!({"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":"stream_options","code":null}}).to_string()))
+        } else {
+            sse(CHAT_STREAM)
+        }
+    })
+    .await;
+    let (parts, got) = convert(
+        &upstream,
+        "/v1/chat/completions",
+        "{\"model\":\"m\",\"stream_options\":{\"include_obfuscation\":false},\"stream\":false,\"n\":1}",
+    )
+    .await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["choices"][0]["message"]["content"], "Hello");
+    let bodies: Vec<String> = upstream
+        .requests()
+        .iter()
+        .map(|r| String::from_utf8(r.body.to_vec()).unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        vec![
+            "{\"model\":\"m\",\"stream_options\":{\"include_obfuscation\":false,\"include_usage\":true},\"stream\":true,\"n\":1}".to_owned(),
+            "{\"model\":\"m\",\"stream\":true,\"n\":1}".to_owned(),
+        ]
+    );
+}

@@ -591,8 +591,9 @@ fn refusal_fallback(
     let message = error.get("message").and_then(|m| m.as_str()).unwrap_or("");
     let names = |word: &str| param == word || mentions_word(message, word);
     if api == Api::ChatCompletions && tried.is_none() && names("stream_options") {
-        // The Responses rewrite is exactly "stream: true and nothing else".
-        if let BodyDecision::Convert { body } = decide(Api::Responses, original) {
+        // Every `stream_options` goes, the client's own included: the upstream refuses the
+        // member, not a value in it.
+        if let Some(body) = request::without_stream_options(original) {
             return Some(("without_stream_options", Bytes::from(body)));
         }
     }
