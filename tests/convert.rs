@@ -90,7 +90,8 @@ async fn chat_request_is_rewritten_surgically_and_answered_with_one_body() {
     );
     assert_eq!(seen.headers["content-length"], sent.len().to_string());
     assert_eq!(seen.headers["accept"], "text/event-stream");
-    assert_eq!(seen.headers["accept-encoding"], "gzip, deflate, br, zstd");
+    // Only codings the client accepts (it sent `gzip`) and we decode.
+    assert_eq!(seen.headers["accept-encoding"], "gzip");
     assert_eq!(seen.headers["authorization"], "Bearer sk-test");
     assert_eq!(
         seen.headers["content-type"],
@@ -609,4 +610,92 @@ async fn stream_options_retry_drops_the_clients_own_stream_options_too() {
             "{\"model\":\"m\",\"stream\":true,\"n\":1}".to_owned(),
         ]
     );
+}
+
+/// Sends `body` to `path` with the client's `accept-encoding` (none when `None`).
+async fn convert_accepting(
+    proxy: &ProxyHandle,
+    path: &str,
+    accept_encoding: Option<&str>,
+) -> (http::response::Parts, Bytes) {
+    let mut req = Request::post(proxy.url(path)).header("content-type", "application/json");
+    if let Some(ae) = accept_encoding {
+        req = req.header("accept-encoding", ae);
+    }
+    send(
+        req.body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+            .unwrap(),
+    )
+    .await
+}
+
+/// A mock that, like real servers, compresses with the first coding it is offered.
+async fn coding_upstream() -> (MockUpstream, Bytes) {
+    const ERROR: &str = "{\"error\":{\"message\":\"slow down\",\"type\":\"rate_limit_error\",\"param\":null,\"code\":\"rate_limit_exceeded\"}}";
+    let gzip_error = Bytes::from(encode("gzip", ERROR.as_bytes()).await);
+    let br_stream = Bytes::from(encode("br", CHAT_STREAM.as_bytes()).await);
+    let gz = gzip_error.clone();
+    let upstream = MockUpstream::start(move |r| {
+        let offered = r
+            .headers
+            .get("accept-encoding")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let first = offered.split(',').next().unwrap_or("").trim().to_owned();
+        if r.uri.path().starts_with("/sse/") {
+            assert!(offered.contains("br"), "offer {offered:?}");
+            return response(
+                200,
+                &[
+                    ("content-type", "text/event-stream"),
+                    ("content-encoding", "br"),
+                ],
+                full(br_stream.clone()),
+            );
+        }
+        match first.as_str() {
+            "gzip" => response(
+                429,
+                &[
+                    ("content-type", "application/json"),
+                    ("content-encoding", "gzip"),
+                ],
+                full(gz.clone()),
+            ),
+            _ => response(429, &[("content-type", "application/json")], full(ERROR)),
+        }
+    })
+    .await;
+    (upstream, gzip_error)
+}
+
+#[tokio::test]
+async fn relayed_answers_come_in_a_coding_the_client_accepts() {
+    let (upstream, gzip_error) = coding_upstream().await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+
+    let (parts, got) = convert_accepting(&proxy, "/v1/chat/completions", None).await;
+    assert_eq!(parts.status, 429);
+    assert!(parts.headers.get("content-encoding").is_none());
+    assert_eq!(envelope(&got).1, "slow down");
+
+    let (parts, got) = convert_accepting(&proxy, "/v1/chat/completions", Some("gzip")).await;
+    assert_eq!(parts.status, 429);
+    assert_eq!(parts.headers["content-encoding"], "gzip");
+    assert_eq!(got, gzip_error, "relayed byte for byte");
+
+    let (parts, got) =
+        convert_accepting(&proxy, "/sse/v1/chat/completions", Some("br, gzip;q=0.5")).await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+    assert!(parts.headers.get("content-encoding").is_none());
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["choices"][0]["message"]["content"], "Hello");
+
+    let offers: Vec<String> = upstream
+        .requests()
+        .iter()
+        .map(|r| r.headers["accept-encoding"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(offers, ["identity", "gzip", "gzip, br"]);
 }

@@ -258,7 +258,8 @@ impl Conversion {
     }
 
     /// The converted request: client headers minus hop-by-hop, asking for an event stream
-    /// in codings we decode (D4); the client's `accept-encoding` does not leak into this leg.
+    /// in codings we decode (D4) and the client accepts: a non-stream answer is relayed as
+    /// the upstream sent it, so its coding must be one the client can read.
     fn upstream_request(
         &self,
         body: Bytes,
@@ -275,10 +276,14 @@ impl Conversion {
                 header::ACCEPT,
                 HeaderValue::from_static("text/event-stream"),
             );
-            parts.headers.insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static(Coding::ACCEPTED),
+            let offer = Coding::offer_for_client(
+                self.parts
+                    .headers
+                    .get_all(header::ACCEPT_ENCODING)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
             );
+            parts.headers.insert(header::ACCEPT_ENCODING, offer);
         }
         passthrough::upstream_request(&self.rule, parts, UpstreamBody::full(body))
     }

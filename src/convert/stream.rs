@@ -73,8 +73,63 @@ pub enum Coding {
 }
 
 impl Coding {
-    /// The value sent as `accept-encoding` on the converted leg.
+    /// Every coding we decode, in the order offered upstream.
     pub const ACCEPTED: &'static str = "gzip, deflate, br, zstd";
+
+    /// The `accept-encoding` for a converted request: the codings we decode that the client
+    /// accepts too, `identity` when there are none (or the client sent no `accept-encoding`).
+    ///
+    /// Whatever the upstream does not stream (errors, JSON from a provider that ignores
+    /// `stream`) is relayed unchanged, in the coding the upstream picked from this offer; so
+    /// the offer must hold only codings the client can read. Event streams are decoded here
+    /// whatever their coding, so offering the client's subset costs nothing but bandwidth.
+    ///
+    /// The client's list follows RFC 9110 §12.5.3: `q=0` refuses a coding, `*` stands for
+    /// every coding not named, `x-gzip` is `gzip`.
+    pub fn offer_for_client<'a>(client: impl IntoIterator<Item = &'a [u8]>) -> http::HeaderValue {
+        let mut named: Vec<(String, bool)> = Vec::new();
+        for value in client {
+            let Ok(value) = std::str::from_utf8(value) else {
+                continue;
+            };
+            for item in value.split(',') {
+                let mut pieces = item.split(';');
+                let name = pieces.next().unwrap_or("").trim().to_ascii_lowercase();
+                if name.is_empty() {
+                    continue;
+                }
+                let refused = pieces.any(|p| {
+                    let p = p.trim();
+                    let Some(q) = p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")) else {
+                        return false;
+                    };
+                    q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+                });
+                let name = if name == "x-gzip" {
+                    "gzip".to_owned()
+                } else {
+                    name
+                };
+                named.push((name, !refused));
+            }
+        }
+        let accepts = |coding: &str| match named.iter().find(|(n, _)| n == coding) {
+            Some((_, ok)) => *ok,
+            None => named.iter().any(|(n, ok)| n == "*" && *ok),
+        };
+        let offer: Vec<&str> = Self::ACCEPTED
+            .split(", ")
+            .filter(|coding| accepts(coding))
+            .collect();
+        // Built from fixed coding names only, so always a valid header value; `identity` is
+        // the safe answer should that ever change.
+        let identity = http::HeaderValue::from_static("identity");
+        if offer.is_empty() {
+            identity
+        } else {
+            http::HeaderValue::from_str(&offer.join(", ")).unwrap_or(identity)
+        }
+    }
 
     /// Parses a `content-encoding` value; `None` for codings we cannot decode.
     pub fn from_header(value: Option<&str>) -> Option<Coding> {
@@ -295,5 +350,29 @@ impl<R: tokio::io::AsyncBufRead + Unpin> AsyncRead for DeflateOrZlib<R> {
             DeflateOrZlib::Zlib(d) => std::pin::Pin::new(d).poll_read(cx, buf),
             DeflateOrZlib::Raw(d) => std::pin::Pin::new(d).poll_read(cx, buf),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(values: &[&str]) -> String {
+        let offer = Coding::offer_for_client(values.iter().map(|v| v.as_bytes()));
+        offer.to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn offer_is_what_the_client_accepts_and_we_decode() {
+        assert_eq!(offer(&[]), "identity");
+        assert_eq!(offer(&["identity"]), "identity");
+        assert_eq!(offer(&["gzip"]), "gzip");
+        assert_eq!(offer(&["x-gzip, compress"]), "gzip");
+        assert_eq!(offer(&["br;q=1.0, GZIP;q=0.5", "zstd"]), "gzip, br, zstd");
+        assert_eq!(offer(&["*"]), "gzip, deflate, br, zstd");
+        assert_eq!(offer(&["*, br;q=0"]), "gzip, deflate, zstd");
+        assert_eq!(offer(&["gzip;q=0, *;q=0"]), "identity");
+        assert_eq!(offer(&["gzip; q=0.000"]), "identity");
+        assert_eq!(offer(&["compress, sdch"]), "identity");
     }
 }
