@@ -654,16 +654,22 @@ async fn coding_upstream() -> (MockUpstream, Bytes) {
                 full(br_stream.clone()),
             );
         }
+        // A 400 is read whole by the proxy (to look for a refusal), a 429 streamed through.
+        let status = if r.uri.path().starts_with("/400/") {
+            400
+        } else {
+            429
+        };
         match first.as_str() {
             "gzip" => response(
-                429,
+                status,
                 &[
                     ("content-type", "application/json"),
                     ("content-encoding", "gzip"),
                 ],
                 full(gz.clone()),
             ),
-            _ => response(429, &[("content-type", "application/json")], full(ERROR)),
+            _ => response(status, &[("content-type", "application/json")], full(ERROR)),
         }
     })
     .await;
@@ -685,6 +691,17 @@ async fn relayed_answers_come_in_a_coding_the_client_accepts() {
     assert_eq!(parts.headers["content-encoding"], "gzip");
     assert_eq!(got, gzip_error, "relayed byte for byte");
 
+    for path in ["/400/v1/chat/completions", "/400/v1/responses"] {
+        let (parts, got) = convert_accepting(&proxy, path, None).await;
+        assert_eq!(parts.status, 400);
+        assert!(parts.headers.get("content-encoding").is_none());
+        assert_eq!(envelope(&got).1, "slow down");
+        let (parts, got) = convert_accepting(&proxy, path, Some("gzip")).await;
+        assert_eq!(parts.status, 400);
+        assert_eq!(parts.headers["content-encoding"], "gzip");
+        assert_eq!(got, gzip_error, "{path}: relayed byte for byte");
+    }
+
     let (parts, got) =
         convert_accepting(&proxy, "/sse/v1/chat/completions", Some("br, gzip;q=0.5")).await;
     assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
@@ -697,5 +714,57 @@ async fn relayed_answers_come_in_a_coding_the_client_accepts() {
         .iter()
         .map(|r| r.headers["accept-encoding"].to_str().unwrap().to_owned())
         .collect();
-    assert_eq!(offers, ["identity", "gzip", "gzip, br"]);
+    assert_eq!(
+        offers,
+        ["identity", "gzip", "identity", "gzip", "identity", "gzip", "gzip, br"]
+    );
+}
+
+#[tokio::test]
+async fn compressed_refusals_are_decoded_before_looking_for_stream_options() {
+    let refusal = json!({"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":"stream_options","code":null}}).to_string();
+    let mut encoded = Vec::new();
+    for coding in ["gzip", "br", "zstd", "deflate"] {
+        encoded.push((
+            coding,
+            Bytes::from(encode(coding, refusal.as_bytes()).await),
+        ));
+    }
+    let encoded = Arc::new(encoded);
+    let upstream = MockUpstream::start(move |r| {
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        if body.get("stream_options").is_none() {
+            return sse(CHAT_STREAM);
+        }
+        let coding = r.uri.path().split('/').nth(1).unwrap_or("");
+        let (name, data) = encoded.iter().find(|(c, _)| *c == coding).unwrap();
+        response(
+            400,
+            &[
+                ("content-type", "application/json"),
+                ("content-encoding", name),
+            ],
+            full(data.clone()),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    for coding in ["gzip", "br", "zstd", "deflate"] {
+        let (parts, got) =
+            convert_accepting(&proxy, &format!("/{coding}/v1/chat/completions"), Some("*")).await;
+        assert_eq!(
+            parts.status,
+            200,
+            "{coding}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        let got: Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!(got["choices"][0]["message"]["content"], "Hello", "{coding}");
+    }
+    let retried = upstream
+        .requests()
+        .iter()
+        .filter(|r| !r.body.windows(14).any(|w| w == b"stream_options"))
+        .count();
+    assert_eq!(retried, 4, "one retry per coding");
 }

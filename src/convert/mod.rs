@@ -46,6 +46,10 @@ use crate::upstream::{BoxError, UpstreamBody};
 /// How much of an upstream 400 is read to look for a refusal of the streaming form.
 const REFUSAL_PEEK_BYTES: u64 = 256 * 1024;
 
+/// Most a compressed upstream 400 may expand to when decoded to look for a refusal; an error
+/// envelope is a few hundred bytes, so anything larger is not one.
+const REFUSAL_DECODED_BYTES: u64 = 1024 * 1024;
+
 /// Handles a conversion candidate (a POST to a conversion path with a JSON content type).
 pub async fn handle(
     rule: &Arc<RuleContext>,
@@ -240,7 +244,8 @@ impl Conversion {
                         }
                     }
                 };
-                match refusal_fallback(self.api, &peek, fallback, &self.original) {
+                let readable = readable_error(&parts.headers, &peek).await;
+                match refusal_fallback(self.api, &readable, fallback, &self.original) {
                     Some((name, next_body)) => {
                         tracing::warn!(upstream = %rule.upstream, fallback = name, "upstream refused the streaming form; retrying");
                         fallback = Some(name);
@@ -577,6 +582,26 @@ async fn sniff(
         };
         if let Some(data) = frame.data_ref() {
             seen.extend_from_slice(data);
+        }
+    }
+}
+
+/// The text of an upstream error body read whole, decoded from its `content-encoding` (the
+/// converted leg offers compressed codings, so a refusal may well arrive gzipped). An
+/// undecodable body, or one that decodes past `REFUSAL_DECODED_BYTES`, reads as empty: it
+/// is then no refusal, and is relayed as it came.
+async fn readable_error(headers: &HeaderMap, body: &Bytes) -> Bytes {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    let Some(coding) = Coding::from_header(encoding) else {
+        return Bytes::new();
+    };
+    match stream::decode_whole(body.clone(), coding, REFUSAL_DECODED_BYTES).await {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::debug!(error = %e, "upstream 400 body not decodable; relayed as is");
+            Bytes::new()
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::future::poll_fn;
 use std::ops::ControlFlow;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::time::Duration;
 
 use async_compression::tokio::bufread::{
@@ -275,19 +275,12 @@ impl Feeder<'_> {
         let rest = body.into_data_stream();
         let rest = futures_util::StreamExt::map(rest, |r| r.map_err(std::io::Error::other));
         let reader = StreamReader::new(futures_util::StreamExt::chain(prefix, rest));
-        let mut decoder: std::pin::Pin<Box<dyn AsyncRead + Send>> = match coding {
-            Coding::Gzip => Box::pin(GzipDecoder::new(reader)),
-            // `deflate` is zlib-wrapped by the RFC, raw deflate in some servers' practice.
-            Coding::Deflate => {
-                match tokio::time::timeout(self.limits.idle, DeflateOrZlib::new(reader)).await {
-                    Ok(decoder) => Box::pin(decoder),
-                    Err(_) => return Err(StreamError::Idle(self.limits.idle)),
-                }
-            }
-            Coding::Brotli => Box::pin(BrotliDecoder::new(reader)),
-            Coding::Zstd => Box::pin(ZstdDecoder::new(reader)),
-            Coding::Identity => Box::pin(reader),
-        };
+        // Only `deflate` reads here (its first bytes), hence the idle limit.
+        let mut decoder =
+            match tokio::time::timeout(self.limits.idle, open_decoder(reader, coding)).await {
+                Ok(decoder) => decoder,
+                Err(_) => return Err(StreamError::Idle(self.limits.idle)),
+            };
         let mut buffer = vec![0u8; 16 * 1024];
         let mut idle = pin!(IdleTimer::new(self.limits.idle));
         loop {
@@ -307,6 +300,41 @@ impl Feeder<'_> {
             }
         }
     }
+}
+
+/// A decoder for `coding` over `reader`; `Identity` reads it as it is.
+async fn open_decoder<'r, R>(reader: R, coding: Coding) -> Pin<Box<dyn AsyncRead + Send + 'r>>
+where
+    R: tokio::io::AsyncBufRead + Unpin + Send + 'r,
+{
+    match coding {
+        Coding::Gzip => Box::pin(GzipDecoder::new(reader)),
+        // `deflate` is zlib-wrapped by the RFC, raw deflate in some servers' practice.
+        Coding::Deflate => Box::pin(DeflateOrZlib::new(reader).await),
+        Coding::Brotli => Box::pin(BrotliDecoder::new(reader)),
+        Coding::Zstd => Box::pin(ZstdDecoder::new(reader)),
+        Coding::Identity => Box::pin(reader),
+    }
+}
+
+/// Decodes a whole body already in memory (an upstream error read to look inside it, or
+/// a relayed answer that must become plain JSON), refusing more than `cap` decoded bytes so
+/// a small compressed body cannot expand without bound.
+pub async fn decode_whole(data: Bytes, coding: Coding, cap: u64) -> Result<Bytes, StreamError> {
+    if coding == Coding::Identity {
+        return Ok(data);
+    }
+    let decoder = open_decoder(&data[..], coding).await;
+    let mut out = Vec::new();
+    decoder
+        .take(cap.saturating_add(1))
+        .read_to_end(&mut out)
+        .await
+        .map_err(|e| StreamError::Body(format!("cannot decode the {coding:?} body: {e}")))?;
+    if out.len() as u64 > cap {
+        return Err(StreamError::TooLarge(cap));
+    }
+    Ok(Bytes::from(out))
 }
 
 fn sse_error(error: SseError<AggregateError>, limit: u64) -> StreamError {
@@ -360,6 +388,45 @@ mod tests {
     fn offer(values: &[&str]) -> String {
         let offer = Coding::offer_for_client(values.iter().map(|v| v.as_bytes()));
         offer.to_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn whole_bodies_are_decoded_within_the_cap() {
+        use async_compression::tokio::bufread::{DeflateEncoder, GzipEncoder, ZlibEncoder};
+        let plain = b"{\"error\":{\"message\":\"stream_options\"}}".repeat(4);
+        let mut gzip = Vec::new();
+        GzipEncoder::new(&plain[..])
+            .read_to_end(&mut gzip)
+            .await
+            .unwrap();
+        let mut zlib = Vec::new();
+        ZlibEncoder::new(&plain[..])
+            .read_to_end(&mut zlib)
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        DeflateEncoder::new(&plain[..])
+            .read_to_end(&mut raw)
+            .await
+            .unwrap();
+        let cap = plain.len() as u64;
+        for (coding, data) in [
+            (Coding::Gzip, gzip.clone()),
+            (Coding::Deflate, zlib),
+            (Coding::Deflate, raw),
+            (Coding::Identity, plain.clone()),
+        ] {
+            let got = decode_whole(Bytes::from(data), coding, cap).await.unwrap();
+            assert_eq!(&got[..], &plain[..], "{coding:?}");
+        }
+        assert!(matches!(
+            decode_whole(Bytes::from(gzip), Coding::Gzip, cap - 1).await,
+            Err(StreamError::TooLarge(_))
+        ));
+        assert!(matches!(
+            decode_whole(Bytes::from_static(b"not gzip"), Coding::Gzip, cap).await,
+            Err(StreamError::Body(_))
+        ));
     }
 
     #[test]
