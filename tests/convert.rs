@@ -768,3 +768,33 @@ async fn compressed_refusals_are_decoded_before_looking_for_stream_options() {
         .count();
     assert_eq!(retried, 4, "one retry per coding");
 }
+
+#[tokio::test]
+async fn large_upstream_400_bodies_are_relayed_unchanged() {
+    // Past the 256 KiB the proxy reads to look for a refusal, in small frames so the cap is
+    // crossed in the middle of the body.
+    let big: Bytes = format!(
+        "{{\"error\":{{\"message\":\"{}\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":null}}}}",
+        "stream ".repeat(100_000)
+    )
+    .into();
+    let body = big.clone();
+    let upstream = MockUpstream::start(move |_| {
+        let (tx, rx) = channel_body();
+        let body = body.clone();
+        tokio::spawn(async move {
+            for piece in body.chunks(16 * 1024) {
+                if tx.send(Ok(Bytes::copy_from_slice(piece))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        response(400, &[("content-type", "application/json")], rx)
+    })
+    .await;
+    let (parts, got) = convert(&upstream, "/v1/chat/completions", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 400);
+    assert_eq!(got.len(), big.len());
+    assert!(got == big, "body changed");
+    assert_eq!(upstream.requests().len(), 1, "a large body is no refusal");
+}

@@ -228,7 +228,7 @@ impl Conversion {
             let status = response.status();
             if status == StatusCode::BAD_REQUEST {
                 let (parts, incoming) = response.into_parts();
-                let peek = match read_capped(
+                let peek = match read_prefix(
                     incoming,
                     REFUSAL_PEEK_BYTES,
                     rule.options.timeout,
@@ -236,7 +236,16 @@ impl Conversion {
                 )
                 .await
                 {
-                    Ok(peek) => peek,
+                    Ok(Peek::Whole(peek)) => peek,
+                    // Too large for an error envelope, so no refusal: relayed unchanged.
+                    Ok(Peek::Partial(prefix, rest)) => {
+                        return Outcome::Relay(relay_after(
+                            parts,
+                            prefix,
+                            rest,
+                            rule.options.timeout,
+                        ))
+                    }
                     Err(error) => {
                         return Outcome::Failed {
                             error,
@@ -502,6 +511,63 @@ fn full_response(mut parts: http::response::Parts, body: Bytes) -> Response<Prox
         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     parts.version = http::Version::HTTP_11;
     Response::from_parts(parts, ProxyBody::full(body))
+}
+
+/// An upstream body read up to a cap: whole, or the bytes read so far and the rest.
+enum Peek {
+    Whole(Bytes),
+    Partial(Bytes, Incoming),
+}
+
+/// Reads an upstream body whole when it holds at most `cap` bytes; past that, stops and
+/// hands back what was read (the last frame included) with the unread rest, so the caller
+/// can still relay the body unchanged.
+async fn read_prefix(
+    mut body: Incoming,
+    cap: u64,
+    idle: Duration,
+    upstream: &str,
+) -> Result<Peek, ProxyError> {
+    let mut collected = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout {
+                    upstream: upstream.to_owned(),
+                    seconds: idle.as_secs(),
+                })
+            }
+            Ok(None) => return Ok(Peek::Whole(collected.freeze())),
+            Ok(Some(frame)) => frame,
+        };
+        let frame = frame.map_err(|e| ProxyError::UpstreamStream {
+            upstream: upstream.to_owned(),
+            reason: crate::service::error_chain(&e),
+        })?;
+        if let Some(data) = frame.data_ref() {
+            collected.extend_from_slice(data);
+            if collected.len() as u64 > cap {
+                return Ok(Peek::Partial(collected.freeze(), body));
+            }
+        }
+    }
+}
+
+/// A relayed response of which `prefix` was already read: framing as
+/// `passthrough::relay_response` does it, body the prefix then the rest.
+fn relay_after(
+    mut parts: http::response::Parts,
+    prefix: Bytes,
+    rest: Incoming,
+    idle: Duration,
+) -> Response<ProxyBody> {
+    // RFC 9112 §6.3: with both framings, Transfer-Encoding decides and Content-Length is stale.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = http::Version::HTTP_11;
+    Response::from_parts(parts, ProxyBody::upstream_after(prefix, rest, idle))
 }
 
 /// Reads an upstream body whole, up to `cap` bytes, under the idle timeout.
