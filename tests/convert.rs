@@ -798,3 +798,80 @@ async fn large_upstream_400_bodies_are_relayed_unchanged() {
     assert!(got == big, "body changed");
     assert_eq!(upstream.requests().len(), 1, "a large body is no refusal");
 }
+
+#[tokio::test]
+async fn late_relayed_answers_become_plain_json_in_the_committed_200() {
+    const ERROR: &str = "{\"error\":{\"message\":\"slow down\",\"type\":\"rate_limit_error\",\"param\":null,\"code\":\"rate_limit_exceeded\"}}";
+    let gzip_error = Bytes::from(encode("gzip", ERROR.as_bytes()).await);
+    let gzip_plain = Bytes::from(encode("gzip", b"{\"id\":\"plain\"}").await);
+    // The upstream answers only once the test has seen the committed 200.
+    let go = Arc::new(tokio::sync::Semaphore::new(0));
+    let permits = go.clone();
+    let upstream = RawUpstream::start(move |mut stream| {
+        let (gzip_error, gzip_plain, permits) =
+            (gzip_error.clone(), gzip_plain.clone(), permits.clone());
+        async move {
+            let head = read_head(&mut stream).await;
+            match tokio::time::timeout(WAIT, permits.acquire()).await {
+                Ok(Ok(permit)) => permit.forget(),
+                _ => return,
+            }
+            let (status, ctype, coding, body) = if head.contains("/gz/") {
+                ("429 Too Many Requests", "application/json", "gzip", gzip_error)
+            } else if head.contains("/json/") {
+                ("200 OK", "application/json", "gzip", gzip_plain)
+            } else {
+                ("502 Bad Gateway", "text/html", "identity", Bytes::from_static(b"<html>bad gateway</html>"))
+            };
+            let head = format!("HTTP/1.1 {status}\r\nconnection: close\r\ncontent-type: {ctype}\r\ncontent-encoding: {coding}\r\nx-request-id: late\r\ncontent-length: {}\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(&body).await;
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+        }
+    })
+    .await;
+    let mut opts = options();
+    opts.keep_alive = Some(Duration::from_millis(300));
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    for path in [
+        "/gz/v1/chat/completions",
+        "/json/v1/responses",
+        "/html/v1/chat/completions",
+    ] {
+        let req = Request::post(proxy.url(path))
+            .header("content-type", "application/json")
+            .header("accept-encoding", "gzip")
+            .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+            .unwrap();
+        let response = tokio::time::timeout(WAIT, client().request(req))
+            .await
+            .expect("no committed head")
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert!(response.headers().get("content-encoding").is_none());
+        assert!(
+            response.headers().get("x-request-id").is_none(),
+            "a late answer's headers cannot follow the committed head"
+        );
+        go.add_permits(1);
+        let body = tokio::time::timeout(WAIT, response.into_body().collect())
+            .await
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+        let json = body.trim_ascii();
+        match path {
+            "/gz/v1/chat/completions" => assert_eq!(json, ERROR.as_bytes()),
+            "/json/v1/responses" => assert_eq!(json, b"{\"id\":\"plain\"}"),
+            _ => {
+                let (ty, message) = envelope(json);
+                assert_eq!(ty, "upstream_error");
+                assert!(
+                    message.contains("502") && message.contains("not JSON"),
+                    "{message}"
+                );
+            }
+        }
+    }
+}

@@ -12,7 +12,9 @@
 //! With `keepAliveSeconds`, a slow aggregation commits `200` early and writes a space every
 //! interval until the JSON follows (leading whitespace is valid JSON), so edges that cut
 //! silent responses after ~100 s do not cost the client its answer. The trade-off: once
-//! committed, an error can only be delivered as an error envelope inside that 200 body.
+//! committed, an error can only be delivered as an error envelope inside that 200 body, a
+//! late relayed answer only as its (decoded) JSON body, and no late header reaches the
+//! client (`x-request-id`, `x-ratelimit-*`): the 200's head is already on the wire.
 
 pub mod chat;
 pub mod outcome;
@@ -103,13 +105,25 @@ pub async fn handle(
     let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(2);
     let summary_slot = Arc::new(OnceLock::new());
     log.set_convert_later(summary_slot.clone());
-    tokio::spawn(keep_alive(running, tx, interval, summary_slot));
+    let late = LateAnswer {
+        upstream: rule.upstream.to_string(),
+        max_bytes: rule.options.max_response_bytes,
+    };
+    tokio::spawn(keep_alive(running, tx, interval, summary_slot, late));
     let mut response = Response::new(ProxyBody::channel(rx));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     Ok(response)
+}
+
+/// What turning a late relayed answer into the committed body needs from the rule.
+struct LateAnswer {
+    /// The upstream, for error messages.
+    upstream: String,
+    /// `maxResponseBytes`: cap on the relayed body, read and decoded.
+    max_bytes: u64,
 }
 
 type RunningConversion = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>;
@@ -119,12 +133,13 @@ async fn keep_alive(
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
     interval: Duration,
     summary_slot: Arc<OnceLock<ConvertSummary>>,
+    late: LateAnswer,
 ) {
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now(), interval);
     loop {
         tokio::select! {
             outcome = &mut running => {
-                let (body, summary) = outcome.into_committed_body().await;
+                let (body, summary) = outcome.into_committed_body(&late).await;
                 if let Some(summary) = summary {
                     let _ = summary_slot.set(summary);
                 }
@@ -446,8 +461,9 @@ impl Outcome {
         }
     }
 
-    /// The body to finish an already committed 200 with.
-    async fn into_committed_body(self) -> (Bytes, Option<ConvertSummary>) {
+    /// The body to finish an already committed 200 with: always plain JSON, since the
+    /// committed response says `application/json` and has no `content-encoding`.
+    async fn into_committed_body(self, late: &LateAnswer) -> (Bytes, Option<ConvertSummary>) {
         match self {
             Outcome::Aggregated {
                 aggregate,
@@ -458,20 +474,61 @@ impl Outcome {
                 (Bytes::from(aggregate.body), Some(summary))
             }
             // The upstream's own body (its error envelope, or JSON it sent without streaming).
-            Outcome::Relay(response) => match response.into_body().collect().await {
-                Ok(collected) => (collected.to_bytes(), None),
-                Err(e) => (
-                    ProxyError::UpstreamStream {
-                        upstream: "the upstream".to_owned(),
-                        reason: e.to_string(),
-                    }
-                    .envelope(),
-                    None,
-                ),
-            },
+            Outcome::Relay(response) => (committed_relay(response, late).await, None),
             Outcome::Failed { error, .. } => (error.envelope(), None),
         }
     }
+}
+
+/// A relayed answer that arrived after the 200 was committed, as plain JSON for that body.
+///
+/// The upstream may have compressed it (in a coding the client accepts, but the committed
+/// response carries no `content-encoding`), so it is decoded; a body that is still not JSON
+/// (an HTML error page from a gateway, say) becomes an `upstream_error` envelope naming the
+/// upstream's status, since the client parses the 200 as JSON. The upstream's status and
+/// headers cannot be sent any more: the 200 and its headers are already on the wire.
+async fn committed_relay(response: Response<ProxyBody>, late: &LateAnswer) -> Bytes {
+    let failed = |reason: String| {
+        ProxyError::UpstreamStream {
+            upstream: late.upstream.clone(),
+            reason,
+        }
+        .envelope()
+    };
+    let (parts, body) = response.into_parts();
+    let cap = usize::try_from(late.max_bytes).unwrap_or(usize::MAX);
+    let raw = match http_body_util::Limited::new(body, cap).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return failed(format!(
+                "late {} answer could not be read: {e}",
+                parts.status
+            ))
+        }
+    };
+    let encoding = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    let Some(coding) = Coding::from_header(encoding) else {
+        return failed(format!(
+            "late {} answer has unsupported content-encoding {:?}",
+            parts.status,
+            encoding.unwrap_or("")
+        ));
+    };
+    let plain = match stream::decode_whole(raw, coding, late.max_bytes).await {
+        Ok(plain) => plain,
+        Err(e) => return failed(format!("late {} answer: {e}", parts.status)),
+    };
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&plain).is_err() {
+        let shown = String::from_utf8_lossy(&plain[..plain.len().min(200)]).into_owned();
+        return failed(format!(
+            "late {} answer is not JSON: {shown:?}",
+            parts.status
+        ));
+    }
+    plain
 }
 
 fn summary(aggregate: &Aggregate, fallback: Option<&'static str>) -> ConvertSummary {
