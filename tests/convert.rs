@@ -875,3 +875,239 @@ async fn late_relayed_answers_become_plain_json_in_the_committed_200() {
         }
     }
 }
+
+fn responses_sse(events: &[Value]) -> Response {
+    let mut body = String::new();
+    for event in events {
+        body.push_str(&format!(
+            "event: {}\ndata: {event}\n\n",
+            event["type"].as_str().unwrap()
+        ));
+    }
+    response(
+        200,
+        &[
+            ("content-type", "text/event-stream"),
+            ("x-request-id", "req_r"),
+        ],
+        full(body),
+    )
+}
+
+#[tokio::test]
+async fn incomplete_responses_are_200_with_the_incomplete_object() {
+    let upstream = MockUpstream::start(|_| {
+        responses_sse(&[
+            json!({"type":"response.created","response":{"id":"resp_i","object":"response","status":"in_progress","output":[]}}),
+            json!({"type":"response.incomplete","response":{"id":"resp_i","object":"response","status":"incomplete","incomplete_details":{"reason":"max_output_tokens"},"output":[{"type":"message","id":"msg_1","role":"assistant","status":"incomplete","content":[{"type":"output_text","text":"Par","annotations":[]}]}],"usage":{"input_tokens":3,"output_tokens":16,"total_tokens":19}}}),
+        ])
+    })
+    .await;
+    let (parts, got) = convert(&upstream, "/v1/responses", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(parts.headers["x-request-id"], "req_r");
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["status"], "incomplete");
+    assert_eq!(got["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(got["output"][0]["content"][0]["text"], "Par");
+    assert_eq!(got["usage"]["output_tokens"], 16);
+}
+
+#[tokio::test]
+async fn responses_output_is_rebuilt_from_deltas_and_usage_from_an_earlier_event() {
+    let upstream = MockUpstream::start(|_| {
+        responses_sse(&[
+            json!({"type":"response.created","response":{"id":"resp_d","object":"response","status":"in_progress","output":[]}}),
+            json!({"type":"response.in_progress","response":{"id":"resp_d","object":"response","status":"in_progress","output":[],"usage":{"input_tokens":7,"output_tokens":2,"total_tokens":9}}}),
+            json!({"type":"response.output_text.delta","item_id":"msg_d","output_index":0,"content_index":0,"delta":"Hel"}),
+            json!({"type":"response.output_text.delta","item_id":"msg_d","output_index":0,"content_index":0,"delta":"lo"}),
+            json!({"type":"response.completed","response":{"id":"resp_d","object":"response","status":"completed","output":[],"usage":null}}),
+        ])
+    })
+    .await;
+    let (parts, got) = convert(&upstream, "/v1/responses", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["status"], "completed");
+    assert_eq!(
+        got["output"],
+        json!([{"id":"msg_d","type":"message","role":"assistant",
+                "content":[{"type":"output_text","annotations":[],"text":"Hello"}]}])
+    );
+    assert_eq!(
+        got["usage"],
+        json!({"input_tokens":7,"output_tokens":2,"total_tokens":9})
+    );
+}
+
+#[tokio::test]
+async fn tool_call_fragments_with_reused_index_or_no_index_are_all_kept() {
+    const STREAM: &str = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"tool_calls\":[{\"index\":0,\"id\":\"a\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"x\\\":1}\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"b\",\"type\":\"function\",\"function\":{\"name\":\"g\",\"arguments\":\"{\\\"y\\\":\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"2}\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"id\":\"p\",\"type\":\"function\",\"function\":{\"name\":\"h\",\"arguments\":\"AB\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"C\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"id\":\"a\",\"function\":{\"arguments\":\"\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let upstream = MockUpstream::start(|_| sse(STREAM)).await;
+    let (parts, got) = convert(&upstream, "/v1/chat/completions", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(
+        got["choices"][0]["message"]["tool_calls"],
+        json!([
+            {"id":"a","type":"function","function":{"name":"f","arguments":"{\"x\":1}"}},
+            {"id":"b","type":"function","function":{"name":"g","arguments":"{\"y\":2}"}},
+            {"id":"p","type":"function","function":{"name":"h","arguments":"ABC"}}
+        ])
+    );
+}
+
+#[tokio::test]
+async fn get_and_text_plain_posts_on_chat_completions_pass_through_exactly() {
+    let upstream = MockUpstream::start(|r| {
+        let mut answer = format!("{} ", r.method).into_bytes();
+        answer.extend_from_slice(&r.body);
+        response(
+            200,
+            &[("content-type", "application/octet-stream")],
+            full(answer),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let (parts, got) = send(
+        Request::get(proxy.url("/v1/chat/completions?limit=2"))
+            .header("accept-encoding", "br")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(&got[..], b"GET ");
+    let body = "{\"model\":\"m\", \"stream\": false}";
+    let (parts, got) = send(
+        Request::post(proxy.url("/v1/chat/completions"))
+            .header("content-type", "text/plain")
+            .header("accept-encoding", "br")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(got, format!("POST {body}").as_bytes());
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].uri.query(), Some("limit=2"));
+    assert_eq!(&seen[1].body[..], body.as_bytes());
+    for r in &seen {
+        assert!(r.headers.get("accept").is_none(), "no stream asked for");
+        assert_eq!(
+            r.headers["accept-encoding"], "br",
+            "client's own header kept"
+        );
+    }
+}
+
+/// Log lines written while a test runs (on a current-thread runtime, so the proxy's tasks
+/// log to the thread-local subscriber).
+#[derive(Clone, Default)]
+struct LogLines {
+    text: Arc<Mutex<Vec<u8>>>,
+    written: Arc<tokio::sync::Notify>,
+}
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.text.lock().unwrap().extend_from_slice(buf);
+        self.written.notify_waiters();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogLines {
+    /// Waits (bounded) for a line holding every needle.
+    async fn line_with(&self, needles: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let notified = self.written.notified();
+            let text = String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned();
+            if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_owned();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("no log line with {needles:?} in:\n{text}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn fallbacks_are_logged() {
+    let lines = LogLines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let upstream = MockUpstream::start(|r| {
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        let refuse = |message: &str, param: &str| {
+            response(400, &[("content-type", "application/json")], full(json!({"error":{"message":message,"type":"invalid_request_error","param":param,"code":null}}).to_string()))
+        };
+        let plain_only = r.uri.path().starts_with("/plain/");
+        match (body.get("stream_options").is_some(), body.get("stream").is_some()) {
+            (true, _) => refuse("Unrecognized request argument supplied: stream_options", "stream_options"),
+            (false, true) if plain_only => refuse("This model does not support 'stream'", "stream"),
+            (false, true) => sse(CHAT_STREAM),
+            (false, false) => response(200, &[("content-type", "application/json")], full("{\"id\":\"plain-answer\"}")),
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let port = format!("port={}", proxy.addr.port());
+
+    let (parts, _) = send(post_json(
+        &proxy.url("/v1/chat/completions"),
+        "{\"model\":\"m\"}",
+    ))
+    .await;
+    assert_eq!(parts.status, 200);
+    lines
+        .line_with(&[
+            "refused the streaming form",
+            "fallback=without_stream_options",
+        ])
+        .await;
+    let line = lines
+        .line_with(&[
+            "request",
+            &port,
+            "mode=convert",
+            "fallback=without_stream_options",
+        ])
+        .await;
+    assert!(line.contains("terminal=done"), "{line}");
+    assert!(line.contains("total_tokens=5"), "{line}");
+
+    let (parts, got) = send(post_json(
+        &proxy.url("/plain/v1/chat/completions"),
+        "{\"model\":\"m\"}",
+    ))
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(&got[..], b"{\"id\":\"plain-answer\"}");
+    lines
+        .line_with(&["refused the streaming form", "fallback=plain"])
+        .await;
+}

@@ -271,7 +271,7 @@ impl Conversion {
                 let readable = readable_error(&parts.headers, &peek).await;
                 match refusal_fallback(self.api, &readable, fallback, &self.original) {
                     Some((name, next_body)) => {
-                        tracing::warn!(upstream = %rule.upstream, fallback = name, "upstream refused the streaming form; retrying");
+                        tracing::warn!(upstream = %rule.upstream, fallback = %name, "upstream refused the streaming form; retrying");
                         fallback = Some(name);
                         body = next_body;
                         continue;
