@@ -39,6 +39,7 @@ pin_project! {
     enum Kind {
         Full { data: Option<Bytes> },
         Upstream {
+            prefix: Option<Bytes>,
             #[pin]
             body: Incoming,
             #[pin]
@@ -52,7 +53,7 @@ impl Kind {
     fn is_end_stream(&self) -> bool {
         match self {
             Kind::Full { data } => data.is_none(),
-            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Upstream { prefix, body, .. } => prefix.is_none() && body.is_end_stream(),
             Kind::Channel { .. } => false,
         }
     }
@@ -80,8 +81,15 @@ impl ProxyBody {
 
     /// Relays an upstream body; `idle` bounds the silence between two frames (D13).
     pub fn upstream(body: Incoming, idle: Duration) -> Self {
+        ProxyBody::upstream_after(Bytes::new(), body, idle)
+    }
+
+    /// Relays an upstream body of which `prefix` was already read (to look inside it), so
+    /// the client gets the prefix followed by the rest, unchanged.
+    pub fn upstream_after(prefix: Bytes, body: Incoming, idle: Duration) -> Self {
         ProxyBody {
             kind: Kind::Upstream {
+                prefix: (!prefix.is_empty()).then_some(prefix),
                 body,
                 idle: IdleTimer::new(idle),
             },
@@ -123,7 +131,10 @@ impl Body for ProxyBody {
         let mut kind = this.kind;
         let polled = match kind.as_mut().project() {
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            KindProj::Upstream { body, idle } => match body.poll_frame(cx) {
+            KindProj::Upstream { prefix, .. } if prefix.is_some() => {
+                Poll::Ready(prefix.take().map(|p| Ok(Frame::data(p))))
+            }
+            KindProj::Upstream { body, idle, .. } => match body.poll_frame(cx) {
                 Poll::Ready(frame) => {
                     idle.touch();
                     Poll::Ready(frame.map(|r| r.map_err(BoxError::from)))
@@ -172,7 +183,16 @@ impl Body for ProxyBody {
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Upstream { prefix, body, .. } => {
+                let before = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let rest = body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower().saturating_add(before));
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(before));
+                }
+                hint
+            }
             Kind::Channel { .. } => SizeHint::default(),
         }
     }

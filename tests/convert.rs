@@ -90,7 +90,8 @@ async fn chat_request_is_rewritten_surgically_and_answered_with_one_body() {
     );
     assert_eq!(seen.headers["content-length"], sent.len().to_string());
     assert_eq!(seen.headers["accept"], "text/event-stream");
-    assert_eq!(seen.headers["accept-encoding"], "gzip, deflate, br, zstd");
+    // Only codings the client accepts (it sent `gzip`) and we decode.
+    assert_eq!(seen.headers["accept-encoding"], "gzip");
     assert_eq!(seen.headers["authorization"], "Bearer sk-test");
     assert_eq!(
         seen.headers["content-type"],
@@ -542,4 +543,571 @@ async fn unreachable_upstream_is_502_for_conversions() {
     let (parts, got) = send(post_json(&proxy.url("/v1/responses"), "{\"model\":\"m\"}")).await;
     assert_eq!(parts.status, 502);
     assert_eq!(envelope(&got).0, "upstream_error");
+}
+
+#[tokio::test]
+async fn in_stream_http_status_codes_and_rate_limit_types_set_the_status() {
+    let upstream = MockUpstream::start(|r| {
+        let body: &'static str = match r.uri.path() {
+            "/num/v1/chat/completions" => "data: {\"error\":{\"message\":\"numeric\",\"code\":429}}\n\n",
+            "/text/v1/chat/completions" => "data: {\"error\":{\"message\":\"text\",\"code\":\"429\"}}\n\n",
+            "/typed/v1/chat/completions" => "data: {\"error\":{\"message\":\"typed\",\"type\":\"rate_limit_exceeded\"}}\n\n",
+            "/gateway/v1/chat/completions" => "data: {\"error\":{\"message\":\"gateway\",\"code\":503}}\n\n",
+            "/typed/v1/responses" => "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"typed\"}}\n\n",
+            _ => "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"id\":\"r\",\"status\":\"failed\",\"error\":{\"code\":429,\"message\":\"numeric\"},\"output\":[]}}\n\n",
+        };
+        sse(body)
+    })
+    .await;
+    for (path, status, ty) in [
+        ("/num/v1/chat/completions", 429, "rate_limit_error"),
+        ("/text/v1/chat/completions", 429, "rate_limit_error"),
+        ("/typed/v1/chat/completions", 429, "rate_limit_exceeded"),
+        ("/gateway/v1/chat/completions", 503, "server_error"),
+        ("/typed/v1/responses", 429, "rate_limit_error"),
+        ("/failed/v1/responses", 429, "rate_limit_error"),
+    ] {
+        let (parts, got) = convert(&upstream, path, "{\"model\":\"m\"}").await;
+        assert_eq!(
+            parts.status,
+            status,
+            "{path}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        assert_eq!(envelope(&got).0, ty, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn stream_options_retry_drops_the_clients_own_stream_options_too() {
+    let upstream = MockUpstream::start(|r| {
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        if body.get("stream_options").is_some() {
+            response(400, &[("content-type", "application/json")], full(json!({"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":"stream_options","code":null}}).to_string()))
+        } else {
+            sse(CHAT_STREAM)
+        }
+    })
+    .await;
+    let (parts, got) = convert(
+        &upstream,
+        "/v1/chat/completions",
+        "{\"model\":\"m\",\"stream_options\":{\"include_obfuscation\":false},\"stream\":false,\"n\":1}",
+    )
+    .await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["choices"][0]["message"]["content"], "Hello");
+    let bodies: Vec<String> = upstream
+        .requests()
+        .iter()
+        .map(|r| String::from_utf8(r.body.to_vec()).unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        vec![
+            "{\"model\":\"m\",\"stream_options\":{\"include_obfuscation\":false,\"include_usage\":true},\"stream\":true,\"n\":1}".to_owned(),
+            "{\"model\":\"m\",\"stream\":true,\"n\":1}".to_owned(),
+        ]
+    );
+}
+
+/// Sends `body` to `path` with the client's `accept-encoding` (none when `None`).
+async fn convert_accepting(
+    proxy: &ProxyHandle,
+    path: &str,
+    accept_encoding: Option<&str>,
+) -> (http::response::Parts, Bytes) {
+    let mut req = Request::post(proxy.url(path)).header("content-type", "application/json");
+    if let Some(ae) = accept_encoding {
+        req = req.header("accept-encoding", ae);
+    }
+    send(
+        req.body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+            .unwrap(),
+    )
+    .await
+}
+
+/// A mock that, like real servers, compresses with the first coding it is offered.
+async fn coding_upstream() -> (MockUpstream, Bytes) {
+    const ERROR: &str = "{\"error\":{\"message\":\"slow down\",\"type\":\"rate_limit_error\",\"param\":null,\"code\":\"rate_limit_exceeded\"}}";
+    let gzip_error = Bytes::from(encode("gzip", ERROR.as_bytes()).await);
+    let br_stream = Bytes::from(encode("br", CHAT_STREAM.as_bytes()).await);
+    let gz = gzip_error.clone();
+    let upstream = MockUpstream::start(move |r| {
+        let offered = r
+            .headers
+            .get("accept-encoding")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let first = offered.split(',').next().unwrap_or("").trim().to_owned();
+        if r.uri.path().starts_with("/sse/") {
+            assert!(offered.contains("br"), "offer {offered:?}");
+            return response(
+                200,
+                &[
+                    ("content-type", "text/event-stream"),
+                    ("content-encoding", "br"),
+                ],
+                full(br_stream.clone()),
+            );
+        }
+        // A 400 is read whole by the proxy (to look for a refusal), a 429 streamed through.
+        let status = if r.uri.path().starts_with("/400/") {
+            400
+        } else {
+            429
+        };
+        match first.as_str() {
+            "gzip" => response(
+                status,
+                &[
+                    ("content-type", "application/json"),
+                    ("content-encoding", "gzip"),
+                ],
+                full(gz.clone()),
+            ),
+            _ => response(status, &[("content-type", "application/json")], full(ERROR)),
+        }
+    })
+    .await;
+    (upstream, gzip_error)
+}
+
+#[tokio::test]
+async fn relayed_answers_come_in_a_coding_the_client_accepts() {
+    let (upstream, gzip_error) = coding_upstream().await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+
+    let (parts, got) = convert_accepting(&proxy, "/v1/chat/completions", None).await;
+    assert_eq!(parts.status, 429);
+    assert!(parts.headers.get("content-encoding").is_none());
+    assert_eq!(envelope(&got).1, "slow down");
+
+    let (parts, got) = convert_accepting(&proxy, "/v1/chat/completions", Some("gzip")).await;
+    assert_eq!(parts.status, 429);
+    assert_eq!(parts.headers["content-encoding"], "gzip");
+    assert_eq!(got, gzip_error, "relayed byte for byte");
+
+    for path in ["/400/v1/chat/completions", "/400/v1/responses"] {
+        let (parts, got) = convert_accepting(&proxy, path, None).await;
+        assert_eq!(parts.status, 400);
+        assert!(parts.headers.get("content-encoding").is_none());
+        assert_eq!(envelope(&got).1, "slow down");
+        let (parts, got) = convert_accepting(&proxy, path, Some("gzip")).await;
+        assert_eq!(parts.status, 400);
+        assert_eq!(parts.headers["content-encoding"], "gzip");
+        assert_eq!(got, gzip_error, "{path}: relayed byte for byte");
+    }
+
+    let (parts, got) =
+        convert_accepting(&proxy, "/sse/v1/chat/completions", Some("br, gzip;q=0.5")).await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+    assert!(parts.headers.get("content-encoding").is_none());
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["choices"][0]["message"]["content"], "Hello");
+
+    let offers: Vec<String> = upstream
+        .requests()
+        .iter()
+        .map(|r| r.headers["accept-encoding"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        offers,
+        ["identity", "gzip", "identity", "gzip", "identity", "gzip", "gzip, br"]
+    );
+}
+
+#[tokio::test]
+async fn compressed_refusals_are_decoded_before_looking_for_stream_options() {
+    let refusal = json!({"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":"stream_options","code":null}}).to_string();
+    let mut encoded = Vec::new();
+    for coding in ["gzip", "br", "zstd", "deflate"] {
+        encoded.push((
+            coding,
+            Bytes::from(encode(coding, refusal.as_bytes()).await),
+        ));
+    }
+    let encoded = Arc::new(encoded);
+    let upstream = MockUpstream::start(move |r| {
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        if body.get("stream_options").is_none() {
+            return sse(CHAT_STREAM);
+        }
+        let coding = r.uri.path().split('/').nth(1).unwrap_or("");
+        let (name, data) = encoded.iter().find(|(c, _)| *c == coding).unwrap();
+        response(
+            400,
+            &[
+                ("content-type", "application/json"),
+                ("content-encoding", name),
+            ],
+            full(data.clone()),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    for coding in ["gzip", "br", "zstd", "deflate"] {
+        let (parts, got) =
+            convert_accepting(&proxy, &format!("/{coding}/v1/chat/completions"), Some("*")).await;
+        assert_eq!(
+            parts.status,
+            200,
+            "{coding}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        let got: Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!(got["choices"][0]["message"]["content"], "Hello", "{coding}");
+    }
+    let retried = upstream
+        .requests()
+        .iter()
+        .filter(|r| !r.body.windows(14).any(|w| w == b"stream_options"))
+        .count();
+    assert_eq!(retried, 4, "one retry per coding");
+}
+
+#[tokio::test]
+async fn large_upstream_400_bodies_are_relayed_unchanged() {
+    // Past the 256 KiB the proxy reads to look for a refusal, in small frames so the cap is
+    // crossed in the middle of the body.
+    let big: Bytes = format!(
+        "{{\"error\":{{\"message\":\"{}\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":null}}}}",
+        "stream ".repeat(100_000)
+    )
+    .into();
+    let body = big.clone();
+    let upstream = MockUpstream::start(move |_| {
+        let (tx, rx) = channel_body();
+        let body = body.clone();
+        tokio::spawn(async move {
+            for piece in body.chunks(16 * 1024) {
+                if tx.send(Ok(Bytes::copy_from_slice(piece))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        response(400, &[("content-type", "application/json")], rx)
+    })
+    .await;
+    let (parts, got) = convert(&upstream, "/v1/chat/completions", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 400);
+    assert_eq!(got.len(), big.len());
+    assert!(got == big, "body changed");
+    assert_eq!(upstream.requests().len(), 1, "a large body is no refusal");
+}
+
+#[tokio::test]
+async fn late_relayed_answers_become_plain_json_in_the_committed_200() {
+    const ERROR: &str = "{\"error\":{\"message\":\"slow down\",\"type\":\"rate_limit_error\",\"param\":null,\"code\":\"rate_limit_exceeded\"}}";
+    let gzip_error = Bytes::from(encode("gzip", ERROR.as_bytes()).await);
+    let gzip_plain = Bytes::from(encode("gzip", b"{\"id\":\"plain\"}").await);
+    // The upstream answers only once the test has seen the committed 200.
+    let go = Arc::new(tokio::sync::Semaphore::new(0));
+    let permits = go.clone();
+    let upstream = RawUpstream::start(move |mut stream| {
+        let (gzip_error, gzip_plain, permits) =
+            (gzip_error.clone(), gzip_plain.clone(), permits.clone());
+        async move {
+            let head = read_head(&mut stream).await;
+            match tokio::time::timeout(WAIT, permits.acquire()).await {
+                Ok(Ok(permit)) => permit.forget(),
+                _ => return,
+            }
+            let (status, ctype, coding, body) = if head.contains("/gz/") {
+                ("429 Too Many Requests", "application/json", "gzip", gzip_error)
+            } else if head.contains("/json/") {
+                ("200 OK", "application/json", "gzip", gzip_plain)
+            } else {
+                ("502 Bad Gateway", "text/html", "identity", Bytes::from_static(b"<html>bad gateway</html>"))
+            };
+            let head = format!("HTTP/1.1 {status}\r\nconnection: close\r\ncontent-type: {ctype}\r\ncontent-encoding: {coding}\r\nx-request-id: late\r\ncontent-length: {}\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(&body).await;
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+        }
+    })
+    .await;
+    let mut opts = options();
+    opts.keep_alive = Some(Duration::from_millis(300));
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    for path in [
+        "/gz/v1/chat/completions",
+        "/json/v1/responses",
+        "/html/v1/chat/completions",
+    ] {
+        let req = Request::post(proxy.url(path))
+            .header("content-type", "application/json")
+            .header("accept-encoding", "gzip")
+            .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+            .unwrap();
+        let response = tokio::time::timeout(WAIT, client().request(req))
+            .await
+            .expect("no committed head")
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert!(response.headers().get("content-encoding").is_none());
+        assert!(
+            response.headers().get("x-request-id").is_none(),
+            "a late answer's headers cannot follow the committed head"
+        );
+        go.add_permits(1);
+        let body = tokio::time::timeout(WAIT, response.into_body().collect())
+            .await
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+        let json = body.trim_ascii();
+        match path {
+            "/gz/v1/chat/completions" => assert_eq!(json, ERROR.as_bytes()),
+            "/json/v1/responses" => assert_eq!(json, b"{\"id\":\"plain\"}"),
+            _ => {
+                let (ty, message) = envelope(json);
+                assert_eq!(ty, "upstream_error");
+                assert!(
+                    message.contains("502") && message.contains("not JSON"),
+                    "{message}"
+                );
+            }
+        }
+    }
+}
+
+fn responses_sse(events: &[Value]) -> Response {
+    let mut body = String::new();
+    for event in events {
+        body.push_str(&format!(
+            "event: {}\ndata: {event}\n\n",
+            event["type"].as_str().unwrap()
+        ));
+    }
+    response(
+        200,
+        &[
+            ("content-type", "text/event-stream"),
+            ("x-request-id", "req_r"),
+        ],
+        full(body),
+    )
+}
+
+#[tokio::test]
+async fn incomplete_responses_are_200_with_the_incomplete_object() {
+    let upstream = MockUpstream::start(|_| {
+        responses_sse(&[
+            json!({"type":"response.created","response":{"id":"resp_i","object":"response","status":"in_progress","output":[]}}),
+            json!({"type":"response.incomplete","response":{"id":"resp_i","object":"response","status":"incomplete","incomplete_details":{"reason":"max_output_tokens"},"output":[{"type":"message","id":"msg_1","role":"assistant","status":"incomplete","content":[{"type":"output_text","text":"Par","annotations":[]}]}],"usage":{"input_tokens":3,"output_tokens":16,"total_tokens":19}}}),
+        ])
+    })
+    .await;
+    let (parts, got) = convert(&upstream, "/v1/responses", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(parts.headers["x-request-id"], "req_r");
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["status"], "incomplete");
+    assert_eq!(got["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(got["output"][0]["content"][0]["text"], "Par");
+    assert_eq!(got["usage"]["output_tokens"], 16);
+}
+
+#[tokio::test]
+async fn responses_output_is_rebuilt_from_deltas_and_usage_from_an_earlier_event() {
+    let upstream = MockUpstream::start(|_| {
+        responses_sse(&[
+            json!({"type":"response.created","response":{"id":"resp_d","object":"response","status":"in_progress","output":[]}}),
+            json!({"type":"response.in_progress","response":{"id":"resp_d","object":"response","status":"in_progress","output":[],"usage":{"input_tokens":7,"output_tokens":2,"total_tokens":9}}}),
+            json!({"type":"response.output_text.delta","item_id":"msg_d","output_index":0,"content_index":0,"delta":"Hel"}),
+            json!({"type":"response.output_text.delta","item_id":"msg_d","output_index":0,"content_index":0,"delta":"lo"}),
+            json!({"type":"response.completed","response":{"id":"resp_d","object":"response","status":"completed","output":[],"usage":null}}),
+        ])
+    })
+    .await;
+    let (parts, got) = convert(&upstream, "/v1/responses", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["status"], "completed");
+    assert_eq!(
+        got["output"],
+        json!([{"id":"msg_d","type":"message","role":"assistant",
+                "content":[{"type":"output_text","annotations":[],"text":"Hello"}]}])
+    );
+    assert_eq!(
+        got["usage"],
+        json!({"input_tokens":7,"output_tokens":2,"total_tokens":9})
+    );
+}
+
+#[tokio::test]
+async fn tool_call_fragments_with_reused_index_or_no_index_are_all_kept() {
+    const STREAM: &str = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"tool_calls\":[{\"index\":0,\"id\":\"a\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"x\\\":1}\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"b\",\"type\":\"function\",\"function\":{\"name\":\"g\",\"arguments\":\"{\\\"y\\\":\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"2}\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"id\":\"p\",\"type\":\"function\",\"function\":{\"name\":\"h\",\"arguments\":\"AB\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"C\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"id\":\"a\",\"function\":{\"arguments\":\"\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let upstream = MockUpstream::start(|_| sse(STREAM)).await;
+    let (parts, got) = convert(&upstream, "/v1/chat/completions", "{\"model\":\"m\"}").await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(
+        got["choices"][0]["message"]["tool_calls"],
+        json!([
+            {"id":"a","type":"function","function":{"name":"f","arguments":"{\"x\":1}"}},
+            {"id":"b","type":"function","function":{"name":"g","arguments":"{\"y\":2}"}},
+            {"id":"p","type":"function","function":{"name":"h","arguments":"ABC"}}
+        ])
+    );
+}
+
+#[tokio::test]
+async fn get_and_text_plain_posts_on_chat_completions_pass_through_exactly() {
+    let upstream = MockUpstream::start(|r| {
+        let mut answer = format!("{} ", r.method).into_bytes();
+        answer.extend_from_slice(&r.body);
+        response(
+            200,
+            &[("content-type", "application/octet-stream")],
+            full(answer),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let (parts, got) = send(
+        Request::get(proxy.url("/v1/chat/completions?limit=2"))
+            .header("accept-encoding", "br")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(&got[..], b"GET ");
+    let body = "{\"model\":\"m\", \"stream\": false}";
+    let (parts, got) = send(
+        Request::post(proxy.url("/v1/chat/completions"))
+            .header("content-type", "text/plain")
+            .header("accept-encoding", "br")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(got, format!("POST {body}").as_bytes());
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].uri.query(), Some("limit=2"));
+    assert_eq!(&seen[1].body[..], body.as_bytes());
+    for r in &seen {
+        assert!(r.headers.get("accept").is_none(), "no stream asked for");
+        assert_eq!(
+            r.headers["accept-encoding"], "br",
+            "client's own header kept"
+        );
+    }
+}
+
+/// Log lines written while a test runs (on a current-thread runtime, so the proxy's tasks
+/// log to the thread-local subscriber).
+#[derive(Clone, Default)]
+struct LogLines {
+    text: Arc<Mutex<Vec<u8>>>,
+    written: Arc<tokio::sync::Notify>,
+}
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.text.lock().unwrap().extend_from_slice(buf);
+        self.written.notify_waiters();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogLines {
+    /// Waits (bounded) for a line holding every needle.
+    async fn line_with(&self, needles: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let notified = self.written.notified();
+            let text = String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned();
+            if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_owned();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("no log line with {needles:?} in:\n{text}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn fallbacks_are_logged() {
+    let lines = LogLines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let upstream = MockUpstream::start(|r| {
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        let refuse = |message: &str, param: &str| {
+            response(400, &[("content-type", "application/json")], full(json!({"error":{"message":message,"type":"invalid_request_error","param":param,"code":null}}).to_string()))
+        };
+        let plain_only = r.uri.path().starts_with("/plain/");
+        match (body.get("stream_options").is_some(), body.get("stream").is_some()) {
+            (true, _) => refuse("Unrecognized request argument supplied: stream_options", "stream_options"),
+            (false, true) if plain_only => refuse("This model does not support 'stream'", "stream"),
+            (false, true) => sse(CHAT_STREAM),
+            (false, false) => response(200, &[("content-type", "application/json")], full("{\"id\":\"plain-answer\"}")),
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let port = format!("port={}", proxy.addr.port());
+
+    let (parts, _) = send(post_json(
+        &proxy.url("/v1/chat/completions"),
+        "{\"model\":\"m\"}",
+    ))
+    .await;
+    assert_eq!(parts.status, 200);
+    lines
+        .line_with(&[
+            "refused the streaming form",
+            "fallback=without_stream_options",
+        ])
+        .await;
+    let line = lines
+        .line_with(&[
+            "request",
+            &port,
+            "mode=convert",
+            "fallback=without_stream_options",
+        ])
+        .await;
+    assert!(line.contains("terminal=done"), "{line}");
+    assert!(line.contains("total_tokens=5"), "{line}");
+
+    let (parts, got) = send(post_json(
+        &proxy.url("/plain/v1/chat/completions"),
+        "{\"model\":\"m\"}",
+    ))
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(&got[..], b"{\"id\":\"plain-answer\"}");
+    lines
+        .line_with(&["refused the streaming form", "fallback=plain"])
+        .await;
 }

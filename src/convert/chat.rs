@@ -689,19 +689,7 @@ fn upstream_error(error: Value) -> UpstreamStreamError {
         Value::String(s) => (s, None, Value::Null, Value::Null),
         other => (other.to_string(), None, Value::Null, Value::Null),
     };
-    let code_text = match &code {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    };
-    let (mut status, mut default_type) =
-        status_for_error_code(code_text.as_deref(), error_type.as_deref(), 400);
-    // Some providers (OpenRouter) put an HTTP status in `code`; a 5xx one is a server-side
-    // code, which D11 maps to 500.
-    if status < 500 && code.as_u64().is_some_and(|c| (500..600).contains(&c)) {
-        status = 500;
-        default_type = "server_error";
-    }
+    let (status, default_type) = status_for_error_code(&code, error_type.as_deref(), 400);
     UpstreamStreamError {
         status,
         message,
@@ -1238,8 +1226,23 @@ mod tests {
         let AggregateError::Upstream(e) = err else {
             panic!("{err:?}")
         };
-        assert_eq!((e.status, e.error_type.as_str()), (500, "server_error"));
+        assert_eq!((e.status, e.error_type.as_str()), (502, "server_error"));
         assert_eq!(e.code, json!(502));
+
+        for frame in [
+            r#"{"error":{"message":"slow","code":429}}"#,
+            r#"{"error":{"message":"slow","code":"429"}}"#,
+            r#"{"error":{"message":"slow","type":"rate_limit_error"}}"#,
+            r#"{"error":{"message":"slow","type":"rate_limit_exceeded","code":null}}"#,
+        ] {
+            let err = ChatAccumulator::new()
+                .push(b"", frame.as_bytes())
+                .unwrap_err();
+            let AggregateError::Upstream(e) = err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(e.status, 429, "{frame}");
+        }
 
         let err = ChatAccumulator::new()
             .push(b"", br#"{"error":"just text"}"#)

@@ -12,7 +12,9 @@
 //! With `keepAliveSeconds`, a slow aggregation commits `200` early and writes a space every
 //! interval until the JSON follows (leading whitespace is valid JSON), so edges that cut
 //! silent responses after ~100 s do not cost the client its answer. The trade-off: once
-//! committed, an error can only be delivered as an error envelope inside that 200 body.
+//! committed, an error can only be delivered as an error envelope inside that 200 body, a
+//! late relayed answer only as its (decoded) JSON body, and no late header reaches the
+//! client (`x-request-id`, `x-ratelimit-*`): the 200's head is already on the wire.
 
 pub mod chat;
 pub mod outcome;
@@ -46,6 +48,10 @@ use crate::upstream::{BoxError, UpstreamBody};
 
 /// How much of an upstream 400 is read to look for a refusal of the streaming form.
 const REFUSAL_PEEK_BYTES: u64 = 256 * 1024;
+
+/// Most a compressed upstream 400 may expand to when decoded to look for a refusal; an error
+/// envelope is a few hundred bytes, so anything larger is not one.
+const REFUSAL_DECODED_BYTES: u64 = 1024 * 1024;
 
 /// Handles a conversion candidate (a POST to a conversion path with a JSON content type).
 pub async fn handle(
@@ -100,13 +106,28 @@ pub async fn handle(
     let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(2);
     let summary_slot = Arc::new(OnceLock::new());
     log.set_convert_later(summary_slot.clone());
-    tokio::spawn(keep_alive(running, tx, interval, summary_slot, rule.port));
+    let late = LateAnswer {
+        upstream: rule.upstream.to_string(),
+        max_bytes: rule.options.max_response_bytes,
+        port: rule.port,
+    };
+    tokio::spawn(keep_alive(running, tx, interval, summary_slot, late));
     let mut response = Response::new(ProxyBody::channel(rx));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     Ok(response)
+}
+
+/// What turning a late relayed answer into the committed body needs from the rule.
+struct LateAnswer {
+    /// The upstream, for error messages.
+    upstream: String,
+    /// `maxResponseBytes`: cap on the relayed body, read and decoded.
+    max_bytes: u64,
+    /// The rule's port, for the metrics of a failure past the committed 200.
+    port: u16,
 }
 
 type RunningConversion = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>;
@@ -116,20 +137,20 @@ async fn keep_alive(
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
     interval: Duration,
     summary_slot: Arc<OnceLock<ConvertSummary>>,
-    port: u16,
+    late: LateAnswer,
 ) {
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now(), interval);
     loop {
         tokio::select! {
             outcome = &mut running => {
-                let (body, summary, failure) = outcome.into_committed_body().await;
+                let (body, summary, failure) = outcome.into_committed_body(&late).await;
                 if let Some(summary) = summary {
                     let _ = summary_slot.set(summary);
                 }
                 // Past the committed 200 the error response never reaches the service,
                 // which counts the others: count it here.
                 if let Some(kind) = failure {
-                    Metrics::global().upstream_error(port, kind);
+                    Metrics::global().upstream_error(late.port, kind);
                 }
                 let _ = tx.send(Ok(body)).await;
                 return;
@@ -231,7 +252,7 @@ impl Conversion {
             let status = response.status();
             if status == StatusCode::BAD_REQUEST {
                 let (parts, incoming) = response.into_parts();
-                let peek = match read_capped(
+                let peek = match read_prefix(
                     incoming,
                     REFUSAL_PEEK_BYTES,
                     rule.options.timeout,
@@ -239,7 +260,16 @@ impl Conversion {
                 )
                 .await
                 {
-                    Ok(peek) => peek,
+                    Ok(Peek::Whole(peek)) => peek,
+                    // Too large for an error envelope, so no refusal: relayed unchanged.
+                    Ok(Peek::Partial(prefix, rest)) => {
+                        return Outcome::Relay(relay_after(
+                            parts,
+                            prefix,
+                            rest,
+                            rule.options.timeout,
+                        ))
+                    }
                     Err(error) => {
                         return Outcome::Failed {
                             error,
@@ -247,9 +277,10 @@ impl Conversion {
                         }
                     }
                 };
-                match refusal_fallback(self.api, &peek, fallback, &self.original) {
+                let readable = readable_error(&parts.headers, &peek).await;
+                match refusal_fallback(self.api, &readable, fallback, &self.original) {
                     Some((name, next_body)) => {
-                        tracing::warn!(upstream = %rule.upstream, fallback = name, "upstream refused the streaming form; retrying");
+                        tracing::warn!(upstream = %rule.upstream, fallback = %name, "upstream refused the streaming form; retrying");
                         // Once per request, whatever the retry then brings.
                         if fallback.is_none() {
                             Metrics::global().upstream_error(rule.port, "stream_fallback");
@@ -269,7 +300,8 @@ impl Conversion {
     }
 
     /// The converted request: client headers minus hop-by-hop, asking for an event stream
-    /// in codings we decode (D4); the client's `accept-encoding` does not leak into this leg.
+    /// in codings we decode (D4) and the client accepts: a non-stream answer is relayed as
+    /// the upstream sent it, so its coding must be one the client can read.
     fn upstream_request(
         &self,
         body: Bytes,
@@ -286,10 +318,14 @@ impl Conversion {
                 header::ACCEPT,
                 HeaderValue::from_static("text/event-stream"),
             );
-            parts.headers.insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static(Coding::ACCEPTED),
+            let offer = Coding::offer_for_client(
+                self.parts
+                    .headers
+                    .get_all(header::ACCEPT_ENCODING)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
             );
+            parts.headers.insert(header::ACCEPT_ENCODING, offer);
         }
         passthrough::upstream_request(&self.rule, parts, UpstreamBody::full(body))
     }
@@ -438,9 +474,13 @@ impl Outcome {
         }
     }
 
-    /// The body to finish an already committed 200 with, and the upstream failure kind when
-    /// that body is an error envelope.
-    async fn into_committed_body(self) -> (Bytes, Option<ConvertSummary>, Option<&'static str>) {
+    /// The body to finish an already committed 200 with (always plain JSON, since the
+    /// committed response says `application/json` and has no `content-encoding`), and the
+    /// upstream failure kind when that body is an error envelope.
+    async fn into_committed_body(
+        self,
+        late: &LateAnswer,
+    ) -> (Bytes, Option<ConvertSummary>, Option<&'static str>) {
         match self {
             Outcome::Aggregated {
                 aggregate,
@@ -451,19 +491,71 @@ impl Outcome {
                 (Bytes::from(aggregate.body), Some(summary), None)
             }
             // The upstream's own body (its error envelope, or JSON it sent without streaming).
-            Outcome::Relay(response) => match response.into_body().collect().await {
-                Ok(collected) => (collected.to_bytes(), None, None),
-                Err(e) => {
-                    let error = ProxyError::UpstreamStream {
-                        upstream: "the upstream".to_owned(),
-                        reason: e.to_string(),
-                    };
-                    (error.envelope(), None, error.upstream_kind())
-                }
-            },
+            Outcome::Relay(response) => {
+                let (body, failure) = committed_relay(response, late).await;
+                (body, None, failure)
+            }
             Outcome::Failed { error, .. } => (error.envelope(), None, error.upstream_kind()),
         }
     }
+}
+
+/// A relayed answer that arrived after the 200 was committed, as plain JSON for that body.
+///
+/// The upstream may have compressed it (in a coding the client accepts, but the committed
+/// response carries no `content-encoding`), so it is decoded; a body that is still not JSON
+/// (an HTML error page from a gateway, say) becomes an `upstream_error` envelope naming the
+/// upstream's status, since the client parses the 200 as JSON. The upstream's status and
+/// headers cannot be sent any more: the 200 and its headers are already on the wire.
+///
+/// The second value is the upstream failure kind when the answer could not be read or
+/// decoded (a readable non-JSON answer is the upstream's own error, not a broken stream).
+async fn committed_relay(
+    response: Response<ProxyBody>,
+    late: &LateAnswer,
+) -> (Bytes, Option<&'static str>) {
+    let failed = |reason: String| {
+        let error = ProxyError::UpstreamStream {
+            upstream: late.upstream.clone(),
+            reason,
+        };
+        (error.envelope(), error.upstream_kind())
+    };
+    let (parts, body) = response.into_parts();
+    let cap = usize::try_from(late.max_bytes).unwrap_or(usize::MAX);
+    let raw = match http_body_util::Limited::new(body, cap).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return failed(format!(
+                "late {} answer could not be read: {e}",
+                parts.status
+            ))
+        }
+    };
+    let encoding = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    let Some(coding) = Coding::from_header(encoding) else {
+        return failed(format!(
+            "late {} answer has unsupported content-encoding {:?}",
+            parts.status,
+            encoding.unwrap_or("")
+        ));
+    };
+    let plain = match stream::decode_whole(raw, coding, late.max_bytes).await {
+        Ok(plain) => plain,
+        Err(e) => return failed(format!("late {} answer: {e}", parts.status)),
+    };
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&plain).is_err() {
+        let shown = String::from_utf8_lossy(&plain[..plain.len().min(200)]).into_owned();
+        let (envelope, _) = failed(format!(
+            "late {} answer is not JSON: {shown:?}",
+            parts.status
+        ));
+        return (envelope, None);
+    }
+    (plain, None)
 }
 
 fn summary(aggregate: &Aggregate, fallback: Option<&'static str>) -> ConvertSummary {
@@ -503,6 +595,63 @@ fn full_response(mut parts: http::response::Parts, body: Bytes) -> Response<Prox
         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     parts.version = http::Version::HTTP_11;
     Response::from_parts(parts, ProxyBody::full(body))
+}
+
+/// An upstream body read up to a cap: whole, or the bytes read so far and the rest.
+enum Peek {
+    Whole(Bytes),
+    Partial(Bytes, Incoming),
+}
+
+/// Reads an upstream body whole when it holds at most `cap` bytes; past that, stops and
+/// hands back what was read (the last frame included) with the unread rest, so the caller
+/// can still relay the body unchanged.
+async fn read_prefix(
+    mut body: Incoming,
+    cap: u64,
+    idle: Duration,
+    upstream: &str,
+) -> Result<Peek, ProxyError> {
+    let mut collected = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout {
+                    upstream: upstream.to_owned(),
+                    seconds: idle.as_secs(),
+                })
+            }
+            Ok(None) => return Ok(Peek::Whole(collected.freeze())),
+            Ok(Some(frame)) => frame,
+        };
+        let frame = frame.map_err(|e| ProxyError::UpstreamStream {
+            upstream: upstream.to_owned(),
+            reason: crate::service::error_chain(&e),
+        })?;
+        if let Some(data) = frame.data_ref() {
+            collected.extend_from_slice(data);
+            if collected.len() as u64 > cap {
+                return Ok(Peek::Partial(collected.freeze(), body));
+            }
+        }
+    }
+}
+
+/// A relayed response of which `prefix` was already read: framing as
+/// `passthrough::relay_response` does it, body the prefix then the rest.
+fn relay_after(
+    mut parts: http::response::Parts,
+    prefix: Bytes,
+    rest: Incoming,
+    idle: Duration,
+) -> Response<ProxyBody> {
+    // RFC 9112 §6.3: with both framings, Transfer-Encoding decides and Content-Length is stale.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = http::Version::HTTP_11;
+    Response::from_parts(parts, ProxyBody::upstream_after(prefix, rest, idle))
 }
 
 /// Reads an upstream body whole, up to `cap` bytes, under the idle timeout.
@@ -587,6 +736,26 @@ async fn sniff(
     }
 }
 
+/// The text of an upstream error body read whole, decoded from its `content-encoding` (the
+/// converted leg offers compressed codings, so a refusal may well arrive gzipped). An
+/// undecodable body, or one that decodes past `REFUSAL_DECODED_BYTES`, reads as empty: it
+/// is then no refusal, and is relayed as it came.
+async fn readable_error(headers: &HeaderMap, body: &Bytes) -> Bytes {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    let Some(coding) = Coding::from_header(encoding) else {
+        return Bytes::new();
+    };
+    match stream::decode_whole(body.clone(), coding, REFUSAL_DECODED_BYTES).await {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::debug!(error = %e, "upstream 400 body not decodable; relayed as is");
+            Bytes::new()
+        }
+    }
+}
+
 /// Whether an upstream 400 refuses the streaming form, and what to send instead: without
 /// `stream_options` when it names that member, the client's original (non-streaming) bytes
 /// when it names `stream`. Each fallback is tried once.
@@ -602,8 +771,9 @@ fn refusal_fallback(
     let message = error.get("message").and_then(|m| m.as_str()).unwrap_or("");
     let names = |word: &str| param == word || mentions_word(message, word);
     if api == Api::ChatCompletions && tried.is_none() && names("stream_options") {
-        // The Responses rewrite is exactly "stream: true and nothing else".
-        if let BodyDecision::Convert { body } = decide(Api::Responses, original) {
+        // Every `stream_options` goes, the client's own included: the upstream refuses the
+        // member, not a value in it.
+        if let Some(body) = request::without_stream_options(original) {
             return Some(("without_stream_options", Bytes::from(body)));
         }
     }

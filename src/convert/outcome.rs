@@ -137,21 +137,45 @@ pub fn known_error_code(code: &str) -> Option<(u16, &'static str)> {
 
 /// Status and `type` for an error the upstream reported in its stream.
 ///
-/// `code` and `error_type` are what the upstream sent (either may be missing). A known code
-/// decides (B61). Otherwise an error that names itself server-side (`server_error` type, or a
-/// code or type mentioning server, overload, timeout or internal) is 500 and anything else 400
-/// (D11). `failed_default` is the status for an unknown code when nothing says otherwise: 500
-/// for `response.failed` (D12, a failed generation is the server's doing), 400 for `error`
+/// `code` is the upstream's `code` member as sent (a string, a number or null) and
+/// `error_type` its `type` (either may be missing). In order:
+/// 1. A known code decides (B61).
+/// 2. A code that is an HTTP status (400–599, as a number or a string of digits) is that
+///    status: OpenAI-compatible providers (OpenRouter, some gateways) put the status of the
+///    failed upstream call there, and it says more than any guess would (`429` stays a rate
+///    limit the client's retry logic recognises).
+/// 3. A type or unknown code naming a rate limit (`rate_limit_error`, `rate_limit_exceeded`)
+///    is 429, so SDK back-off applies even when the provider sent no code.
+/// 4. An error that names itself server-side (`server_error` type, or a code or type
+///    mentioning server, overload, timeout or internal) is 500, anything else
+///    `failed_default` (D11).
+///
+/// `failed_default` is the status for an unknown code when nothing says otherwise: 500 for
+/// `response.failed` (D12, a failed generation is the server's doing), 400 for `error`
 /// events and chat `{"error": …}` frames.
 pub fn status_for_error_code(
-    code: Option<&str>,
+    code: &Value,
     error_type: Option<&str>,
     failed_default: u16,
 ) -> (u16, &'static str) {
-    if let Some((status, ty)) = code.and_then(known_error_code) {
-        return (status, ty);
+    let code_text = match code {
+        Value::String(s) => Some(s.as_str()),
+        _ => None,
+    };
+    if let Some(known) = code_text.and_then(known_error_code) {
+        return known;
     }
-    let server_side = [code, error_type].into_iter().flatten().any(|s| {
+    if let Some(status) = http_status_code(code) {
+        return (status, type_for_status(status));
+    }
+    let names_rate_limit = [code_text, error_type]
+        .into_iter()
+        .flatten()
+        .any(|s| matches!(s, "rate_limit_error" | "rate_limit_exceeded"));
+    if names_rate_limit {
+        return (429, "rate_limit_error");
+    }
+    let server_side = [code_text, error_type].into_iter().flatten().any(|s| {
         let s = s.to_ascii_lowercase();
         s.contains("server")
             || s.contains("overload")
@@ -168,26 +192,50 @@ pub fn status_for_error_code(
     }
 }
 
+/// A `code` that is an HTTP error status: a JSON integer, or a string of ASCII digits, in
+/// 400–599.
+fn http_status_code(code: &Value) -> Option<u16> {
+    let number = match code {
+        Value::Number(n) => n.as_u64()?,
+        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse().ok()?
+        }
+        _ => return None,
+    };
+    let status = u16::try_from(number).ok()?;
+    (400..=599).contains(&status).then_some(status)
+}
+
+/// The OpenAI error `type` that goes with a status the upstream named by number.
+fn type_for_status(status: u16) -> &'static str {
+    match status {
+        429 => "rate_limit_error",
+        500..=599 => "server_error",
+        _ => "invalid_request_error",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn known_codes_follow_the_reference_table() {
         assert_eq!(
-            status_for_error_code(Some("rate_limit_exceeded"), None, 400),
+            status_for_error_code(&json!("rate_limit_exceeded"), None, 400),
             (429, "rate_limit_error")
         );
         assert_eq!(
-            status_for_error_code(Some("server_is_overloaded"), None, 400),
+            status_for_error_code(&json!("server_is_overloaded"), None, 400),
             (503, "server_error")
         );
         assert_eq!(
-            status_for_error_code(Some("vector_store_timeout"), None, 400),
+            status_for_error_code(&json!("vector_store_timeout"), None, 400),
             (504, "server_error")
         );
         assert_eq!(
-            status_for_error_code(Some("invalid_prompt"), None, 500),
+            status_for_error_code(&json!("invalid_prompt"), None, 500),
             (400, "invalid_request_error")
         );
     }
@@ -195,20 +243,73 @@ mod tests {
     #[test]
     fn unknown_codes_use_the_server_side_hint_then_the_default() {
         assert_eq!(
-            status_for_error_code(Some("mystery"), Some("server_error"), 400),
+            status_for_error_code(&json!("mystery"), Some("server_error"), 400),
             (500, "server_error")
         );
         assert_eq!(
-            status_for_error_code(Some("internal_failure"), None, 400),
+            status_for_error_code(&json!("internal_failure"), None, 400),
             (500, "server_error")
         );
         assert_eq!(
-            status_for_error_code(Some("mystery"), None, 400),
+            status_for_error_code(&json!("mystery"), None, 400),
             (400, "invalid_request_error")
         );
         assert_eq!(
-            status_for_error_code(None, None, 500),
+            status_for_error_code(&Value::Null, None, 500),
             (500, "server_error")
         );
+    }
+
+    #[test]
+    fn http_status_codes_map_to_themselves() {
+        for code in [json!(429), json!("429")] {
+            assert_eq!(
+                status_for_error_code(&code, None, 400),
+                (429, "rate_limit_error"),
+                "{code}"
+            );
+        }
+        assert_eq!(
+            status_for_error_code(&json!(502), None, 400),
+            (502, "server_error")
+        );
+        assert_eq!(
+            status_for_error_code(&json!("503"), Some("whatever"), 400),
+            (503, "server_error")
+        );
+        assert_eq!(
+            status_for_error_code(&json!(404), None, 500),
+            (404, "invalid_request_error")
+        );
+        // Not HTTP-like: the usual rules apply.
+        for code in [
+            json!(200),
+            json!(600),
+            json!(-429),
+            json!(429.5),
+            json!("42x"),
+        ] {
+            assert_eq!(
+                status_for_error_code(&code, None, 400),
+                (400, "invalid_request_error"),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn rate_limit_types_without_a_code_are_429() {
+        for ty in ["rate_limit_error", "rate_limit_exceeded"] {
+            assert_eq!(
+                status_for_error_code(&Value::Null, Some(ty), 400),
+                (429, "rate_limit_error"),
+                "{ty}"
+            );
+            assert_eq!(
+                status_for_error_code(&Value::Null, Some(ty), 500),
+                (429, "rate_limit_error"),
+                "{ty} in response.failed"
+            );
+        }
     }
 }

@@ -181,6 +181,58 @@ pub fn decide(api: Api, body: &[u8]) -> BodyDecision {
     }
 }
 
+/// The Chat body for the retry after an upstream refused `stream_options`: the client's
+/// bytes with `stream` set to `true` and every `stream_options` member removed, the client's
+/// own included (the upstream refuses the member, whatever it holds). Everything else keeps
+/// its bytes. `None` when the body is not a JSON object (never the case for a body that
+/// `decide` converted).
+///
+/// A member is cut from the end of the previous member's value to the end of its own value
+/// (separator, key and value); a leading run of removed members is cut from just after `{`
+/// through the comma that follows the run, so no stray comma is left either way.
+pub fn without_stream_options(body: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let open = text.bytes().position(|b| !is_json_whitespace(b))?;
+    if text.as_bytes().get(open) != Some(&b'{') {
+        return None;
+    }
+    let members = parse_object(text, 0).ok()?;
+    let close = text.bytes().rposition(|b| !is_json_whitespace(b))?;
+    let object = ObjectLayout {
+        members: &members,
+        close,
+    };
+    let removed = |m: &Member| m.key == Key::StreamOptions;
+    let mut edits = Vec::new();
+    let leading = members.iter().take_while(|m| removed(m)).count();
+    if leading == members.len() {
+        // Only `stream_options` members: `decide` would not have converted (no `model`).
+        return None;
+    }
+    if leading > 0 {
+        let after_run = members[leading - 1].end;
+        let comma = after_run + text.get(after_run..)?.find(',')?;
+        edits.push(Edit {
+            start: open + 1,
+            end: comma + 1,
+            comma: false,
+            text: "",
+        });
+    }
+    for (i, member) in members.iter().enumerate().skip(leading) {
+        if removed(member) {
+            edits.push(Edit {
+                start: members[i - 1].end,
+                end: member.end,
+                comma: false,
+                text: "",
+            });
+        }
+    }
+    set_member(&mut edits, &object, Key::Stream, "\"stream\":true");
+    apply_edits(text.as_bytes(), &mut edits)
+}
+
 /// JSON insignificant whitespace (RFC 8259 §2).
 fn is_json_whitespace(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
@@ -1399,5 +1451,34 @@ mod tests {
             let h = headers(&["application/json"]);
             let _ = conversion_candidate(&Method::POST, &path, &h);
         }
+    }
+
+    #[test]
+    fn retry_body_drops_every_stream_options_member() {
+        let cut = |body: &str| {
+            String::from_utf8(without_stream_options(body.as_bytes()).unwrap()).unwrap()
+        };
+        assert_eq!(
+            cut(r#"{"model":"m","messages":[]}"#),
+            r#"{"model":"m","messages":[],"stream":true}"#
+        );
+        assert_eq!(
+            cut(r#"{"model":"m","stream_options":{"include_obfuscation":false},"stream":false}"#),
+            r#"{"model":"m","stream":true}"#
+        );
+        assert_eq!(
+            cut(r#"{"model":"m", "stream_options" : {"a":1}}"#),
+            r#"{"model":"m","stream":true}"#
+        );
+        assert_eq!(
+            cut("{ \"stream_options\":null ,\n \"stream_options\":{}, \"model\":\"m\",\"n\":1e-7}"),
+            "{ \"model\":\"m\",\"n\":1e-7,\"stream\":true}"
+        );
+        assert_eq!(
+            cut(r#"{"model":"m","stream_options":{},"x":[1],"str\u0065am_options":null,"y":2}"#),
+            r#"{"model":"m","x":[1],"y":2,"stream":true}"#
+        );
+        assert!(without_stream_options(br#"[1]"#).is_none());
+        assert!(without_stream_options(br#"{"stream_options":{}}"#).is_none());
     }
 }

@@ -654,7 +654,7 @@ impl<'a> ErrorParts<'a> {
         let code = self.code.map_or(Value::Null, raw_to_value);
         let error_type = self.error_type.filter(|t| !t.is_empty());
         let (status, mapped_type) =
-            status_for_error_code(code.as_str(), error_type.as_deref(), default_status);
+            status_for_error_code(&code, error_type.as_deref(), default_status);
         let message = self
             .bare_message
             .or_else(|| self.message.and_then(message_text))

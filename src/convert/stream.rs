@@ -4,7 +4,7 @@
 
 use std::future::poll_fn;
 use std::ops::ControlFlow;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::time::Duration;
 
 use async_compression::tokio::bufread::{
@@ -73,8 +73,63 @@ pub enum Coding {
 }
 
 impl Coding {
-    /// The value sent as `accept-encoding` on the converted leg.
+    /// Every coding we decode, in the order offered upstream.
     pub const ACCEPTED: &'static str = "gzip, deflate, br, zstd";
+
+    /// The `accept-encoding` for a converted request: the codings we decode that the client
+    /// accepts too, `identity` when there are none (or the client sent no `accept-encoding`).
+    ///
+    /// Whatever the upstream does not stream (errors, JSON from a provider that ignores
+    /// `stream`) is relayed unchanged, in the coding the upstream picked from this offer; so
+    /// the offer must hold only codings the client can read. Event streams are decoded here
+    /// whatever their coding, so offering the client's subset costs nothing but bandwidth.
+    ///
+    /// The client's list follows RFC 9110 §12.5.3: `q=0` refuses a coding, `*` stands for
+    /// every coding not named, `x-gzip` is `gzip`.
+    pub fn offer_for_client<'a>(client: impl IntoIterator<Item = &'a [u8]>) -> http::HeaderValue {
+        let mut named: Vec<(String, bool)> = Vec::new();
+        for value in client {
+            let Ok(value) = std::str::from_utf8(value) else {
+                continue;
+            };
+            for item in value.split(',') {
+                let mut pieces = item.split(';');
+                let name = pieces.next().unwrap_or("").trim().to_ascii_lowercase();
+                if name.is_empty() {
+                    continue;
+                }
+                let refused = pieces.any(|p| {
+                    let p = p.trim();
+                    let Some(q) = p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")) else {
+                        return false;
+                    };
+                    q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+                });
+                let name = if name == "x-gzip" {
+                    "gzip".to_owned()
+                } else {
+                    name
+                };
+                named.push((name, !refused));
+            }
+        }
+        let accepts = |coding: &str| match named.iter().find(|(n, _)| n == coding) {
+            Some((_, ok)) => *ok,
+            None => named.iter().any(|(n, ok)| n == "*" && *ok),
+        };
+        let offer: Vec<&str> = Self::ACCEPTED
+            .split(", ")
+            .filter(|coding| accepts(coding))
+            .collect();
+        // Built from fixed coding names only, so always a valid header value; `identity` is
+        // the safe answer should that ever change.
+        let identity = http::HeaderValue::from_static("identity");
+        if offer.is_empty() {
+            identity
+        } else {
+            http::HeaderValue::from_str(&offer.join(", ")).unwrap_or(identity)
+        }
+    }
 
     /// Parses a `content-encoding` value; `None` for codings we cannot decode.
     pub fn from_header(value: Option<&str>) -> Option<Coding> {
@@ -220,19 +275,12 @@ impl Feeder<'_> {
         let rest = body.into_data_stream();
         let rest = futures_util::StreamExt::map(rest, |r| r.map_err(std::io::Error::other));
         let reader = StreamReader::new(futures_util::StreamExt::chain(prefix, rest));
-        let mut decoder: std::pin::Pin<Box<dyn AsyncRead + Send>> = match coding {
-            Coding::Gzip => Box::pin(GzipDecoder::new(reader)),
-            // `deflate` is zlib-wrapped by the RFC, raw deflate in some servers' practice.
-            Coding::Deflate => {
-                match tokio::time::timeout(self.limits.idle, DeflateOrZlib::new(reader)).await {
-                    Ok(decoder) => Box::pin(decoder),
-                    Err(_) => return Err(StreamError::Idle(self.limits.idle)),
-                }
-            }
-            Coding::Brotli => Box::pin(BrotliDecoder::new(reader)),
-            Coding::Zstd => Box::pin(ZstdDecoder::new(reader)),
-            Coding::Identity => Box::pin(reader),
-        };
+        // Only `deflate` reads here (its first bytes), hence the idle limit.
+        let mut decoder =
+            match tokio::time::timeout(self.limits.idle, open_decoder(reader, coding)).await {
+                Ok(decoder) => decoder,
+                Err(_) => return Err(StreamError::Idle(self.limits.idle)),
+            };
         let mut buffer = vec![0u8; 16 * 1024];
         let mut idle = pin!(IdleTimer::new(self.limits.idle));
         loop {
@@ -252,6 +300,41 @@ impl Feeder<'_> {
             }
         }
     }
+}
+
+/// A decoder for `coding` over `reader`; `Identity` reads it as it is.
+async fn open_decoder<'r, R>(reader: R, coding: Coding) -> Pin<Box<dyn AsyncRead + Send + 'r>>
+where
+    R: tokio::io::AsyncBufRead + Unpin + Send + 'r,
+{
+    match coding {
+        Coding::Gzip => Box::pin(GzipDecoder::new(reader)),
+        // `deflate` is zlib-wrapped by the RFC, raw deflate in some servers' practice.
+        Coding::Deflate => Box::pin(DeflateOrZlib::new(reader).await),
+        Coding::Brotli => Box::pin(BrotliDecoder::new(reader)),
+        Coding::Zstd => Box::pin(ZstdDecoder::new(reader)),
+        Coding::Identity => Box::pin(reader),
+    }
+}
+
+/// Decodes a whole body already in memory (an upstream error read to look inside it, or
+/// a relayed answer that must become plain JSON), refusing more than `cap` decoded bytes so
+/// a small compressed body cannot expand without bound.
+pub async fn decode_whole(data: Bytes, coding: Coding, cap: u64) -> Result<Bytes, StreamError> {
+    if coding == Coding::Identity {
+        return Ok(data);
+    }
+    let decoder = open_decoder(&data[..], coding).await;
+    let mut out = Vec::new();
+    decoder
+        .take(cap.saturating_add(1))
+        .read_to_end(&mut out)
+        .await
+        .map_err(|e| StreamError::Body(format!("cannot decode the {coding:?} body: {e}")))?;
+    if out.len() as u64 > cap {
+        return Err(StreamError::TooLarge(cap));
+    }
+    Ok(Bytes::from(out))
 }
 
 fn sse_error(error: SseError<AggregateError>, limit: u64) -> StreamError {
@@ -295,5 +378,68 @@ impl<R: tokio::io::AsyncBufRead + Unpin> AsyncRead for DeflateOrZlib<R> {
             DeflateOrZlib::Zlib(d) => std::pin::Pin::new(d).poll_read(cx, buf),
             DeflateOrZlib::Raw(d) => std::pin::Pin::new(d).poll_read(cx, buf),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(values: &[&str]) -> String {
+        let offer = Coding::offer_for_client(values.iter().map(|v| v.as_bytes()));
+        offer.to_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn whole_bodies_are_decoded_within_the_cap() {
+        use async_compression::tokio::bufread::{DeflateEncoder, GzipEncoder, ZlibEncoder};
+        let plain = b"{\"error\":{\"message\":\"stream_options\"}}".repeat(4);
+        let mut gzip = Vec::new();
+        GzipEncoder::new(&plain[..])
+            .read_to_end(&mut gzip)
+            .await
+            .unwrap();
+        let mut zlib = Vec::new();
+        ZlibEncoder::new(&plain[..])
+            .read_to_end(&mut zlib)
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        DeflateEncoder::new(&plain[..])
+            .read_to_end(&mut raw)
+            .await
+            .unwrap();
+        let cap = plain.len() as u64;
+        for (coding, data) in [
+            (Coding::Gzip, gzip.clone()),
+            (Coding::Deflate, zlib),
+            (Coding::Deflate, raw),
+            (Coding::Identity, plain.clone()),
+        ] {
+            let got = decode_whole(Bytes::from(data), coding, cap).await.unwrap();
+            assert_eq!(&got[..], &plain[..], "{coding:?}");
+        }
+        assert!(matches!(
+            decode_whole(Bytes::from(gzip), Coding::Gzip, cap - 1).await,
+            Err(StreamError::TooLarge(_))
+        ));
+        assert!(matches!(
+            decode_whole(Bytes::from_static(b"not gzip"), Coding::Gzip, cap).await,
+            Err(StreamError::Body(_))
+        ));
+    }
+
+    #[test]
+    fn offer_is_what_the_client_accepts_and_we_decode() {
+        assert_eq!(offer(&[]), "identity");
+        assert_eq!(offer(&["identity"]), "identity");
+        assert_eq!(offer(&["gzip"]), "gzip");
+        assert_eq!(offer(&["x-gzip, compress"]), "gzip");
+        assert_eq!(offer(&["br;q=1.0, GZIP;q=0.5", "zstd"]), "gzip, br, zstd");
+        assert_eq!(offer(&["*"]), "gzip, deflate, br, zstd");
+        assert_eq!(offer(&["*, br;q=0"]), "gzip, deflate, zstd");
+        assert_eq!(offer(&["gzip;q=0, *;q=0"]), "identity");
+        assert_eq!(offer(&["gzip; q=0.000"]), "identity");
+        assert_eq!(offer(&["compress, sdch"]), "identity");
     }
 }
