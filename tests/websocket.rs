@@ -885,6 +885,11 @@ async fn upstream_close_code_and_reason_reach_the_client() {
         ("close 1011 server error", 1011, "server error"),
         // No status in the upstream's close frame: the client gets a plain 1000.
         ("close-empty", 1000, ""),
+        // Codes that must never be on the wire are a protocol violation when received;
+        // the client never sees them.
+        ("close 1006 abnormal", 1002, "Protocol violation"),
+        ("close 1005 none", 1002, "Protocol violation"),
+        ("close 1015 tls", 1002, "Protocol violation"),
     ] {
         let (events, mut rx) = mpsc::channel(64);
         let upstream = WsUpstream::echo(events).await;
@@ -957,6 +962,47 @@ async fn client_close_code_and_reason_reach_the_upstream() {
         }
         // The client's close is answered and the connection ends.
         assert_close(expect_close(&mut ws).await, code, reason);
+        assert!(matches!(next_event(&mut rx).await, Event::Ended(None)));
+    }
+}
+
+#[tokio::test]
+async fn a_client_close_without_status_reaches_the_upstream_as_1000_and_bad_codes_as_1002() {
+    // (what the client sends, what the upstream must see)
+    let cases: [(Option<CloseFrame>, u16, &str); 3] = [
+        (None, 1000, ""),
+        (
+            Some(CloseFrame {
+                code: CloseCode::Abnormal,
+                reason: "abnormal".into(),
+            }),
+            1002,
+            "Protocol violation",
+        ),
+        (
+            Some(CloseFrame {
+                code: CloseCode::Status,
+                reason: "".into(),
+            }),
+            1002,
+            "Protocol violation",
+        ),
+    ];
+    for (sent, code, reason) in cases {
+        let (events, mut rx) = mpsc::channel(64);
+        let upstream = WsUpstream::echo(events).await;
+        let proxy = start_proxy(&upstream.url(), options()).await;
+        let mut ws = connect(proxy.addr, "/v1/realtime").await;
+        ws.send(Message::text("warm-up")).await.unwrap();
+        recv_message(&mut ws).await;
+
+        ws.send(Message::Close(sent.clone())).await.unwrap();
+        match next_event(&mut rx).await {
+            Event::Closed(frame) => assert_close(frame, code, reason),
+            other => panic!("{sent:?}: upstream saw {other:?} instead of a close"),
+        }
+        // The proxy answers the client's close handshake.
+        let _ = expect_close(&mut ws).await;
         assert!(matches!(next_event(&mut rx).await, Event::Ended(None)));
     }
 }
@@ -1179,6 +1225,146 @@ async fn a_stalled_reader_throttles_the_upstream() {
     }
     assert_close(expect_close(&mut ws).await, 1000, "done");
     assert_eq!(*sent_rx.borrow(), total);
+}
+
+/// An upstream that completes the handshake and then reads nothing until `resume` fires;
+/// from then on it reads every message, reporting how many arrived (in order, checked by the
+/// sequence number in their first 8 bytes), and ends when the stream does.
+async fn stalled_upstream(
+    resume: watch::Receiver<bool>,
+    received: mpsc::Sender<Result<usize, String>>,
+) -> WsUpstream {
+    WsUpstream::start(None, move |mut ws| {
+        let (mut resume, received) = (resume.clone(), received.clone());
+        async move {
+            if resume.wait_for(|go| *go).await.is_err() {
+                return;
+            }
+            let mut count = 0usize;
+            let end = loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(data))) => {
+                        let seq = u64::from_be_bytes(data[..8].try_into().unwrap());
+                        if seq != count as u64 {
+                            break Err(format!("message {count} carried sequence {seq}"));
+                        }
+                        count += 1;
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break Ok(count),
+                    Some(Ok(_)) => {}
+                }
+            };
+            let _ = received.send(end).await;
+        }
+    })
+    .await
+}
+
+fn numbered(i: usize, size: usize) -> Message {
+    let mut data = vec![0u8; size];
+    data[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    Message::binary(data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_throttles_the_client() {
+    const MESSAGE: usize = 64 * 1024;
+    // As in the other direction: two TCP legs of kernel buffers plus a few messages held
+    // by the libraries and the proxy (one being sent, one read ahead).
+    let ceiling = socket_buffer_ceiling();
+    let bound = 2 * ceiling / MESSAGE + 16;
+    let total = (bound * 4).max(1000);
+
+    let (resume_tx, resume_rx) = watch::channel(false);
+    let (received_tx, mut received_rx) = mpsc::channel(4);
+    let upstream = stalled_upstream(resume_rx, received_tx).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let ws = connect(proxy.addr, "/v1/realtime").await;
+
+    let (sent_tx, mut sent_rx) = watch::channel(0usize);
+    let client = tokio::spawn(async move {
+        let mut ws = ws;
+        for i in 0..total {
+            ws.send(numbered(i, MESSAGE)).await.unwrap();
+            sent_tx.send_replace(i + 1);
+        }
+        ws.close(None).await.unwrap();
+        // Read to the end of the close handshake.
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+    });
+
+    let started = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), sent_rx.changed()).await {
+            Err(_) => break, // no progress for 500 ms: throttled
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("the client sent everything to an upstream that reads nothing"),
+        }
+        assert!(
+            started.elapsed() < WAIT * 3,
+            "the client was never throttled"
+        );
+    }
+    let stalled_at = *sent_rx.borrow();
+    eprintln!(
+        "backpressure: client stalled after {stalled_at} of {total} messages ({} MiB; bound {bound}) in {:?}",
+        (stalled_at * MESSAGE) >> 20,
+        started.elapsed()
+    );
+    assert!(stalled_at > 0, "nothing was sent at all");
+    assert!(
+        stalled_at <= bound,
+        "the client got {stalled_at} messages out to a stalled upstream (bound {bound})"
+    );
+
+    // The upstream reads again: every message arrives, in order.
+    resume_tx.send_replace(true);
+    let received = tokio::time::timeout(WAIT * 3, received_rx.recv())
+        .await
+        .expect("upstream did not finish reading")
+        .expect("upstream report channel closed");
+    assert_eq!(received, Ok(total));
+    tokio::time::timeout(WAIT, client)
+        .await
+        .expect("client did not finish")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_vanishing_while_the_upstream_is_stalled_ends_the_session() {
+    // One message larger than what the kernel buffers toward the upstream can hold, so the
+    // proxy is still sending it when the client goes.
+    let size = (socket_buffer_ceiling() + (4 << 20)).min(60 << 20);
+    let (resume_tx, resume_rx) = watch::channel(false);
+    let (received_tx, mut received_rx) = mpsc::channel(4);
+    let upstream = stalled_upstream(resume_rx, received_tx).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+    assert_eq!(proxy.sessions.open(), 1);
+
+    tokio::time::timeout(WAIT, ws.send(numbered(0, size)))
+        .await
+        .expect("the proxy did not take the client's message")
+        .unwrap();
+    let started = Instant::now();
+    drop(ws); // TCP close, no close frame, while the proxy's send upstream is blocked
+
+    tokio::time::timeout(Duration::from_secs(3), proxy.sessions.all_closed())
+        .await
+        .expect("the session is still open although its client is gone");
+    eprintln!(
+        "session ended {:?} after the client vanished",
+        started.elapsed()
+    );
+
+    // The upstream connection was dropped: once the upstream reads again it finds the
+    // end of the stream, without the whole message.
+    resume_tx.send_replace(true);
+    let received = tokio::time::timeout(WAIT, received_rx.recv())
+        .await
+        .expect("the upstream connection is still open")
+        .expect("upstream report channel closed");
+    assert_eq!(received, Ok(0));
 }
 
 #[tokio::test]
