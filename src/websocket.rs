@@ -185,7 +185,9 @@ pub async fn handle(
                 )
                 .await;
                 let report = pump_until(&mut client, upstream, session.going_away()).await;
-                if report.proxy_close.is_some() {
+                // A client that answered the proxy's close has sent everything it will send,
+                // so only one that did not needs the linger.
+                if report.proxy_close.is_some() && report.client_close.is_none() {
                     linger(client.get_mut()).await;
                 }
                 session.log(&report);

@@ -1465,3 +1465,207 @@ async fn a_thousand_concurrent_sessions() {
         started.elapsed()
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// The real binary: the session log line, shutdown and reload with open sessions
+// ------------------------------------------------------------------------------------------
+
+mod daemon {
+    use super::*;
+    use support::daemon::{config, field, has_field, rule, Daemon, TempDir};
+
+    /// The binary serving one rule per upstream URL, each on its own free port.
+    async fn start_daemon(tag: &str, upstreams: &[String]) -> (TempDir, Daemon, Vec<u16>) {
+        let dir = TempDir::new(tag);
+        let ports: Vec<u16> = upstreams
+            .iter()
+            .map(|_| support::daemon::free_port())
+            .collect();
+        let rules: Vec<String> = ports
+            .iter()
+            .zip(upstreams)
+            .map(|(port, url)| rule(*port, url))
+            .collect();
+        let path = dir.write("config.json", &config(&rules));
+        let daemon = support::daemon::start(&dir, &path, rules.len()).await;
+        (dir, daemon, ports)
+    }
+
+    fn proxy_addr(port: u16) -> SocketAddr {
+        support::daemon::local(port)
+    }
+
+    /// An echo session through the daemon on `port`, warmed up with one round trip.
+    async fn open_session(port: u16, path: &str) -> Ws {
+        let mut ws = connect(proxy_addr(port), path).await;
+        ws.send(Message::text("warm-up")).await.unwrap();
+        assert_eq!(recv_message(&mut ws).await, Message::text("warm-up"));
+        ws
+    }
+
+    fn is_session_line(line: &str) -> bool {
+        line.contains("openai_stream_proxy::access") && line.contains("websocket session")
+    }
+
+    #[tokio::test]
+    async fn each_session_is_logged_with_its_traffic_and_close_codes() {
+        let (events, mut rx) = mpsc::channel(64);
+        let upstream = WsUpstream::echo(events).await;
+        let (_dir, mut daemon, ports) = start_daemon("ws-log", &[upstream.url()]).await;
+        let port = ports[0];
+
+        let mut ws = connect(proxy_addr(port), "/v1/realtime?model=m&key=secret").await;
+        ws.send(Message::text("hello")).await.unwrap(); // 5 bytes
+        assert_eq!(recv_message(&mut ws).await, Message::text("hello"));
+        ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap(); // 3 bytes
+        assert_eq!(
+            recv_message(&mut ws).await,
+            Message::binary(vec![1u8, 2, 3])
+        );
+        ws.send(Message::text("big 1000")).await.unwrap(); // 8 bytes up, 1000 down
+        assert_eq!(
+            recv_message(&mut ws).await,
+            Message::binary(pattern(1000, 7))
+        );
+        ws.close(Some(CloseFrame {
+            code: CloseCode::from(4000),
+            reason: "done".into(),
+        }))
+        .await
+        .unwrap();
+        assert_close(expect_close(&mut ws).await, 4000, "done");
+        wait_session_end(&mut rx).await;
+
+        let line = daemon
+            .wait_for("the websocket session line", is_session_line)
+            .await;
+        let upstream_target = format!("ws://{}/v1/realtime", upstream.addr);
+        for (key, value) in [
+            ("port", port.to_string().as_str()),
+            ("path", "/v1/realtime"),
+            ("upstream", upstream_target.as_str()),
+            ("frames_to_upstream", "3"),
+            ("bytes_to_upstream", "16"),
+            ("frames_to_client", "3"),
+            ("bytes_to_client", "1008"),
+            ("client_close", "4000"),
+            ("upstream_close", "4000"),
+        ] {
+            assert!(has_field(&line, key, value), "{key}={value}: {line}");
+        }
+        let duration: f64 = field(&line, "duration_ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no duration_ms: {line}"));
+        assert!(duration > 0.0 && duration < 60_000.0, "{line}");
+        // The proxy closed nothing itself, and the query (which may carry a credential)
+        // is not logged.
+        assert!(field(&line, "proxy_close").is_none(), "{line}");
+        assert!(!line.contains("secret"), "{line}");
+        daemon.stop().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_open_sessions_with_1001_on_both_legs_and_exits_0() {
+        for signal in ["TERM", "INT"] {
+            let (events, mut rx) = mpsc::channel(64);
+            let upstream = WsUpstream::echo(events).await;
+            let (_dir, mut daemon, ports) = start_daemon("ws-shutdown", &[upstream.url()]).await;
+            let mut ws = open_session(ports[0], "/v1/realtime").await;
+
+            let started = Instant::now();
+            daemon.signal(signal);
+            assert_close(expect_close(&mut ws).await, 1001, "proxy shutting down");
+            match next_event(&mut rx).await {
+                Event::Closed(frame) => assert_close(frame, 1001, "proxy shutting down"),
+                other => panic!("SIG{signal}: upstream saw {other:?} instead of a 1001 close"),
+            }
+            let status = daemon.wait_exit(WAIT).await;
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "SIG{signal}: {status}\n{}",
+                daemon.dump()
+            );
+            eprintln!(
+                "SIG{signal}: session closed and proxy exited in {:?}",
+                started.elapsed()
+            );
+            // Both close handshakes completed: the session line names both answers.
+            let line = daemon
+                .wait_for("the websocket session line", is_session_line)
+                .await;
+            for (key, value) in [
+                ("proxy_close", "1001"),
+                ("client_close", "1001"),
+                ("upstream_close", "1001"),
+            ] {
+                assert!(
+                    has_field(&line, key, value),
+                    "SIG{signal}: {key}={value}: {line}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_removes_the_rule_leaves_its_open_session_working() {
+        let (events, mut rx) = mpsc::channel(64);
+        let upstream = WsUpstream::echo(events).await;
+        let (other_events, _other_rx) = mpsc::channel(64);
+        let other = WsUpstream::echo(other_events).await;
+        let (dir, mut daemon, ports) =
+            start_daemon("ws-reload", &[upstream.url(), other.url()]).await;
+        let (removed, kept) = (ports[0], ports[1]);
+        let mut ws = open_session(removed, "/v1/realtime").await;
+
+        // Reload without the session's rule.
+        dir.write("config.json", &config(&[rule(kept, &other.url())]));
+        let mark = daemon.mark();
+        daemon.signal("HUP");
+        let line = daemon
+            .wait_for_since(mark, "the config reloaded line", |l| {
+                l.contains("config reloaded") || l.contains("config reload rejected")
+            })
+            .await;
+        assert!(
+            has_field(&line, "removed", "1"),
+            "{line}\n{}",
+            daemon.dump()
+        );
+        assert!(
+            support::daemon::connect_refused(removed).await,
+            "{removed} still accepts new connections after the reload"
+        );
+
+        // The session carries on both ways and closes normally.
+        ws.send(Message::text("after reload")).await.unwrap();
+        assert_eq!(recv_message(&mut ws).await, Message::text("after reload"));
+        ws.send(Message::text("big 70000")).await.unwrap();
+        assert_eq!(
+            recv_message(&mut ws).await,
+            Message::binary(pattern(70000, 7))
+        );
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        }))
+        .await
+        .unwrap();
+        match next_event(&mut rx).await {
+            Event::Closed(frame) => assert_close(frame, 1000, "bye"),
+            other => panic!("upstream saw {other:?} instead of the client's close"),
+        }
+        assert_close(expect_close(&mut ws).await, 1000, "bye");
+
+        // A session opened on the kept rule after the reload is closed at shutdown.
+        let mut kept_ws = open_session(kept, "/v1/realtime").await;
+        daemon.signal("TERM");
+        assert_close(
+            expect_close(&mut kept_ws).await,
+            1001,
+            "proxy shutting down",
+        );
+        let status = daemon.wait_exit(WAIT).await;
+        assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.dump());
+    }
+}
