@@ -1617,6 +1617,8 @@ mod daemon {
             start_daemon("ws-reload", &[upstream.url(), other.url()]).await;
         let (removed, kept) = (ports[0], ports[1]);
         let mut ws = open_session(removed, "/v1/realtime").await;
+        // A second session on the removed rule stays open until shutdown.
+        let mut lingering = open_session(removed, "/v1/realtime").await;
 
         // Reload without the session's rule.
         dir.write("config.json", &config(&[rule(kept, &other.url())]));
@@ -1657,11 +1659,22 @@ mod daemon {
         }
         assert_close(expect_close(&mut ws).await, 1000, "bye");
 
-        // A session opened on the kept rule after the reload is closed at shutdown.
+        // At shutdown, the session left on the removed rule and one opened on the kept
+        // rule after the reload are both closed with 1001.
         let mut kept_ws = open_session(kept, "/v1/realtime").await;
+        lingering.send(Message::text("still here")).await.unwrap();
+        assert_eq!(
+            recv_message(&mut lingering).await,
+            Message::text("still here")
+        );
         daemon.signal("TERM");
         assert_close(
             expect_close(&mut kept_ws).await,
+            1001,
+            "proxy shutting down",
+        );
+        assert_close(
+            expect_close(&mut lingering).await,
             1001,
             "proxy shutting down",
         );
