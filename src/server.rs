@@ -5,8 +5,10 @@
 //! Every listener is bound before any is served, so a port in use fails the whole start with
 //! nothing left listening. On shutdown the accept loops stop, every connection is told to
 //! finish its in-flight requests (HTTP/1 closes after the current response, HTTP/2 sends
-//! GOAWAY), and the server waits for them up to the drain limit. A reload does the same for
-//! the rules it removes, while the others keep serving.
+//! GOAWAY), and the server waits for them up to the drain limit. WebSocket sessions, which
+//! leave their HTTP connection at the upgrade, are told to close with 1001 on both legs and
+//! waited for within the same limit. A reload drains the connections of the rules it
+//! removes, while the others keep serving; open WebSocket sessions are left running.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -186,6 +188,8 @@ impl Server {
         let setup = Arc::new(ConnectionSetup::new(self.header_read_timeout));
         let mut serving: HashMap<SocketAddr, Serving> = HashMap::new();
         let mut retired: Vec<JoinHandle<()>> = Vec::new();
+        // Services of removed rules whose WebSocket sessions may still be open.
+        let mut retired_services: Vec<ProxyService> = Vec::new();
         for bound in self.listeners {
             let started = serve(bound.listener, bound.service, setup.clone(), drain);
             serving.insert(bound.key, started);
@@ -199,7 +203,14 @@ impl Server {
                 message = control.recv() => match message {
                     Some(Control::Reload(config)) => {
                         let client = self.client.as_ref();
+                        retired_services.retain(|s| s.sessions().open() > 0);
+                        let before: Vec<ProxyService> =
+                            serving.values().map(|s| s.service.clone()).collect();
                         reload(config, client, &setup, &mut serving, &mut retired, drain).await;
+                        retired_services.extend(before.into_iter().filter(|old| {
+                            old.sessions().open() > 0
+                                && !serving.values().any(|s| s.service.same_as(old))
+                        }));
                     }
                     None => {
                         // No one can send reloads any more; serve until shutdown.
@@ -218,8 +229,39 @@ impl Server {
         for serving in serving.values() {
             let _ = serving.stop.send(true);
         }
+        let services: Vec<ProxyService> = serving
+            .values()
+            .map(|s| s.service.clone())
+            .chain(retired_services)
+            .collect();
+        let sessions = close_sessions(&services, drain);
         let tasks = serving.into_values().map(|s| s.task).chain(retired);
-        futures_util::future::join_all(tasks).await;
+        tokio::join!(futures_util::future::join_all(tasks), sessions);
+    }
+}
+
+/// Tells every open WebSocket session to close with 1001 and waits, at most `drain`, until
+/// all have ended (each close handshake is itself bounded). Sessions still open after the
+/// limit end with the process.
+async fn close_sessions(services: &[ProxyService], drain: Duration) {
+    let open: usize = services.iter().map(|s| s.sessions().open()).sum();
+    if open == 0 {
+        return;
+    }
+    tracing::info!(
+        sessions = open,
+        "closing open WebSocket sessions (1001 going away)"
+    );
+    for service in services {
+        service.sessions().close_all();
+    }
+    let all = futures_util::future::join_all(services.iter().map(|s| s.sessions().all_closed()));
+    if tokio::time::timeout(drain, all).await.is_err() {
+        let left: usize = services.iter().map(|s| s.sessions().open()).sum();
+        tracing::warn!(
+            sessions = left,
+            "drain limit reached with WebSocket sessions open"
+        );
     }
 }
 

@@ -91,6 +91,8 @@ impl RuleContext {
 #[derive(Debug, Clone)]
 pub struct ProxyService {
     slot: Arc<RwLock<Arc<RuleContext>>>,
+    /// WebSocket sessions opened through this service; they outlive their connection.
+    sessions: websocket::Sessions,
 }
 
 impl ProxyService {
@@ -116,6 +118,7 @@ impl ProxyService {
         };
         ProxyService {
             slot: Arc::new(RwLock::new(Arc::new(rule))),
+            sessions: websocket::Sessions::default(),
         }
     }
 
@@ -128,6 +131,17 @@ impl ProxyService {
             rule.client.clone(),
             port,
         )
+    }
+
+    /// The WebSocket sessions opened through this service (and its clones), which run on
+    /// after their connection was handed over: a server shutting down closes them here.
+    pub fn sessions(&self) -> &websocket::Sessions {
+        &self.sessions
+    }
+
+    /// Whether `other` is a clone of this service (shares its rule and sessions).
+    pub fn same_as(&self, other: &ProxyService) -> bool {
+        Arc::ptr_eq(&self.slot, &other.slot)
     }
 
     /// The rule requests are served with right now.
@@ -197,7 +211,7 @@ impl ProxyService {
             }
             Ok(Route::WebSocket) => {
                 log.set_mode(Mode::WebSocket);
-                Box::pin(websocket::handle(&rule, parts, body)).await
+                Box::pin(websocket::handle(&rule, &self.sessions, parts, body)).await
             }
         };
         let response = result.unwrap_or_else(|e| {

@@ -407,8 +407,10 @@ impl UpstreamClient {
         })
     }
 
-    /// Opens a fresh connection (TLS and proxies as for HTTP, ALPN `http/1.1` only) for a
-    /// WebSocket handshake to `uri` (an `http`/`https` URI).
+    /// Opens a fresh connection (TLS and proxies as for HTTP) for a WebSocket handshake to
+    /// `uri` (an `http`/`https` URI). The TLS handshake offers no ALPN protocol (the
+    /// HTTP/1-only connector sends none), so the server cannot choose `h2`: RFC 6455 needs
+    /// HTTP/1.1.
     pub async fn connect_websocket(
         &self,
         uri: Uri,

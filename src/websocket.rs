@@ -7,10 +7,15 @@
 //! upstream selected (D20): browsers authenticate to the Realtime API through subprotocols.
 //!
 //! Each direction is its own loop that reads one message and waits until the other side has
-//! accepted it before reading the next, so a slow reader throttles the fast side and a
-//! session never holds more than one message per direction. Running the two directions
-//! concurrently (rather than in one select loop) avoids the proxy deadlock where both peers
-//! block writing to each other while the proxy waits on one of them.
+//! accepted it before reading on, so a slow reader throttles the fast side. While a send is
+//! pending the loop reads at most one message ahead, only to notice a sender that closes or
+//! vanishes meanwhile: a session holds at most two messages per direction. Running the two
+//! directions concurrently (rather than in one select loop) avoids the proxy deadlock where
+//! both peers block writing to each other while the proxy waits on one of them.
+//!
+//! Sessions run in their own tasks once upgraded, outside the HTTP server's connection
+//! drain, so each service keeps a [`Sessions`] register: shutdown tells every open session
+//! to close with 1001 on both legs and waits for them within the drain limit.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +29,7 @@ use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -51,6 +57,7 @@ pub const ABNORMAL_UPSTREAM_REASON: &str = "upstream websocket disconnected abno
 /// background, or relay the upstream's refusal.
 pub async fn handle(
     rule: &Arc<RuleContext>,
+    sessions: &Sessions,
     mut parts: Parts,
     _body: UpstreamBody,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -167,7 +174,7 @@ pub async fn handle(
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?,
     );
 
-    let session = Session::open(rule.port, parts.uri.path().to_owned(), target);
+    let mut session = Session::open(rule.port, parts.uri.path().to_owned(), target, sessions);
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -177,8 +184,10 @@ pub async fn handle(
                     Some(config),
                 )
                 .await;
-                let report = pump(&mut client, upstream).await;
-                if report.proxy_close.is_some() {
+                let report = pump_until(&mut client, upstream, session.going_away()).await;
+                // A client that answered the proxy's close has sent everything it will send,
+                // so only one that did not needs the linger.
+                if report.proxy_close.is_some() && report.client_close.is_none() {
                     linger(client.get_mut()).await;
                 }
                 session.log(&report);
@@ -186,9 +195,8 @@ pub async fn handle(
             Err(e) => {
                 tracing::debug!(error = %e, "client upgrade failed; closing the upstream session");
                 let mut upstream = upstream;
-                let _ = upstream
-                    .close(Some(close_frame(CloseCode::Away, "client upgrade failed")))
-                    .await;
+                let frame = close_frame(CloseCode::Away, "client upgrade failed");
+                let _ = tokio::time::timeout(CLOSE_GRACE, upstream.close(Some(frame))).await;
             }
         }
     });
@@ -372,26 +380,84 @@ enum Ending {
     WriteFailed,
 }
 
+/// How a direction ended, and whether a message to the other side was still being sent
+/// (that side is not reading, so a close frame could not get past the queued data).
+struct Stop {
+    ending: Ending,
+    send_pending: bool,
+}
+
+/// One read from a leg: a message to forward, or the end of the direction.
+enum Read {
+    Forward(Message),
+    End(Ending),
+}
+
+/// Reads the next message worth forwarding. Cancel-safe: a partly received message stays
+/// in the library's buffer.
+async fn read<R>(rx: &mut R) -> Read
+where
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    loop {
+        return match rx.next().await {
+            None => Read::End(Ending::Eof),
+            Some(Err(e)) => Read::End(Ending::ReadFailed(e)),
+            Some(Ok(Message::Close(frame))) => Read::End(Ending::Closed(frame)),
+            Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => continue,
+            Some(Ok(message)) => Read::Forward(message),
+        };
+    }
+}
+
 /// Forwards messages from `rx` to `tx` until a close, an error or the end. Pings are
 /// forwarded so liveness stays end to end; pongs are answered per hop by the library and
 /// not forwarded (the sender would get two).
-async fn forward<R, T>(rx: &mut R, tx: &mut T, traffic: &mut Traffic) -> Ending
+///
+/// While a send waits for a slow reader, `rx` is read at most one message ahead: that
+/// bounds what the session holds, and still notices a sender that closes or vanishes while
+/// the other side is stalled (otherwise nothing would read `rx` and the session would hang
+/// for as long as the reader stalls). A close read ahead is returned after the pending
+/// message has been handed to `tx`, so the order on the wire stays the sender's.
+async fn forward<R, T>(rx: &mut R, tx: &mut T, traffic: &mut Traffic) -> Stop
 where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
     T: Sink<Message, Error = WsError> + Unpin,
 {
+    let mut ahead: Option<Message> = None;
     loop {
-        let message = match rx.next().await {
-            None => return Ending::Eof,
-            Some(Err(e)) => return Ending::ReadFailed(e),
-            Some(Ok(Message::Close(frame))) => return Ending::Closed(frame),
-            Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => continue,
-            Some(Ok(message)) => message,
+        let message = match ahead.take() {
+            Some(message) => message,
+            None => match read(rx).await {
+                Read::Forward(message) => message,
+                Read::End(ending) => {
+                    return Stop {
+                        ending,
+                        send_pending: false,
+                    }
+                }
+            },
         };
         traffic.frames += 1;
         traffic.bytes += message.len() as u64;
-        if tx.send(message).await.is_err() {
-            return Ending::WriteFailed;
+        let send = tx.send(message);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                // Polled first: its first poll hands the message to the sink, so a close
+                // read ahead can never overtake it.
+                biased;
+                sent = &mut send => {
+                    if sent.is_err() {
+                        return Stop { ending: Ending::WriteFailed, send_pending: false };
+                    }
+                    break;
+                }
+                next = read(rx), if ahead.is_none() => match next {
+                    Read::Forward(message) => ahead = Some(message),
+                    Read::End(ending) => return Stop { ending, send_pending: true },
+                },
+            }
         }
     }
 }
@@ -399,6 +465,20 @@ where
 /// Runs a session until either side ends it, carrying the close across. Generic over the
 /// two legs so tests can drive it with any `Stream + Sink`.
 pub async fn pump<C, U>(client: C, upstream: U) -> SessionReport
+where
+    C: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    U: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    pump_until(client, upstream, std::future::pending()).await
+}
+
+/// As [`pump`], but when `going_away` resolves (the proxy is shutting down) both legs are
+/// closed with 1001 and the session ends once both answered, or after [`CLOSE_GRACE`].
+pub async fn pump_until<C, U>(
+    client: C,
+    upstream: U,
+    going_away: impl std::future::Future<Output = ()>,
+) -> SessionReport
 where
     C: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
     U: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
@@ -411,100 +491,162 @@ where
     let ended = {
         let to_upstream = forward(&mut client_rx, &mut upstream_tx, &mut up);
         let to_client = forward(&mut upstream_rx, &mut client_tx, &mut down);
-        tokio::pin!(to_upstream, to_client);
+        tokio::pin!(to_upstream, to_client, going_away);
         tokio::select! {
-            ending = &mut to_upstream => Side::Client(ending),
-            ending = &mut to_client => Side::Upstream(ending),
+            stop = &mut to_upstream => Side::Client(stop),
+            stop = &mut to_client => Side::Upstream(stop),
+            () = &mut going_away => Side::Shutdown,
         }
     };
     report.to_upstream = up;
     report.to_client = down;
 
     match ended {
-        // A client close (code and reason) goes upstream as it is (D21); the upstream's
-        // answer completes both handshakes.
-        Side::Client(Ending::Closed(frame)) => {
-            report.client_close = frame.as_ref().map(|f| u16::from(f.code));
-            let _ = upstream_tx.send(Message::Close(frame.map(wire_safe))).await;
-            report.upstream_close = await_close(&mut upstream_rx).await;
-            let _ = client_tx.close().await;
+        Side::Shutdown => {
+            let away = close_frame(CloseCode::Away, GOING_AWAY_REASON);
+            report.proxy_close = Some(u16::from(CloseCode::Away));
+            // Both legs at once: each gets the close grace, not the sum of both.
+            let (client_close, upstream_close) = tokio::join!(
+                async {
+                    if send_close(&mut client_tx, away.clone()).await {
+                        await_close(&mut client_rx).await
+                    } else {
+                        None
+                    }
+                },
+                async {
+                    if send_close(&mut upstream_tx, away.clone()).await {
+                        await_close(&mut upstream_rx).await
+                    } else {
+                        None
+                    }
+                },
+            );
+            report.client_close = client_close;
+            report.upstream_close = upstream_close;
         }
-        Side::Client(Ending::ReadFailed(error)) => {
+        // A client close (code and reason) goes upstream as it is (D21); the upstream's
+        // answer completes both handshakes. A close without a status goes on as 1000
+        // without a reason, as an upstream one does towards the client, so each leg sees
+        // an explicit normal close. The library has already turned codes that must not be
+        // on the wire (1005, 1006, 1015, reserved ranges) into 1002 when it read them.
+        Side::Client(Stop {
+            ending: Ending::Closed(frame),
+            ..
+        }) => {
+            report.client_close = frame.as_ref().map(|f| u16::from(f.code));
+            let frame = frame.unwrap_or_else(|| close_frame(CloseCode::Normal, ""));
+            if send_close(&mut upstream_tx, frame).await {
+                report.upstream_close = await_close(&mut upstream_rx).await;
+            }
+            let _ = tokio::time::timeout(CLOSE_GRACE, client_tx.close()).await;
+        }
+        Side::Client(Stop {
+            ending: Ending::ReadFailed(error),
+            send_pending,
+        }) => {
             if let Some(code) = client_error_close(&error) {
                 report.proxy_close = Some(u16::from(code));
-                let _ = client_tx
-                    .send(Message::Close(Some(close_frame(
-                        code,
-                        &client_error_reason(&error),
-                    ))))
-                    .await;
+                let reason = client_error_reason(&error);
+                let _ = send_close(&mut client_tx, close_frame(code, &reason)).await;
             }
-            let _ = upstream_tx
-                .send(Message::Close(Some(close_frame(
-                    CloseCode::Away,
-                    "client connection ended",
-                ))))
-                .await;
-            report.upstream_close = await_close(&mut upstream_rx).await;
+            // A stalled upstream reads nothing: dropping the connection is the only way
+            // to end its session promptly.
+            if !send_pending {
+                let away = close_frame(CloseCode::Away, "client connection ended");
+                if send_close(&mut upstream_tx, away).await {
+                    report.upstream_close = await_close(&mut upstream_rx).await;
+                }
+            }
         }
-        Side::Client(Ending::Eof) | Side::Upstream(Ending::WriteFailed) => {
-            let _ = upstream_tx
-                .send(Message::Close(Some(close_frame(
-                    CloseCode::Away,
-                    "client went away",
-                ))))
-                .await;
-            report.upstream_close = await_close(&mut upstream_rx).await;
+        Side::Client(Stop {
+            ending: Ending::Eof,
+            send_pending,
+        }) => {
+            if !send_pending {
+                let away = close_frame(CloseCode::Away, "client went away");
+                if send_close(&mut upstream_tx, away).await {
+                    report.upstream_close = await_close(&mut upstream_rx).await;
+                }
+            }
         }
-        // The upstream's close goes to the client with its code and reason; codes that must
-        // not appear on the wire are mapped (no status → 1000, abnormal → 1011).
-        Side::Upstream(Ending::Closed(frame)) => {
+        Side::Upstream(Stop {
+            ending: Ending::WriteFailed,
+            ..
+        }) => {
+            let away = close_frame(CloseCode::Away, "client went away");
+            if send_close(&mut upstream_tx, away).await {
+                report.upstream_close = await_close(&mut upstream_rx).await;
+            }
+        }
+        // The upstream's close goes to the client with its code and reason; no status
+        // becomes 1000 without a reason (the library turned unsendable codes into 1002).
+        Side::Upstream(Stop {
+            ending: Ending::Closed(frame),
+            ..
+        }) => {
             report.upstream_close = frame.as_ref().map(|f| u16::from(f.code));
-            let mapped = match frame {
-                None => close_frame(CloseCode::Normal, ""),
-                Some(frame) => wire_safe(frame),
-            };
-            let _ = client_tx.send(Message::Close(Some(mapped))).await;
-            let _ = upstream_tx.close().await;
+            let frame = frame.unwrap_or_else(|| close_frame(CloseCode::Normal, ""));
+            let _ = send_close(&mut client_tx, frame).await;
+            let _ = tokio::time::timeout(CLOSE_GRACE, upstream_tx.close()).await;
             report.client_close = await_close(&mut client_rx).await;
         }
         // An upstream that broke the protocol or the size cap is told why (best effort).
         // An oversized message closes the client with 1009 too (D20), the reason saying it
         // was the upstream's; anything else is an abnormal end for the client (1011).
-        Side::Upstream(Ending::ReadFailed(error)) if client_error_close(&error).is_some() => {
+        Side::Upstream(Stop {
+            ending: Ending::ReadFailed(error),
+            ..
+        }) if client_error_close(&error).is_some() => {
             let code = client_error_close(&error).unwrap_or(CloseCode::Error);
             let reason = short_reason(format!("upstream {error}"));
-            let _ = upstream_tx
-                .send(Message::Close(Some(close_frame(code, &reason))))
-                .await;
+            let _ = send_close(&mut upstream_tx, close_frame(code, &reason)).await;
             let to_client = if code == CloseCode::Size {
                 close_frame(CloseCode::Size, &reason)
             } else {
                 close_frame(CloseCode::Error, ABNORMAL_UPSTREAM_REASON)
             };
             report.proxy_close = Some(u16::from(to_client.code));
-            let _ = client_tx.send(Message::Close(Some(to_client))).await;
-            report.client_close = await_close(&mut client_rx).await;
+            if send_close(&mut client_tx, to_client).await {
+                report.client_close = await_close(&mut client_rx).await;
+            }
         }
-        Side::Upstream(Ending::ReadFailed(_))
-        | Side::Upstream(Ending::Eof)
-        | Side::Client(Ending::WriteFailed) => {
+        Side::Upstream(Stop {
+            ending: Ending::ReadFailed(_) | Ending::Eof,
+            ..
+        })
+        | Side::Client(Stop {
+            ending: Ending::WriteFailed,
+            ..
+        }) => {
             report.proxy_close = Some(1011);
-            let _ = client_tx
-                .send(Message::Close(Some(close_frame(
-                    CloseCode::Error,
-                    ABNORMAL_UPSTREAM_REASON,
-                ))))
-                .await;
-            report.client_close = await_close(&mut client_rx).await;
+            let abnormal = close_frame(CloseCode::Error, ABNORMAL_UPSTREAM_REASON);
+            if send_close(&mut client_tx, abnormal).await {
+                report.client_close = await_close(&mut client_rx).await;
+            }
         }
     }
     report
 }
 
 enum Side {
-    Client(Ending),
-    Upstream(Ending),
+    Client(Stop),
+    Upstream(Stop),
+    Shutdown,
+}
+
+/// The close reason both legs see when the proxy shuts down.
+pub const GOING_AWAY_REASON: &str = "proxy shutting down";
+
+/// Sends a close frame, giving up after [`CLOSE_GRACE`]: a peer that reads nothing must
+/// not hold the session (and a shutdown) open.
+/// Returns whether it went out (only then is an answer worth waiting for).
+async fn send_close<T>(tx: &mut T, frame: CloseFrame) -> bool
+where
+    T: Sink<Message, Error = WsError> + Unpin,
+{
+    let send = tx.send(Message::Close(Some(frame)));
+    matches!(tokio::time::timeout(CLOSE_GRACE, send).await, Ok(Ok(())))
 }
 
 /// After the proxy closed a client for cause (oversized or malformed input, upstream gone),
@@ -540,15 +682,6 @@ where
     tokio::time::timeout(CLOSE_GRACE, wait).await.ok().flatten()
 }
 
-/// 1005, 1006 and 1015 describe a connection, never travel in a frame.
-fn wire_safe(frame: CloseFrame) -> CloseFrame {
-    match u16::from(frame.code) {
-        1005 => close_frame(CloseCode::Normal, ""),
-        1006 | 1015 => close_frame(CloseCode::Error, ABNORMAL_UPSTREAM_REASON),
-        _ => frame,
-    }
-}
-
 fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
     CloseFrame {
         code,
@@ -581,17 +714,56 @@ fn short_reason(mut reason: String) -> String {
     reason
 }
 
-/// An open session: counted in the open-sessions gauge from the upgrade until it is
-/// dropped (however the session task ends), and logged with its traffic.
+/// The open WebSocket sessions of one service. Sessions outlive the HTTP connection they
+/// were upgraded from, so the server's connection drain does not see them; this register
+/// lets shutdown ask each of them to close (1001 to both legs) and wait until they have.
+/// A reload leaves them alone: a session keeps the rule it was opened with.
+///
+/// Cheap to clone; clones share the register. Each session holds a receiver of the
+/// going-away flag, so the number of receivers is the number of open sessions.
+#[derive(Debug, Clone)]
+pub struct Sessions {
+    going_away: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Sessions {
+    fn default() -> Sessions {
+        Sessions {
+            going_away: Arc::new(watch::channel(false).0),
+        }
+    }
+}
+
+impl Sessions {
+    /// Sessions currently open (from the upstream's 101 until the session task ends).
+    pub fn open(&self) -> usize {
+        self.going_away.receiver_count()
+    }
+
+    /// Asks every open session, and any opened from now on, to close with 1001.
+    pub fn close_all(&self) {
+        self.going_away.send_replace(true);
+    }
+
+    /// Resolves once no session is open.
+    pub async fn all_closed(&self) {
+        self.going_away.closed().await
+    }
+}
+
+/// An open session: counted in the open-sessions gauge and in its service's [`Sessions`]
+/// from the upgrade until it is dropped (however the session task ends), and logged with
+/// its traffic.
 struct Session {
     port: u16,
     path: String,
     upstream: String,
     started: Instant,
+    going_away: watch::Receiver<bool>,
 }
 
 impl Session {
-    fn open(port: u16, path: String, upstream: String) -> Session {
+    fn open(port: u16, path: String, upstream: String, sessions: &Sessions) -> Session {
         Metrics::global()
             .websocket_sessions
             .get_or_create(&PortLabels { port })
@@ -601,6 +773,15 @@ impl Session {
             path,
             upstream,
             started: Instant::now(),
+            going_away: sessions.going_away.subscribe(),
+        }
+    }
+
+    /// Resolves when the proxy shuts down (at once if it already is).
+    async fn going_away(&mut self) {
+        // An error means the register is gone, i.e. no one can ask any more.
+        if self.going_away.wait_for(|away| *away).await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 

@@ -187,6 +187,182 @@ impl TlsUpstream {
 }
 
 // ---------------------------------------------------------------------------------------
+// TLS WebSocket mock upstream (wss)
+// ---------------------------------------------------------------------------------------
+
+/// What the wss mock saw: the handshake and the session.
+#[derive(Debug)]
+enum WssEvent {
+    Handshake {
+        path_and_query: String,
+        headers: http::HeaderMap,
+        alpn: Option<Vec<u8>>,
+        sni: Option<String>,
+    },
+    Closed(Option<u16>, String),
+}
+
+/// A WebSocket upstream over TLS on `127.0.0.1:0` serving `cert` (offering `h2` first, so a
+/// client that asked for HTTP/2 would get it): echoes every data message and reports the
+/// handshake and the close it receives.
+async fn wss_upstream(
+    cert: &TestCert,
+    events: mpsc::Sender<WssEvent>,
+) -> (u16, oneshot::Sender<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::server::{
+        Request as WsRequest, Response as WsResponse,
+    };
+    use tokio_tungstenite::tungstenite::Message;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der.clone()], cert.key())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = &mut stop_rx => return,
+                accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => return },
+            };
+            let (acceptor, events) = (acceptor.clone(), events.clone());
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) = tokio::time::timeout(WAIT, acceptor.accept(stream)).await else {
+                    return;
+                };
+                let (_, conn) = tls.get_ref();
+                let alpn = conn.alpn_protocol().map(|p| p.to_vec());
+                let sni = conn.server_name().map(str::to_owned);
+                let seen = events.clone();
+                #[allow(clippy::result_large_err)] // tungstenite's callback type
+                let callback = move |req: &WsRequest, res: WsResponse| {
+                    let _ = seen.try_send(WssEvent::Handshake {
+                        path_and_query: req.uri().to_string(),
+                        headers: req.headers().clone(),
+                        alpn,
+                        sni,
+                    });
+                    Ok(res)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tls, callback).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    if let Message::Close(frame) = &message {
+                        let (code, reason) = frame
+                            .as_ref()
+                            .map(|f| (Some(u16::from(f.code)), f.reason.to_string()))
+                            .unwrap_or((None, String::new()));
+                        let _ = events.try_send(WssEvent::Closed(code, reason));
+                    } else if (message.is_text() || message.is_binary())
+                        && ws.send(message).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, stop_tx)
+}
+
+async fn next_wss_event(events: &mut mpsc::Receiver<WssEvent>) -> WssEvent {
+    tokio::time::timeout(WAIT, events.recv())
+        .await
+        .expect("no upstream event in time")
+        .expect("upstream event channel closed")
+}
+
+#[tokio::test]
+async fn websocket_to_an_https_upstream_goes_over_wss_with_the_headers() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let cert = TestCert::new(&["localhost", "127.0.0.1"]);
+    let (events_tx, mut events) = mpsc::channel(16);
+    let (port, _stop) = wss_upstream(&cert, events_tx).await;
+    let proxy = start_proxy_with_client(
+        &format!("https://localhost:{port}/openai"),
+        options(),
+        client_trusting(&cert.pem),
+        Duration::from_secs(5),
+    )
+    .await;
+
+    let mut request = format!("ws://{}/v1/realtime?model=gpt-realtime", proxy.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer sk-wss".parse().unwrap());
+    request
+        .headers_mut()
+        .insert("openai-beta", "realtime=v1".parse().unwrap());
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut ws, reply) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::client_async(request, stream))
+            .await
+            .expect("handshake timed out")
+            .expect("the proxy refused the upgrade");
+    assert_eq!(reply.status(), 101);
+
+    match next_wss_event(&mut events).await {
+        WssEvent::Handshake {
+            path_and_query,
+            headers,
+            alpn,
+            sni,
+        } => {
+            assert_eq!(path_and_query, "/openai/v1/realtime?model=gpt-realtime");
+            assert_eq!(headers["authorization"], "Bearer sk-wss");
+            assert_eq!(headers["openai-beta"], "realtime=v1");
+            assert_eq!(headers["host"], format!("localhost:{port}").as_str());
+            // A WebSocket needs HTTP/1.1 (RFC 6455): the proxy offers no ALPN protocol, so
+            // this server, which prefers h2, cannot select it.
+            assert_eq!(alpn, None);
+            assert_eq!(sni.as_deref(), Some("localhost"));
+        }
+        other => panic!("expected the handshake, got {other:?}"),
+    }
+
+    for message in [
+        Message::text("over tls"),
+        Message::binary(vec![7u8; 100_000]),
+    ] {
+        ws.send(message.clone()).await.unwrap();
+        let echoed = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("no echo in time")
+            .expect("stream ended")
+            .expect("read failed");
+        assert_eq!(echoed, message);
+    }
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4001),
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
+    match next_wss_event(&mut events).await {
+        WssEvent::Closed(code, reason) => {
+            assert_eq!((code, reason.as_str()), (Some(4001), "done"));
+        }
+        other => panic!("expected the close, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // CONNECT proxy mock
 // ---------------------------------------------------------------------------------------
 
@@ -709,6 +885,59 @@ async fn daemon_trusts_the_certificates_in_ssl_cert_file() {
     assert!(seen.iter().all(|s| s.version == http::Version::HTTP_2));
     assert_eq!(seen[0].peer, seen[1].peer);
     assert_eq!(upstream.accepted(), 1);
+}
+
+#[tokio::test]
+async fn daemon_proxies_a_websocket_over_wss_trusting_ssl_cert_file() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let cert = TestCert::new(&["localhost", "127.0.0.1"]);
+    let (events_tx, mut events) = mpsc::channel(16);
+    let (port, _stop) = wss_upstream(&cert, events_tx).await;
+    let dir = TempDir::new("wss-ssl-cert-file");
+    let ca = dir.write("ca.pem", &cert.pem);
+    let daemon = Daemon::start(
+        &format!("https://localhost:{port}"),
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+        dir,
+    )
+    .await;
+
+    let mut request = daemon.url("/v1/realtime").replace("http://", "ws://");
+    request.push_str("?model=m");
+    let mut request = request.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer sk-daemon".parse().unwrap());
+    let stream = TcpStream::connect(("127.0.0.1", daemon.port))
+        .await
+        .unwrap();
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(request, stream))
+        .await
+        .expect("handshake timed out")
+        .unwrap_or_else(|e| panic!("upgrade refused: {e}\n{}", daemon.stderr()));
+    match next_wss_event(&mut events).await {
+        WssEvent::Handshake { headers, .. } => {
+            assert_eq!(headers["authorization"], "Bearer sk-daemon");
+        }
+        other => panic!("expected the handshake, got {other:?}"),
+    }
+    ws.send(Message::text("through the daemon")).await.unwrap();
+    let echoed = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("no echo in time");
+    assert_eq!(
+        echoed.unwrap().unwrap(),
+        Message::text("through the daemon")
+    );
+    ws.close(None).await.unwrap();
+    match next_wss_event(&mut events).await {
+        // A status-less client close reaches the upstream as a plain 1000.
+        WssEvent::Closed(code, reason) => assert_eq!((code, reason.as_str()), (Some(1000), "")),
+        other => panic!("expected the close, got {other:?}"),
+    }
 }
 
 #[tokio::test]

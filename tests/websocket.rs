@@ -885,6 +885,11 @@ async fn upstream_close_code_and_reason_reach_the_client() {
         ("close 1011 server error", 1011, "server error"),
         // No status in the upstream's close frame: the client gets a plain 1000.
         ("close-empty", 1000, ""),
+        // Codes that must never be on the wire are a protocol violation when received;
+        // the client never sees them.
+        ("close 1006 abnormal", 1002, "Protocol violation"),
+        ("close 1005 none", 1002, "Protocol violation"),
+        ("close 1015 tls", 1002, "Protocol violation"),
     ] {
         let (events, mut rx) = mpsc::channel(64);
         let upstream = WsUpstream::echo(events).await;
@@ -957,6 +962,47 @@ async fn client_close_code_and_reason_reach_the_upstream() {
         }
         // The client's close is answered and the connection ends.
         assert_close(expect_close(&mut ws).await, code, reason);
+        assert!(matches!(next_event(&mut rx).await, Event::Ended(None)));
+    }
+}
+
+#[tokio::test]
+async fn a_client_close_without_status_reaches_the_upstream_as_1000_and_bad_codes_as_1002() {
+    // (what the client sends, what the upstream must see)
+    let cases: [(Option<CloseFrame>, u16, &str); 3] = [
+        (None, 1000, ""),
+        (
+            Some(CloseFrame {
+                code: CloseCode::Abnormal,
+                reason: "abnormal".into(),
+            }),
+            1002,
+            "Protocol violation",
+        ),
+        (
+            Some(CloseFrame {
+                code: CloseCode::Status,
+                reason: "".into(),
+            }),
+            1002,
+            "Protocol violation",
+        ),
+    ];
+    for (sent, code, reason) in cases {
+        let (events, mut rx) = mpsc::channel(64);
+        let upstream = WsUpstream::echo(events).await;
+        let proxy = start_proxy(&upstream.url(), options()).await;
+        let mut ws = connect(proxy.addr, "/v1/realtime").await;
+        ws.send(Message::text("warm-up")).await.unwrap();
+        recv_message(&mut ws).await;
+
+        ws.send(Message::Close(sent.clone())).await.unwrap();
+        match next_event(&mut rx).await {
+            Event::Closed(frame) => assert_close(frame, code, reason),
+            other => panic!("{sent:?}: upstream saw {other:?} instead of a close"),
+        }
+        // The proxy answers the client's close handshake.
+        let _ = expect_close(&mut ws).await;
         assert!(matches!(next_event(&mut rx).await, Event::Ended(None)));
     }
 }
@@ -1181,6 +1227,146 @@ async fn a_stalled_reader_throttles_the_upstream() {
     assert_eq!(*sent_rx.borrow(), total);
 }
 
+/// An upstream that completes the handshake and then reads nothing until `resume` fires;
+/// from then on it reads every message, reporting how many arrived (in order, checked by the
+/// sequence number in their first 8 bytes), and ends when the stream does.
+async fn stalled_upstream(
+    resume: watch::Receiver<bool>,
+    received: mpsc::Sender<Result<usize, String>>,
+) -> WsUpstream {
+    WsUpstream::start(None, move |mut ws| {
+        let (mut resume, received) = (resume.clone(), received.clone());
+        async move {
+            if resume.wait_for(|go| *go).await.is_err() {
+                return;
+            }
+            let mut count = 0usize;
+            let end = loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(data))) => {
+                        let seq = u64::from_be_bytes(data[..8].try_into().unwrap());
+                        if seq != count as u64 {
+                            break Err(format!("message {count} carried sequence {seq}"));
+                        }
+                        count += 1;
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break Ok(count),
+                    Some(Ok(_)) => {}
+                }
+            };
+            let _ = received.send(end).await;
+        }
+    })
+    .await
+}
+
+fn numbered(i: usize, size: usize) -> Message {
+    let mut data = vec![0u8; size];
+    data[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    Message::binary(data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_throttles_the_client() {
+    const MESSAGE: usize = 64 * 1024;
+    // As in the other direction: two TCP legs of kernel buffers plus a few messages held
+    // by the libraries and the proxy (one being sent, one read ahead).
+    let ceiling = socket_buffer_ceiling();
+    let bound = 2 * ceiling / MESSAGE + 16;
+    let total = (bound * 4).max(1000);
+
+    let (resume_tx, resume_rx) = watch::channel(false);
+    let (received_tx, mut received_rx) = mpsc::channel(4);
+    let upstream = stalled_upstream(resume_rx, received_tx).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let ws = connect(proxy.addr, "/v1/realtime").await;
+
+    let (sent_tx, mut sent_rx) = watch::channel(0usize);
+    let client = tokio::spawn(async move {
+        let mut ws = ws;
+        for i in 0..total {
+            ws.send(numbered(i, MESSAGE)).await.unwrap();
+            sent_tx.send_replace(i + 1);
+        }
+        ws.close(None).await.unwrap();
+        // Read to the end of the close handshake.
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+    });
+
+    let started = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), sent_rx.changed()).await {
+            Err(_) => break, // no progress for 500 ms: throttled
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("the client sent everything to an upstream that reads nothing"),
+        }
+        assert!(
+            started.elapsed() < WAIT * 3,
+            "the client was never throttled"
+        );
+    }
+    let stalled_at = *sent_rx.borrow();
+    eprintln!(
+        "backpressure: client stalled after {stalled_at} of {total} messages ({} MiB; bound {bound}) in {:?}",
+        (stalled_at * MESSAGE) >> 20,
+        started.elapsed()
+    );
+    assert!(stalled_at > 0, "nothing was sent at all");
+    assert!(
+        stalled_at <= bound,
+        "the client got {stalled_at} messages out to a stalled upstream (bound {bound})"
+    );
+
+    // The upstream reads again: every message arrives, in order.
+    resume_tx.send_replace(true);
+    let received = tokio::time::timeout(WAIT * 3, received_rx.recv())
+        .await
+        .expect("upstream did not finish reading")
+        .expect("upstream report channel closed");
+    assert_eq!(received, Ok(total));
+    tokio::time::timeout(WAIT, client)
+        .await
+        .expect("client did not finish")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_vanishing_while_the_upstream_is_stalled_ends_the_session() {
+    // One message larger than what the kernel buffers toward the upstream can hold, so the
+    // proxy is still sending it when the client goes.
+    let size = (socket_buffer_ceiling() + (4 << 20)).min(60 << 20);
+    let (resume_tx, resume_rx) = watch::channel(false);
+    let (received_tx, mut received_rx) = mpsc::channel(4);
+    let upstream = stalled_upstream(resume_rx, received_tx).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+    assert_eq!(proxy.sessions.open(), 1);
+
+    tokio::time::timeout(WAIT, ws.send(numbered(0, size)))
+        .await
+        .expect("the proxy did not take the client's message")
+        .unwrap();
+    let started = Instant::now();
+    drop(ws); // TCP close, no close frame, while the proxy's send upstream is blocked
+
+    tokio::time::timeout(Duration::from_secs(3), proxy.sessions.all_closed())
+        .await
+        .expect("the session is still open although its client is gone");
+    eprintln!(
+        "session ended {:?} after the client vanished",
+        started.elapsed()
+    );
+
+    // The upstream connection was dropped: once the upstream reads again it finds the
+    // end of the stream, without the whole message.
+    resume_tx.send_replace(true);
+    let received = tokio::time::timeout(WAIT, received_rx.recv())
+        .await
+        .expect("the upstream connection is still open")
+        .expect("upstream report channel closed");
+    assert_eq!(received, Ok(0));
+}
+
 #[tokio::test]
 async fn an_idle_session_outlives_the_timeout() {
     let (events, _rx) = mpsc::channel(64);
@@ -1261,4 +1447,221 @@ async fn a_thousand_concurrent_sessions() {
         "{sessions} concurrent sessions: all open after {opened:?}, all done after {:?}",
         started.elapsed()
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// The real binary: the session log line, shutdown and reload with open sessions
+// ------------------------------------------------------------------------------------------
+
+mod daemon {
+    use super::*;
+    use support::daemon::{config, field, has_field, rule, Daemon, TempDir};
+
+    /// The binary serving one rule per upstream URL, each on its own free port.
+    async fn start_daemon(tag: &str, upstreams: &[String]) -> (TempDir, Daemon, Vec<u16>) {
+        let dir = TempDir::new(tag);
+        let ports: Vec<u16> = upstreams
+            .iter()
+            .map(|_| support::daemon::free_port())
+            .collect();
+        let rules: Vec<String> = ports
+            .iter()
+            .zip(upstreams)
+            .map(|(port, url)| rule(*port, url))
+            .collect();
+        let path = dir.write("config.json", &config(&rules));
+        let daemon = support::daemon::start(&dir, &path, rules.len()).await;
+        (dir, daemon, ports)
+    }
+
+    fn proxy_addr(port: u16) -> SocketAddr {
+        support::daemon::local(port)
+    }
+
+    /// An echo session through the daemon on `port`, warmed up with one round trip.
+    async fn open_session(port: u16, path: &str) -> Ws {
+        let mut ws = connect(proxy_addr(port), path).await;
+        ws.send(Message::text("warm-up")).await.unwrap();
+        assert_eq!(recv_message(&mut ws).await, Message::text("warm-up"));
+        ws
+    }
+
+    fn is_session_line(line: &str) -> bool {
+        line.contains("openai_stream_proxy::access") && line.contains("websocket session")
+    }
+
+    #[tokio::test]
+    async fn each_session_is_logged_with_its_traffic_and_close_codes() {
+        let (events, mut rx) = mpsc::channel(64);
+        let upstream = WsUpstream::echo(events).await;
+        let (_dir, mut daemon, ports) = start_daemon("ws-log", &[upstream.url()]).await;
+        let port = ports[0];
+
+        let mut ws = connect(proxy_addr(port), "/v1/realtime?model=m&key=secret").await;
+        ws.send(Message::text("hello")).await.unwrap(); // 5 bytes
+        assert_eq!(recv_message(&mut ws).await, Message::text("hello"));
+        ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap(); // 3 bytes
+        assert_eq!(
+            recv_message(&mut ws).await,
+            Message::binary(vec![1u8, 2, 3])
+        );
+        ws.send(Message::text("big 1000")).await.unwrap(); // 8 bytes up, 1000 down
+        assert_eq!(
+            recv_message(&mut ws).await,
+            Message::binary(pattern(1000, 7))
+        );
+        ws.close(Some(CloseFrame {
+            code: CloseCode::from(4000),
+            reason: "done".into(),
+        }))
+        .await
+        .unwrap();
+        assert_close(expect_close(&mut ws).await, 4000, "done");
+        wait_session_end(&mut rx).await;
+
+        let line = daemon
+            .wait_for("the websocket session line", is_session_line)
+            .await;
+        let upstream_target = format!("ws://{}/v1/realtime", upstream.addr);
+        for (key, value) in [
+            ("port", port.to_string().as_str()),
+            ("path", "/v1/realtime"),
+            ("upstream", upstream_target.as_str()),
+            ("frames_to_upstream", "3"),
+            ("bytes_to_upstream", "16"),
+            ("frames_to_client", "3"),
+            ("bytes_to_client", "1008"),
+            ("client_close", "4000"),
+            ("upstream_close", "4000"),
+        ] {
+            assert!(has_field(&line, key, value), "{key}={value}: {line}");
+        }
+        let duration: f64 = field(&line, "duration_ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no duration_ms: {line}"));
+        assert!(duration > 0.0 && duration < 60_000.0, "{line}");
+        // The proxy closed nothing itself, and the query (which may carry a credential)
+        // is not logged.
+        assert!(field(&line, "proxy_close").is_none(), "{line}");
+        assert!(!line.contains("secret"), "{line}");
+        daemon.stop().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_open_sessions_with_1001_on_both_legs_and_exits_0() {
+        for signal in ["TERM", "INT"] {
+            let (events, mut rx) = mpsc::channel(64);
+            let upstream = WsUpstream::echo(events).await;
+            let (_dir, mut daemon, ports) = start_daemon("ws-shutdown", &[upstream.url()]).await;
+            let mut ws = open_session(ports[0], "/v1/realtime").await;
+
+            let started = Instant::now();
+            daemon.signal(signal);
+            assert_close(expect_close(&mut ws).await, 1001, "proxy shutting down");
+            match next_event(&mut rx).await {
+                Event::Closed(frame) => assert_close(frame, 1001, "proxy shutting down"),
+                other => panic!("SIG{signal}: upstream saw {other:?} instead of a 1001 close"),
+            }
+            let status = daemon.wait_exit(WAIT).await;
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "SIG{signal}: {status}\n{}",
+                daemon.dump()
+            );
+            eprintln!(
+                "SIG{signal}: session closed and proxy exited in {:?}",
+                started.elapsed()
+            );
+            // Both close handshakes completed: the session line names both answers.
+            let line = daemon
+                .wait_for("the websocket session line", is_session_line)
+                .await;
+            for (key, value) in [
+                ("proxy_close", "1001"),
+                ("client_close", "1001"),
+                ("upstream_close", "1001"),
+            ] {
+                assert!(
+                    has_field(&line, key, value),
+                    "SIG{signal}: {key}={value}: {line}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_removes_the_rule_leaves_its_open_session_working() {
+        let (events, mut rx) = mpsc::channel(64);
+        let upstream = WsUpstream::echo(events).await;
+        let (other_events, _other_rx) = mpsc::channel(64);
+        let other = WsUpstream::echo(other_events).await;
+        let (dir, mut daemon, ports) =
+            start_daemon("ws-reload", &[upstream.url(), other.url()]).await;
+        let (removed, kept) = (ports[0], ports[1]);
+        let mut ws = open_session(removed, "/v1/realtime").await;
+        // A second session on the removed rule stays open until shutdown.
+        let mut lingering = open_session(removed, "/v1/realtime").await;
+
+        // Reload without the session's rule.
+        dir.write("config.json", &config(&[rule(kept, &other.url())]));
+        let mark = daemon.mark();
+        daemon.signal("HUP");
+        let line = daemon
+            .wait_for_since(mark, "the config reloaded line", |l| {
+                l.contains("config reloaded") || l.contains("config reload rejected")
+            })
+            .await;
+        assert!(
+            has_field(&line, "removed", "1"),
+            "{line}\n{}",
+            daemon.dump()
+        );
+        assert!(
+            support::daemon::connect_refused(removed).await,
+            "{removed} still accepts new connections after the reload"
+        );
+
+        // The session carries on both ways and closes normally.
+        ws.send(Message::text("after reload")).await.unwrap();
+        assert_eq!(recv_message(&mut ws).await, Message::text("after reload"));
+        ws.send(Message::text("big 70000")).await.unwrap();
+        assert_eq!(
+            recv_message(&mut ws).await,
+            Message::binary(pattern(70000, 7))
+        );
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        }))
+        .await
+        .unwrap();
+        match next_event(&mut rx).await {
+            Event::Closed(frame) => assert_close(frame, 1000, "bye"),
+            other => panic!("upstream saw {other:?} instead of the client's close"),
+        }
+        assert_close(expect_close(&mut ws).await, 1000, "bye");
+
+        // At shutdown, the session left on the removed rule and one opened on the kept
+        // rule after the reload are both closed with 1001.
+        let mut kept_ws = open_session(kept, "/v1/realtime").await;
+        lingering.send(Message::text("still here")).await.unwrap();
+        assert_eq!(
+            recv_message(&mut lingering).await,
+            Message::text("still here")
+        );
+        daemon.signal("TERM");
+        assert_close(
+            expect_close(&mut kept_ws).await,
+            1001,
+            "proxy shutting down",
+        );
+        assert_close(
+            expect_close(&mut lingering).await,
+            1001,
+            "proxy shutting down",
+        );
+        let status = daemon.wait_exit(WAIT).await;
+        assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.dump());
+    }
 }

@@ -253,6 +253,8 @@ pub fn response(status: u16, headers: &[(&str, &str)], body: MockBody) -> Respon
 /// The proxy running in-process on `127.0.0.1:0`.
 pub struct ProxyHandle {
     pub addr: SocketAddr,
+    /// The WebSocket sessions open through the proxy.
+    pub sessions: openai_stream_proxy::websocket::Sessions,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -313,6 +315,7 @@ pub async fn start_proxy_with_client(
     let addr = listener.local_addr().unwrap();
     let service = ProxyService::new(UpstreamUrl::parse(upstream).unwrap(), options, client)
         .with_port_label(addr.port());
+    let sessions = service.sessions().clone();
     let server = Server::from_listeners(vec![(listener, service)]);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let done = tokio::spawn(async move {
@@ -327,6 +330,7 @@ pub async fn start_proxy_with_client(
     });
     ProxyHandle {
         addr,
+        sessions,
         stop: Some(stop_tx),
         done: Some(done),
     }
