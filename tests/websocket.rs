@@ -19,7 +19,7 @@ use http_body_util::Full;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{
     Request as HandshakeRequest, Response as HandshakeResponse,
@@ -1409,7 +1409,7 @@ async fn a_thousand_concurrent_sessions() {
     let started = Instant::now();
     // Open them all (at most 64 handshakes in flight, so no listen backlog overflows), hold
     // them all open together, then exchange and close.
-    let handshakes = Arc::new(Semaphore::new(64));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(64));
     let all_open = Arc::new(tokio::sync::Barrier::new(sessions + 1));
     let (go_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut tasks = tokio::task::JoinSet::new();
