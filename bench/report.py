@@ -558,7 +558,7 @@ class Report:
                 self.add(f"- ours ÷ {NAMES[other]}: {ours['instructions_per_request'] / o['instructions_per_request']:.2f}×")
         self.add("")
 
-    def render(self, analysis):
+    def render(self, analysis, reliability=None):
         m = self.meta
         self.passthrough()
         self.conversion()
@@ -597,6 +597,8 @@ class Report:
         out = head + tgt + self.lines
         if analysis:
             out += ["## Analysis", "", analysis.strip(), ""]
+        if reliability:
+            out += [reliability.strip(), ""]
         return "\n".join(out) + "\n"
 
 
@@ -606,6 +608,9 @@ def main():
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--charts", default="bench/charts")
     ap.add_argument("--analysis", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "analysis.md"))
+    ap.add_argument("--reliability",
+                    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "reliability.md"),
+                    help="hand-kept soak, fuzzing and fault-handling section appended after the analysis")
     args = ap.parse_args()
     with open(args.results) as f:
         results = json.load(f)
@@ -613,7 +618,11 @@ def main():
     if os.path.exists(args.analysis):
         with open(args.analysis) as f:
             analysis = f.read()
-    text = Report(results, args.charts, args.out).render(analysis)
+    reliability = None
+    if os.path.exists(args.reliability):
+        with open(args.reliability) as f:
+            reliability = f.read()
+    text = Report(results, args.charts, args.out).render(analysis, reliability)
     with open(args.out, "w") as f:
         f.write(text)
     print(f"wrote {args.out} and charts in {args.charts}")
