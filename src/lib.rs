@@ -102,6 +102,7 @@ pub mod convert;
 pub mod error;
 pub mod headers;
 pub mod metrics;
+mod open_streams;
 pub mod passthrough;
 pub mod pool;
 pub mod request_id;

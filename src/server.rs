@@ -19,12 +19,13 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::{Config, Rule, DEFAULT_HEADER_READ_TIMEOUT_SECONDS};
+use crate::open_streams::{Counted, OpenStreams};
 use crate::service::ProxyService;
 use crate::upstream::UpstreamClient;
 
@@ -377,17 +378,29 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// What a new connection turned out to speak, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge (the whole preface arrived).
+    Http2,
+}
+
 /// Waits, at most `limit`, until the client has sent enough to tell HTTP/1 from HTTP/2
-/// (any byte that is not the start of the HTTP/2 preface, or the whole preface).
-async fn first_bytes_arrive(stream: &tokio::net::TcpStream, limit: Duration) -> bool {
+/// (any byte that is not the start of the HTTP/2 preface, or the whole preface); `None`
+/// when it closed or stayed silent.
+async fn first_bytes_arrive(stream: &tokio::net::TcpStream, limit: Duration) -> Option<Protocol> {
     let wait = async {
         let mut seen = [0u8; H2_PREFACE.len()];
         // Bounded by the deadline around it; each round waits for the socket or 5 ms.
         loop {
             match stream.peek(&mut seen).await {
-                Ok(0) | Err(_) => return false,
+                Ok(0) | Err(_) => return None,
+                Ok(n) if n == H2_PREFACE.len() && seen[..] == *H2_PREFACE => {
+                    return Some(Protocol::Http2)
+                }
                 Ok(n) if n == H2_PREFACE.len() || !H2_PREFACE.starts_with(&seen[..n]) => {
-                    return true
+                    return Some(Protocol::Http1)
                 }
                 // Part of a preface: peek would return the same bytes at once, so pause
                 // before looking again.
@@ -395,7 +408,7 @@ async fn first_bytes_arrive(stream: &tokio::net::TcpStream, limit: Duration) -> 
             }
         }
     };
-    tokio::time::timeout(limit, wait).await.unwrap_or(false)
+    tokio::time::timeout(limit, wait).await.unwrap_or(None)
 }
 
 /// Starts serving one listener in its own task; stopping it closes the socket, then drains
@@ -410,21 +423,14 @@ fn serve(
     let (closed_tx, closed) = oneshot::channel();
     let task_service = service.clone();
     let task = tokio::spawn(async move {
-        let graceful = GracefulShutdown::new();
         let mut connections = JoinSet::new();
         let addr = listener.local_addr().ok();
-        accept_loop(
-            &listener,
-            &task_service,
-            &setup,
-            &graceful,
-            &mut connections,
-            stop_rx,
-        )
-        .await;
+        accept_loop(&listener, &task_service, &setup, &mut connections, stop_rx).await;
         drop(listener);
         let _ = closed_tx.send(());
-        match tokio::time::timeout(drain, graceful.shutdown()).await {
+        // Every connection task has seen the stop signal and is finishing its requests.
+        let drained = async { while connections.join_next().await.is_some() {} };
+        match tokio::time::timeout(drain, drained).await {
             Ok(()) => tracing::info!(listen = ?addr, "all connections drained"),
             Err(_) => {
                 tracing::warn!(
@@ -458,11 +464,87 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
+/// Serves one accepted connection until it ends. On the stop signal it is asked to finish
+/// (HTTP/1 closes after the current response, HTTP/2 sends GOAWAY and completes its open
+/// streams); an HTTP/2 connection is asked the same once it has had no open stream for the
+/// header-read timeout, as an HTTP/1 connection is closed by hyper when it sends no new
+/// request head within that time.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    service: ProxyService,
+    setup: Arc<ConnectionSetup>,
+    stop: watch::Receiver<bool>,
+) {
+    // The HTTP/1-or-HTTP/2 sniff has no deadline of its own: a client that connects and
+    // sends nothing (or half an HTTP/2 preface) would hold the connection forever.
+    let Some(protocol) = first_bytes_arrive(&stream, setup.header_read_timeout).await else {
+        tracing::debug!(%peer, "no request within the header read timeout; closing");
+        return;
+    };
+    let io = TokioIo::new(stream);
+    let result = match protocol {
+        Protocol::Http1 => {
+            let connection = setup.builder.serve_connection_with_upgrades(io, service);
+            until_stopped(connection, stop, None, setup.header_read_timeout).await
+        }
+        Protocol::Http2 => {
+            let streams = OpenStreams::new();
+            let service = Counted::new(service, streams.clone());
+            let connection = setup.builder.serve_connection(io, service);
+            until_stopped(connection, stop, Some(&streams), setup.header_read_timeout).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Drives `connection` to its end, asking it to finish gracefully once `stop` turns true
+/// or, for an HTTP/2 connection (`streams`), once it has been idle for `idle_limit`.
+///
+/// HTTP/2's graceful close waits for the client to acknowledge a PING before the final
+/// GOAWAY; a client that never does would keep an idle connection open, so one that stays
+/// idle for another `idle_limit` after the GOAWAY is dropped (it has no stream to lose).
+async fn until_stopped<C>(
+    connection: C,
+    mut stop: watch::Receiver<bool>,
+    streams: Option<&OpenStreams>,
+    idle_limit: Duration,
+) -> C::Output
+where
+    C: GracefulConnection,
+{
+    let idle = || async {
+        match streams {
+            Some(streams) => streams.idle(idle_limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(connection);
+    let stopped = tokio::select! {
+        output = connection.as_mut() => return output,
+        _ = stop.wait_for(|stop| *stop) => true,
+        () = idle() => {
+            tracing::debug!("HTTP/2 connection idle; closing it");
+            false
+        }
+    };
+    connection.as_mut().graceful_shutdown();
+    if stopped {
+        // Bounded by the drain limit.
+        return connection.await;
+    }
+    tokio::select! {
+        output = connection.as_mut() => output,
+        () = idle() => Ok(()),
+    }
+}
+
 async fn accept_loop(
     listener: &TcpListener,
     service: &ProxyService,
     setup: &Arc<ConnectionSetup>,
-    graceful: &GracefulShutdown,
     connections: &mut JoinSet<()>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -483,22 +565,8 @@ async fn accept_loop(
                 }
                 let setup = setup.clone();
                 let service = service.clone();
-                let watcher = graceful.watcher();
-                connections.spawn(async move {
-                    // The HTTP/1-or-HTTP/2 sniff has no deadline of its own: a client that
-                    // connects and sends nothing (or half an HTTP/2 preface) would hold the
-                    // connection forever.
-                    if !first_bytes_arrive(&stream, setup.header_read_timeout).await {
-                        tracing::debug!(%peer, "no request within the header read timeout; closing");
-                        return;
-                    }
-                    let connection = setup
-                        .builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    if let Err(e) = watcher.watch(connection).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+                let stop = stop.clone();
+                connections.spawn(serve_connection(stream, peer, service, setup, stop));
             }
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of spinning, and

@@ -1375,11 +1375,10 @@ async fn silent_connections_and_partial_http2_prefaces_are_closed_after_the_head
     );
 }
 
-/// An HTTP/2 connection with no open stream has no idle limit yet (hyper's HTTP/2 server
-/// has none, and closing one needs a per-connection count of open streams); nginx closes
-/// such a connection after its keepalive_timeout, HAProxy after `timeout http-keep-alive`.
+/// An HTTP/2 connection with no open stream is closed after the header-read timeout, as an
+/// idle HTTP/1 one is (hyper's HTTP/2 server has no idle limit of its own; nginx closes such
+/// a connection after its keepalive_timeout, HAProxy after `timeout http-keep-alive`).
 #[tokio::test]
-#[ignore = "known gap: idle HTTP/2 connections (no open stream) are not closed yet"]
 async fn idle_http2_connections_are_closed_after_the_header_timeout() {
     let upstream = StrictUpstream::start().await;
     let (addr, _stop) = proxy_with_header_timeout(&upstream.url()).await;
@@ -1392,6 +1391,65 @@ async fn idle_http2_connections_are_closed_after_the_header_timeout() {
         closed.is_some_and(|d| d < Duration::from_secs(3)),
         "idle HTTP/2 connection closed after {closed:?}"
     );
+}
+
+/// The idle limit counts only time with no open stream: an HTTP/2 stream that lasts several
+/// header timeouts (a slow event stream, as a reasoning model's) is never cut by it.
+#[tokio::test]
+async fn http2_streams_longer_than_the_header_timeout_are_never_cut() {
+    let (tx, body) = channel_body();
+    let body = Mutex::new(Some(body));
+    let upstream = MockUpstream::start(move |_| {
+        let body = body.lock().unwrap().take().expect("one request");
+        response(200, &[("content-type", "text/event-stream")], body)
+    })
+    .await;
+    let (addr, _stop) = proxy_with_header_timeout(&upstream.url()).await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let request = http::Request::get(format!("http://{addr}/v1/events"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), h2.request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let mut body = response.into_body();
+    // Five events 600 ms apart: the stream lasts three header timeouts of 1 s.
+    for n in 0..5 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let event = format!("data: {n}\n\n");
+        tx.send(Ok(bytes::Bytes::from(event.clone())))
+            .await
+            .unwrap();
+        let frame = tokio::time::timeout(
+            Duration::from_secs(5),
+            http_body_util::BodyExt::frame(&mut body),
+        )
+        .await
+        .expect("event not relayed")
+        .expect("stream ended early")
+        .expect("stream cut");
+        assert_eq!(frame.into_data().unwrap(), event.as_bytes());
+    }
+    drop(tx);
+    // The end of the stream may come as an empty DATA frame carrying END_STREAM.
+    for _ in 0..2 {
+        let end = tokio::time::timeout(
+            Duration::from_secs(5),
+            http_body_util::BodyExt::frame(&mut body),
+        )
+        .await
+        .unwrap();
+        match end {
+            None => return,
+            Some(Ok(frame)) if frame.data_ref().is_some_and(|d| d.is_empty()) => continue,
+            other => panic!("the stream did not end cleanly: {other:?}"),
+        }
+    }
+    panic!("the stream did not end");
 }
 
 /// The real binary reads `headerReadTimeoutSeconds` from its config.
