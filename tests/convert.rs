@@ -90,8 +90,8 @@ async fn chat_request_is_rewritten_surgically_and_answered_with_one_body() {
     );
     assert_eq!(seen.headers["content-length"], sent.len().to_string());
     assert_eq!(seen.headers["accept"], "text/event-stream");
-    // Only codings the client accepts (it sent `gzip`) and we decode.
-    assert_eq!(seen.headers["accept-encoding"], "gzip");
+    // Every coding the proxy decodes, whatever the client sent (D4).
+    assert_eq!(seen.headers["accept-encoding"], "gzip, deflate, br, zstd");
     assert_eq!(seen.headers["authorization"], "Bearer sk-test");
     assert_eq!(
         seen.headers["content-type"],
@@ -677,7 +677,7 @@ async fn coding_upstream() -> (MockUpstream, Bytes) {
 }
 
 #[tokio::test]
-async fn relayed_answers_come_in_a_coding_the_client_accepts() {
+async fn relayed_answers_are_decoded_unless_the_client_accepts_their_coding() {
     let (upstream, gzip_error) = coding_upstream().await;
     let proxy = start_proxy(&upstream.url(), options()).await;
 
@@ -714,10 +714,20 @@ async fn relayed_answers_come_in_a_coding_the_client_accepts() {
         .iter()
         .map(|r| r.headers["accept-encoding"].to_str().unwrap().to_owned())
         .collect();
-    assert_eq!(
-        offers,
-        ["identity", "gzip", "identity", "gzip", "identity", "gzip", "gzip, br"]
+    assert!(
+        offers
+            .iter()
+            .all(|offer| offer == "gzip, deflate, br, zstd"),
+        "{offers:?}"
     );
+
+    // Accepting other codings but not gzip: decoded too.
+    let (parts, got) =
+        convert_accepting(&proxy, "/v1/chat/completions", Some("br, gzip;q=0")).await;
+    assert_eq!(parts.status, 429);
+    assert!(parts.headers.get("content-encoding").is_none());
+    assert_eq!(parts.headers["content-length"], got.len().to_string());
+    assert_eq!(envelope(&got).1, "slow down");
 }
 
 #[tokio::test]

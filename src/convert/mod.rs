@@ -222,7 +222,69 @@ enum Outcome {
 }
 
 impl Conversion {
+    /// Runs the conversion; what it relays comes in a coding the client can read.
     async fn run(self) -> Outcome {
+        let outcome = self.exchange().await;
+        self.readable_for_client(outcome).await
+    }
+
+    /// A relayed answer whose `content-encoding` the client did not offer (the upstream chose
+    /// it from our D4 offer) is decoded whole, within `maxResponseBytes`; one the client can
+    /// read, or in a coding we cannot decode (which the upstream was not offered), is relayed
+    /// as it is.
+    async fn readable_for_client(&self, outcome: Outcome) -> Outcome {
+        let Outcome::Relay(response) = outcome else {
+            return outcome;
+        };
+        let coding = match response
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .map(|v| v.to_str().map(str::trim))
+        {
+            None => return Outcome::Relay(response),
+            Some(Ok(name)) => {
+                let client = self.parts.headers.get_all(header::ACCEPT_ENCODING);
+                if Coding::client_accepts(client.iter().map(HeaderValue::as_bytes), name) {
+                    return Outcome::Relay(response);
+                }
+                match Coding::from_header(Some(name)) {
+                    Some(coding) => coding,
+                    None => return Outcome::Relay(response),
+                }
+            }
+            Some(Err(_)) => return Outcome::Relay(response),
+        };
+        let max = self.rule.options.max_response_bytes;
+        let (mut parts, body) = response.into_parts();
+        let cap = usize::try_from(max).unwrap_or(usize::MAX);
+        let raw = match http_body_util::Limited::new(body, cap).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                return Outcome::Failed {
+                    error: self
+                        .stream_error(format!("{} answer could not be read: {e}", parts.status)),
+                    headers: None,
+                }
+            }
+        };
+        let plain = match stream::decode_whole(raw, coding, max).await {
+            Ok(plain) => plain,
+            Err(e) => {
+                return Outcome::Failed {
+                    error: self
+                        .stream_error(format!("{} answer could not be decoded: {e}", parts.status)),
+                    headers: None,
+                }
+            }
+        };
+        parts.headers.remove(header::CONTENT_ENCODING);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(plain.len()));
+        Outcome::Relay(Response::from_parts(parts, ProxyBody::full(plain)))
+    }
+
+    async fn exchange(&self) -> Outcome {
         let rule = &*self.rule;
         let upstream_name = rule.upstream.to_string();
         let mut body = self.converted.clone();
@@ -300,8 +362,9 @@ impl Conversion {
     }
 
     /// The converted request: client headers minus hop-by-hop, asking for an event stream
-    /// in codings we decode (D4) and the client accepts: a non-stream answer is relayed as
-    /// the upstream sent it, so its coding must be one the client can read.
+    /// in every coding we decode (D4); the client's `accept-encoding` does not leak into this
+    /// leg. A relayed answer in a coding the client did not offer is decoded on the way back
+    /// ([`Conversion::readable_for_client`]).
     fn upstream_request(
         &self,
         body: Bytes,
@@ -318,14 +381,10 @@ impl Conversion {
                 header::ACCEPT,
                 HeaderValue::from_static("text/event-stream"),
             );
-            let offer = Coding::offer_for_client(
-                self.parts
-                    .headers
-                    .get_all(header::ACCEPT_ENCODING)
-                    .iter()
-                    .map(HeaderValue::as_bytes),
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static(Coding::ACCEPTED),
             );
-            parts.headers.insert(header::ACCEPT_ENCODING, offer);
         }
         passthrough::upstream_request(&self.rule, parts, UpstreamBody::full(body))
     }
