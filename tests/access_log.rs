@@ -65,6 +65,10 @@ async fn each_request_logs_one_line_with_mode_status_and_tokens_but_no_secrets()
         .with_max_level(tracing::Level::INFO)
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Other tests of this binary log from their own threads meanwhile: a callsite they
+    // registered while this thread's subscriber was being set may have cached "never";
+    // recompute every cached interest now that it is set.
+    tracing::callsite::rebuild_interest_cache();
 
     let upstream = MockUpstream::start(|r| {
         if r.uri.path().ends_with("/chat/completions") {
