@@ -8,6 +8,7 @@
 //! needs none of that: a list of idle connections per authority is enough.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,36 @@ const MAX_IDLE_PER_AUTHORITY: usize = 1024;
 /// The pool; cheap to clone.
 #[derive(Clone, Default)]
 pub struct Http1Pool {
-    idle: Arc<Mutex<HashMap<Authority, VecDeque<Pooled>>>>,
+    idle: Arc<Mutex<HashMap<Authority, Idle, BuildHasherDefault<AuthorityHasher>>>>,
+}
+
+/// One authority's idle connections and its `host` header value, made once.
+struct Idle {
+    host: HeaderValue,
+    queue: VecDeque<Pooled>,
+}
+
+/// FNV-1a. The keys are the configured upstream authorities, never client input, so a
+/// keyed hash buys nothing; `Authority` hashes one lowercased byte at a time, which costs
+/// SipHash about a thousand instructions per lookup and FNV a few per byte.
+struct AuthorityHasher(u64);
+
+impl Default for AuthorityHasher {
+    fn default() -> Self {
+        AuthorityHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for AuthorityHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl std::fmt::Debug for Http1Pool {
@@ -57,10 +87,7 @@ impl Http1Pool {
             .authority()
             .cloned()
             .ok_or("upstream URI without authority")?;
-        if !parts.headers.contains_key(header::HOST) {
-            let host = HeaderValue::from_str(authority.as_str())?;
-            parts.headers.insert(header::HOST, host);
-        }
+        let needs_host = !parts.headers.contains_key(header::HOST);
         // HTTP/1.1 to an origin server: origin-form request target.
         let path = parts
             .uri
@@ -68,11 +95,15 @@ impl Http1Pool {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(path);
+        let (host, mut idle) = self.checkout(&authority)?;
+        if needs_host {
+            parts.headers.insert(header::HOST, host);
+        }
         let mut request = Request::from_parts(parts, body);
 
         let mut fresh = false;
         loop {
-            let mut sender = match self.checkout(&authority) {
+            let mut sender = match idle.take() {
                 Some(sender) => sender,
                 None => {
                     fresh = true;
@@ -81,42 +112,64 @@ impl Http1Pool {
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.checkin(authority, sender);
+                    self.checkin(&authority, sender);
                     return Ok(response);
                 }
                 Err(mut failed) => match failed.take_message() {
                     // Never sent: the idle connection had been closed by the server.
-                    Some(unsent) if !fresh => request = unsent,
+                    Some(unsent) if !fresh => {
+                        request = unsent;
+                        idle = self.checkout(&authority)?.1;
+                    }
                     _ => return Err(failed.into_error().into()),
                 },
             }
         }
     }
 
-    /// An idle connection that can take a request now; closed and expired ones are dropped.
-    fn checkout(&self, authority: &Authority) -> Option<http1::SendRequest<UpstreamBody>> {
+    /// The authority's `host` value, and an idle connection that can take a request now;
+    /// closed and expired ones are dropped.
+    #[allow(clippy::type_complexity)]
+    fn checkout(
+        &self,
+        authority: &Authority,
+    ) -> Result<(HeaderValue, Option<http1::SendRequest<UpstreamBody>>), BoxError> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let queue = idle.get_mut(authority)?;
+        let entry = match idle.get_mut(authority) {
+            Some(entry) => entry,
+            None => idle.entry(authority.clone()).or_insert(Idle {
+                host: HeaderValue::from_str(authority.as_str())?,
+                queue: VecDeque::new(),
+            }),
+        };
+        let host = entry.host.clone();
+        let queue = &mut entry.queue;
         // Each entry is looked at once: busy connections (a response body still streaming)
         // go to the back and stay pooled until their response is done.
         for _ in 0..queue.len() {
-            let pooled = queue.pop_front()?;
+            let Some(pooled) = queue.pop_front() else {
+                break;
+            };
             if pooled.sender.is_closed() || pooled.since.elapsed() > IDLE_LIMIT {
                 continue;
             }
             if pooled.sender.is_ready() {
-                return Some(pooled.sender);
+                return Ok((host, Some(pooled.sender)));
             }
             queue.push_back(pooled);
         }
-        None
+        Ok((host, None))
     }
 
     /// Returns a connection right after its response head: it becomes ready for the next
     /// request once that response's body has been read to the end.
-    fn checkin(&self, authority: Authority, sender: http1::SendRequest<UpstreamBody>) {
+    fn checkin(&self, authority: &Authority, sender: http1::SendRequest<UpstreamBody>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let queue = idle.entry(authority).or_default();
+        // The entry exists: `send` checked out (and so created it) first.
+        let Some(entry) = idle.get_mut(authority) else {
+            return;
+        };
+        let queue = &mut entry.queue;
         if queue.len() < MAX_IDLE_PER_AUTHORITY {
             queue.push_back(Pooled {
                 sender,

@@ -63,7 +63,7 @@ impl RuleContext {
         request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let sent = Instant::now();
-        match tokio::time::timeout(self.options.timeout, self.client.request(request)).await {
+        match tokio::time::timeout(self.options.timeout, self.client.send(request)).await {
             Ok(Ok(response)) => {
                 self.metrics.upstream_headers(sent.elapsed().as_secs_f64());
                 Ok(response)
