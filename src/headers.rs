@@ -48,10 +48,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    // Most messages carry none of the fixed names: one pass over the keys (standard names
-    // compare without hashing) finds out before any removal hashes.
-    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        for name in &HOP_BY_HOP {
+    // One pass over the keys (standard names compare without hashing) notes which fixed
+    // names are present; only those are removed, each removal being a hashed lookup. Most
+    // requests carry none, most chunked responses only `transfer-encoding`.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
             headers.remove(name);
         }
     }
