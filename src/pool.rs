@@ -7,8 +7,7 @@
 //! futures). A local upstream over plain HTTP, the case where the proxy's own cost shows,
 //! needs none of that: a list of idle connections per authority is enough.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,36 +29,27 @@ const MAX_IDLE_PER_AUTHORITY: usize = 1024;
 /// The pool; cheap to clone.
 #[derive(Clone, Default)]
 pub struct Http1Pool {
-    idle: Arc<Mutex<HashMap<Authority, Idle, BuildHasherDefault<AuthorityHasher>>>>,
+    idle: Arc<Mutex<Vec<Idle>>>,
 }
 
-/// One authority's idle connections and its `host` header value, made once.
+/// One authority's idle connections and its `host` header value, made once. Entries are
+/// never removed, so an entry's index stays valid for the pool's life.
 struct Idle {
+    authority: Authority,
     host: HeaderValue,
     queue: VecDeque<Pooled>,
 }
 
-/// FNV-1a. The keys are the configured upstream authorities, never client input, so a
-/// keyed hash buys nothing; `Authority` hashes one lowercased byte at a time, which costs
-/// SipHash about a thousand instructions per lookup and FNV a few per byte.
-struct AuthorityHasher(u64);
-
-impl Default for AuthorityHasher {
-    fn default() -> Self {
-        AuthorityHasher(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for AuthorityHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
+/// The index of `authority`'s entry. The authorities are the configured upstreams, a
+/// handful, so a scan beats hashing: `Authority` hashes and compares one lowercased byte at
+/// a time. A request's authority is normally a clone of its rule's, sharing its bytes, so
+/// the first pass compares addresses only.
+fn find(entries: &[Idle], authority: &Authority) -> Option<usize> {
+    let text = authority.as_str();
+    entries
+        .iter()
+        .position(|e| std::ptr::eq(e.authority.as_str(), text))
+        .or_else(|| entries.iter().position(|e| e.authority == *authority))
 }
 
 impl std::fmt::Debug for Http1Pool {
@@ -95,7 +85,7 @@ impl Http1Pool {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(path);
-        let (host, mut idle) = self.checkout(&authority)?;
+        let (index, host, mut idle) = self.checkout(&authority)?;
         if needs_host {
             parts.headers.insert(header::HOST, host);
         }
@@ -112,14 +102,14 @@ impl Http1Pool {
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.checkin(&authority, sender);
+                    self.checkin(index, sender);
                     return Ok(response);
                 }
                 Err(mut failed) => match failed.take_message() {
                     // Never sent: the idle connection had been closed by the server.
                     Some(unsent) if !fresh => {
                         request = unsent;
-                        idle = self.checkout(&authority)?.1;
+                        idle = self.checkout(&authority)?.2;
                     }
                     _ => return Err(failed.into_error().into()),
                 },
@@ -127,21 +117,26 @@ impl Http1Pool {
         }
     }
 
-    /// The authority's `host` value, and an idle connection that can take a request now;
-    /// closed and expired ones are dropped.
+    /// The authority's entry index and `host` value, and an idle connection that can take a
+    /// request now; closed and expired ones are dropped.
     #[allow(clippy::type_complexity)]
     fn checkout(
         &self,
         authority: &Authority,
-    ) -> Result<(HeaderValue, Option<http1::SendRequest<UpstreamBody>>), BoxError> {
+    ) -> Result<(usize, HeaderValue, Option<http1::SendRequest<UpstreamBody>>), BoxError> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = match idle.get_mut(authority) {
-            Some(entry) => entry,
-            None => idle.entry(authority.clone()).or_insert(Idle {
-                host: HeaderValue::from_str(authority.as_str())?,
-                queue: VecDeque::new(),
-            }),
+        let index = match find(&idle, authority) {
+            Some(index) => index,
+            None => {
+                idle.push(Idle {
+                    authority: authority.clone(),
+                    host: HeaderValue::from_str(authority.as_str())?,
+                    queue: VecDeque::new(),
+                });
+                idle.len() - 1
+            }
         };
+        let entry = &mut idle[index];
         let host = entry.host.clone();
         let queue = &mut entry.queue;
         // Each entry is looked at once: busy connections (a response body still streaming)
@@ -154,19 +149,19 @@ impl Http1Pool {
                 continue;
             }
             if pooled.sender.is_ready() {
-                return Ok((host, Some(pooled.sender)));
+                return Ok((index, host, Some(pooled.sender)));
             }
             queue.push_back(pooled);
         }
-        Ok((host, None))
+        Ok((index, host, None))
     }
 
-    /// Returns a connection right after its response head: it becomes ready for the next
-    /// request once that response's body has been read to the end.
-    fn checkin(&self, authority: &Authority, sender: http1::SendRequest<UpstreamBody>) {
+    /// Returns a connection to entry `index` right after its response head: it becomes
+    /// ready for the next request once that response's body has been read to the end.
+    fn checkin(&self, index: usize, sender: http1::SendRequest<UpstreamBody>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // The entry exists: `send` checked out (and so created it) first.
-        let Some(entry) = idle.get_mut(authority) else {
+        let Some(entry) = idle.get_mut(index) else {
             return;
         };
         let queue = &mut entry.queue;
