@@ -97,7 +97,10 @@ impl Http1Pool {
                 Some(sender) => sender,
                 None => {
                     fresh = true;
-                    connect(&authority).await?
+                    // Boxed: connecting is rare (once per pooled connection) and its future
+                    // (DNS, TCP, handshake) is large; inline, it would grow every request's
+                    // future, which hyper boxes and moves.
+                    Box::pin(connect(&authority)).await?
                 }
             };
             match sender.try_send_request(request).await {
