@@ -35,8 +35,40 @@ pub const WEBSOCKET_HANDSHAKE: [HeaderName; 4] = [
 /// Removes every hop-by-hop header: the fixed list and every name listed in any
 /// `Connection` header line (all lines are read, W12).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Fast path: nothing to look up when the message names no connection options.
-    if headers.contains_key(header::CONNECTION) {
+    strip(headers, false);
+}
+
+/// [`strip_hop_by_hop`] for a response about to be relayed, which also drops a
+/// `Content-Length` sent together with `Transfer-Encoding`: RFC 9112 §6.3, with both
+/// framings Transfer-Encoding decides and Content-Length is stale; relaying it would make
+/// the client stop early at a length that looks complete.
+pub fn strip_response_hop_by_hop(headers: &mut HeaderMap) {
+    strip(headers, true);
+}
+
+fn strip(headers: &mut HeaderMap, stale_length: bool) {
+    // One pass over the keys (standard names compare without hashing) notes which fixed
+    // names are present; only those are removed, each removal being a hashed lookup. Most
+    // requests carry none, most chunked responses only `transfer-encoding`.
+    let mut present = 0u16;
+    let mut content_length = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        } else if name == header::CONTENT_LENGTH {
+            content_length = true;
+        }
+    }
+    let has = |name: &HeaderName| {
+        HOP_BY_HOP
+            .iter()
+            .position(|hop| hop == name)
+            .is_some_and(|i| present & (1 << i) != 0)
+    };
+    if stale_length && content_length && has(&header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    if has(&header::CONNECTION) {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -48,10 +80,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    // Most messages carry none of the fixed names: one pass over the keys (standard names
-    // compare without hashing) finds out before any removal hashes.
-    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        for name in &HOP_BY_HOP {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
             headers.remove(name);
         }
     }
@@ -104,6 +134,36 @@ mod tests {
         let names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-keep", "set-cookie"]);
         assert_eq!(headers.get_all(header::SET_COOKIE).iter().count(), 2);
+    }
+
+    #[test]
+    fn response_variant_drops_a_stale_content_length_only_with_transfer_encoding() {
+        let mut chunked = HeaderMap::new();
+        chunked.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        chunked.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        chunked.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_response_hop_by_hop(&mut chunked);
+        let names: Vec<&str> = chunked.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["content-type"]);
+
+        let mut sized = HeaderMap::new();
+        sized.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        sized.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        strip_response_hop_by_hop(&mut sized);
+        let names: Vec<&str> = sized.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["content-length"]);
+
+        let mut request = HeaderMap::new();
+        request.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        request.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        strip_hop_by_hop(&mut request);
+        assert!(request.contains_key(header::CONTENT_LENGTH));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use http::{Request, Response, Version};
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::headers::{strip_hop_by_hop, upstream_request_headers};
+use crate::headers::{strip_response_hop_by_hop, upstream_request_headers};
 use crate::service::RuleContext;
 use crate::upstream::UpstreamBody;
 
@@ -30,14 +30,13 @@ pub fn upstream_request(
     parts: Parts,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, ProxyError> {
-    let uri = rule.upstream_uri(&parts.uri)?;
-    let mut request = Request::new(body);
-    *request.method_mut() = parts.method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = parts.headers;
-    upstream_request_headers(request.headers_mut());
-    Ok(request)
+    let mut parts = parts;
+    parts.uri = rule.upstream_uri(&parts.uri)?;
+    parts.version = Version::HTTP_11;
+    // The server's per-request extensions (upgrade handles and the like) stay here.
+    parts.extensions.clear();
+    upstream_request_headers(&mut parts.headers);
+    Ok(Request::from_parts(parts, body))
 }
 
 /// The upstream response with hop-by-hop headers removed and its body relayed under the
@@ -48,12 +47,8 @@ pub fn relay_response(
     idle: std::time::Duration,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
-    // RFC 9112 §6.3: with both framings, Transfer-Encoding decides and Content-Length is
-    // stale; relaying it would make the client stop early at a length that looks complete.
-    if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
-        parts.headers.remove(http::header::CONTENT_LENGTH);
-    }
-    strip_hop_by_hop(&mut parts.headers);
+    // Also drops a Content-Length that Transfer-Encoding makes stale (RFC 9112 §6.3).
+    strip_response_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     Response::from_parts(parts, ProxyBody::upstream(body, idle))
 }

@@ -7,7 +7,7 @@
 //! futures). A local upstream over plain HTTP, the case where the proxy's own cost shows,
 //! needs none of that: a list of idle connections per authority is enough.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,27 @@ const MAX_IDLE_PER_AUTHORITY: usize = 1024;
 /// The pool; cheap to clone.
 #[derive(Clone, Default)]
 pub struct Http1Pool {
-    idle: Arc<Mutex<HashMap<Authority, VecDeque<Pooled>>>>,
+    idle: Arc<Mutex<Vec<Idle>>>,
+}
+
+/// One authority's idle connections and its `host` header value, made once. Entries are
+/// never removed, so an entry's index stays valid for the pool's life.
+struct Idle {
+    authority: Authority,
+    host: HeaderValue,
+    queue: VecDeque<Pooled>,
+}
+
+/// The index of `authority`'s entry. The authorities are the configured upstreams, a
+/// handful, so a scan beats hashing: `Authority` hashes and compares one lowercased byte at
+/// a time. A request's authority is normally a clone of its rule's, sharing its bytes, so
+/// the first pass compares addresses only.
+fn find(entries: &[Idle], authority: &Authority) -> Option<usize> {
+    let text = authority.as_str();
+    entries
+        .iter()
+        .position(|e| std::ptr::eq(e.authority.as_str(), text))
+        .or_else(|| entries.iter().position(|e| e.authority == *authority))
 }
 
 impl std::fmt::Debug for Http1Pool {
@@ -57,10 +77,7 @@ impl Http1Pool {
             .authority()
             .cloned()
             .ok_or("upstream URI without authority")?;
-        if !parts.headers.contains_key(header::HOST) {
-            let host = HeaderValue::from_str(authority.as_str())?;
-            parts.headers.insert(header::HOST, host);
-        }
+        let needs_host = !parts.headers.contains_key(header::HOST);
         // HTTP/1.1 to an origin server: origin-form request target.
         let path = parts
             .uri
@@ -68,55 +85,89 @@ impl Http1Pool {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(path);
+        let (index, host, mut idle) = self.checkout(&authority)?;
+        if needs_host {
+            parts.headers.insert(header::HOST, host);
+        }
         let mut request = Request::from_parts(parts, body);
 
         let mut fresh = false;
         loop {
-            let mut sender = match self.checkout(&authority) {
+            let mut sender = match idle.take() {
                 Some(sender) => sender,
                 None => {
                     fresh = true;
-                    connect(&authority).await?
+                    // Boxed: connecting is rare (once per pooled connection) and its future
+                    // (DNS, TCP, handshake) is large; inline, it would grow every request's
+                    // future, which hyper boxes and moves.
+                    Box::pin(connect(&authority)).await?
                 }
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.checkin(authority, sender);
+                    self.checkin(index, sender);
                     return Ok(response);
                 }
                 Err(mut failed) => match failed.take_message() {
                     // Never sent: the idle connection had been closed by the server.
-                    Some(unsent) if !fresh => request = unsent,
+                    Some(unsent) if !fresh => {
+                        request = unsent;
+                        idle = self.checkout(&authority)?.2;
+                    }
                     _ => return Err(failed.into_error().into()),
                 },
             }
         }
     }
 
-    /// An idle connection that can take a request now; closed and expired ones are dropped.
-    fn checkout(&self, authority: &Authority) -> Option<http1::SendRequest<UpstreamBody>> {
+    /// The authority's entry index and `host` value, and an idle connection that can take a
+    /// request now; closed and expired ones are dropped.
+    #[allow(clippy::type_complexity)]
+    fn checkout(
+        &self,
+        authority: &Authority,
+    ) -> Result<(usize, HeaderValue, Option<http1::SendRequest<UpstreamBody>>), BoxError> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let queue = idle.get_mut(authority)?;
+        let index = match find(&idle, authority) {
+            Some(index) => index,
+            None => {
+                idle.push(Idle {
+                    authority: authority.clone(),
+                    host: HeaderValue::from_str(authority.as_str())?,
+                    queue: VecDeque::new(),
+                });
+                idle.len() - 1
+            }
+        };
+        let entry = &mut idle[index];
+        let host = entry.host.clone();
+        let queue = &mut entry.queue;
         // Each entry is looked at once: busy connections (a response body still streaming)
         // go to the back and stay pooled until their response is done.
         for _ in 0..queue.len() {
-            let pooled = queue.pop_front()?;
+            let Some(pooled) = queue.pop_front() else {
+                break;
+            };
             if pooled.sender.is_closed() || pooled.since.elapsed() > IDLE_LIMIT {
                 continue;
             }
             if pooled.sender.is_ready() {
-                return Some(pooled.sender);
+                return Ok((index, host, Some(pooled.sender)));
             }
             queue.push_back(pooled);
         }
-        None
+        Ok((index, host, None))
     }
 
-    /// Returns a connection right after its response head: it becomes ready for the next
-    /// request once that response's body has been read to the end.
-    fn checkin(&self, authority: Authority, sender: http1::SendRequest<UpstreamBody>) {
+    /// Returns a connection to entry `index` right after its response head: it becomes
+    /// ready for the next request once that response's body has been read to the end.
+    fn checkin(&self, index: usize, sender: http1::SendRequest<UpstreamBody>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let queue = idle.entry(authority).or_default();
+        // The entry exists: `send` checked out (and so created it) first.
+        let Some(entry) = idle.get_mut(index) else {
+            return;
+        };
+        let queue = &mut entry.queue;
         if queue.len() < MAX_IDLE_PER_AUTHORITY {
             queue.push_back(Pooled {
                 sender,

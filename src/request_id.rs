@@ -30,10 +30,28 @@ pub fn ensure(headers: &mut HeaderMap) -> HeaderValue {
         return existing.clone();
     }
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let id = HeaderValue::from_str(&format!("osp-{:08x}{n:012x}", prefix()))
-        .unwrap_or_else(|_| HeaderValue::from_static("osp"));
+    let id = if n >> 48 == 0 {
+        // `osp-{prefix:08x}{n:012x}`, written without the formatting machinery (this runs
+        // on every request without an id).
+        let mut text = *b"osp-00000000000000000000";
+        hex_into(&mut text[4..12], u64::from(prefix()));
+        hex_into(&mut text[12..], n);
+        HeaderValue::from_bytes(&text)
+    } else {
+        HeaderValue::from_str(&format!("osp-{:08x}{n:012x}", prefix()))
+    }
+    .unwrap_or_else(|_| HeaderValue::from_static("osp"));
     headers.insert(X_REQUEST_ID, id.clone());
     id
+}
+
+/// Writes the low `4 * out.len()` bits of `value` into `out` as lowercase hex digits.
+fn hex_into(out: &mut [u8], mut value: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for byte in out.iter_mut().rev() {
+        *byte = DIGITS[(value & 0xf) as usize];
+        value >>= 4;
+    }
 }
 
 #[cfg(test)]
@@ -50,5 +68,11 @@ mod tests {
         assert_ne!(id_a, id_b);
         assert_eq!(a.get(X_REQUEST_ID), Some(&id_a));
         assert!(id_a.to_str().unwrap().starts_with("osp-"));
+        assert_eq!(id_a.len(), 24);
+        let prefix = format!("osp-{:08x}", prefix());
+        assert!(id_b.to_str().unwrap().starts_with(&prefix), "{id_b:?}");
+        assert!(id_b.to_str().unwrap()[prefix.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     }
 }

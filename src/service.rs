@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use crate::access_log::AccessLog;
 use crate::body::ProxyBody;
 use crate::config::RuleOptions;
+use crate::convert::Candidate;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::metrics::PortMetrics;
 use crate::route::{route, Mode, Route};
@@ -63,7 +64,7 @@ impl RuleContext {
         request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let sent = Instant::now();
-        match tokio::time::timeout(self.options.timeout, self.client.request(request)).await {
+        match tokio::time::timeout(self.options.timeout, self.client.send(request)).await {
             Ok(Ok(response)) => {
                 self.metrics.upstream_headers(sent.elapsed().as_secs_f64());
                 Ok(response)
@@ -205,9 +206,25 @@ impl ProxyService {
             Err(e) => Err(e),
             Ok(Route::Passthrough) => passthrough::forward(&rule, parts, body).await,
             Ok(Route::ConvertCandidate(api)) => {
-                // Boxed: the conversion's state machine is large, and keeping it out of
-                // this future keeps every passthrough request's future small.
-                Box::pin(convert::handle(&rule, api, parts, body, &mut log)).await
+                match convert::read_candidate(&rule, api, &parts, body).await {
+                    Err(e) => Err(e),
+                    // Not convertible (`"stream": true`, the common case): forwarded from
+                    // here, without building the conversion's state machine.
+                    Ok(Candidate::Passthrough(original)) => {
+                        passthrough::forward(&rule, parts, UpstreamBody::full(original)).await
+                    }
+                    // Boxed: the conversion's state machine is large, and keeping it out of
+                    // this future keeps every passthrough request's future small.
+                    Ok(Candidate::Convert {
+                        original,
+                        converted,
+                    }) => {
+                        Box::pin(convert::convert(
+                            &rule, api, parts, original, converted, &mut log,
+                        ))
+                        .await
+                    }
+                }
             }
             Ok(Route::WebSocket) => {
                 log.set_mode(Mode::WebSocket);

@@ -421,14 +421,21 @@ impl UpstreamClient {
     }
 
     /// Sends a request; the future resolves at the response head.
-    pub fn request(&self, mut request: Request<UpstreamBody>) -> ResponseFuture {
+    pub fn request(&self, request: Request<UpstreamBody>) -> ResponseFuture {
+        let client = self.clone();
+        Box::pin(async move { client.send(request).await })
+    }
+
+    /// Sends a request and waits for the response head, without boxing the future (the
+    /// proxy's own hot path).
+    pub async fn send(
+        &self,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<http::Response<Incoming>, BoxError> {
         if request.uri().scheme() == Some(&Scheme::HTTP) {
             match self.proxy.intercept(request.uri()) {
                 // Plain HTTP, no proxy: our own kept-alive HTTP/1.1 connections.
-                None => {
-                    let pool = self.http1.clone();
-                    return Box::pin(async move { pool.send(request).await });
-                }
+                None => return self.http1.send(request).await,
                 // A forwarding proxy (plain-http upstream behind HTTP_PROXY) sees every
                 // request, so its credentials travel as a request header; tunnels carry
                 // them in CONNECT instead.
@@ -441,8 +448,7 @@ impl UpstreamClient {
                 }
             }
         }
-        let response = self.client.request(request);
-        Box::pin(async move { response.await.map_err(BoxError::from) })
+        self.client.request(request).await.map_err(BoxError::from)
     }
 }
 

@@ -1090,6 +1090,10 @@ async fn fallbacks_are_logged() {
     .await;
     let proxy = start_proxy(&upstream.url(), options()).await;
     let port = format!("port={}", proxy.addr.port());
+    // Other tests, on other threads without a subscriber, may have been registering the
+    // access-log callsite while `set_default` above rebuilt the interest cache; such a
+    // callsite would keep the "never" interest it computed without this subscriber.
+    tracing::callsite::rebuild_interest_cache();
 
     let (parts, _) = send(post_json(
         &proxy.url("/v1/chat/completions"),

@@ -61,15 +61,64 @@ pub async fn handle(
     body: UpstreamBody,
     log: &mut AccessLog,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    match read_candidate(rule, api, &parts, body).await? {
+        Candidate::Passthrough(original) => {
+            passthrough::forward(rule, parts, UpstreamBody::full(original)).await
+        }
+        Candidate::Convert {
+            original,
+            converted,
+        } => convert(rule, api, parts, original, converted, log).await,
+    }
+}
+
+/// What phases 1 and 2 decided about a candidate.
+#[derive(Debug)]
+pub enum Candidate {
+    /// Not convertible: forward the client's exact bytes.
+    Passthrough(Bytes),
+    /// Convertible: the client's bytes and the rewritten streaming request.
+    Convert {
+        /// The body as the client sent it.
+        original: Bytes,
+        /// The body asking for a stream.
+        converted: Bytes,
+    },
+}
+
+/// Phases 1 and 2: reads the candidate's body within `maxRequestBodyBytes` and decides
+/// whether to convert it. Kept apart from [`convert`] so that a caller can forward the
+/// common non-convertible case (`"stream": true`) without the conversion's large state
+/// machine.
+pub async fn read_candidate(
+    rule: &RuleContext,
+    api: Api,
+    parts: &Parts,
+    body: UpstreamBody,
+) -> Result<Candidate, ProxyError> {
     let limit = rule.options.max_request_body_bytes;
     let original = read_limited(body, &parts.headers, limit).await?;
-    let converted = match decide(api, &original) {
-        BodyDecision::Convert { body } => Bytes::from(body),
+    match decide(api, &original) {
+        BodyDecision::Convert { body } => Ok(Candidate::Convert {
+            original,
+            converted: Bytes::from(body),
+        }),
         BodyDecision::Passthrough { reason } => {
             tracing::debug!(path = %parts.uri.path(), reason, "not converted");
-            return passthrough::forward(rule, parts, UpstreamBody::full(original)).await;
+            Ok(Candidate::Passthrough(original))
         }
-    };
+    }
+}
+
+/// Phases 3 to 5 for a body [`read_candidate`] found convertible.
+pub async fn convert(
+    rule: &Arc<RuleContext>,
+    api: Api,
+    parts: Parts,
+    original: Bytes,
+    converted: Bytes,
+    log: &mut AccessLog,
+) -> Result<Response<ProxyBody>, ProxyError> {
     log.set_mode(Mode::Convert);
     log.set_request_bytes(converted.len() as u64);
 

@@ -147,6 +147,15 @@ pub fn decide(api: Api, body: &[u8]) -> BodyDecision {
         Some(b'{') => {}
         Some(_) => return BodyDecision::passthrough("not a JSON object"),
     }
+    // The common streaming request, decided without the full parse.
+    if plainly_streaming(text) {
+        return BodyDecision::passthrough("stream is not false");
+    }
+    decide_by_parse(api, text)
+}
+
+/// [`decide`] for a UTF-8 body that starts with `{`, by a full parse.
+fn decide_by_parse(api: Api, text: &str) -> BodyDecision {
     let Ok(members) = parse_object(text, 0) else {
         return BodyDecision::passthrough("invalid JSON");
     };
@@ -236,6 +245,95 @@ pub fn without_stream_options(body: &[u8]) -> Option<Vec<u8>> {
 /// JSON insignificant whitespace (RFC 8259 §2).
 fn is_json_whitespace(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// Whether the top-level object (the body starts with `{` after whitespace) has a `model`
+/// member and its last `stream` member is neither `false` nor `null`: for valid JSON, exactly
+/// the bodies [`decide`] passes through as "stream is not false", found by one scan instead
+/// of a full parse. `false` whenever unsure (a key with an escape, an unexpected byte), so
+/// the full parse decides those. Invalid JSON may be answered `true`; it passes through all
+/// the same, only the logged reason differs.
+fn plainly_streaming(text: &str) -> bool {
+    let b = text.as_bytes();
+    let skip_ws = |mut i: usize| {
+        while b.get(i).is_some_and(|&c| is_json_whitespace(c)) {
+            i += 1;
+        }
+        i
+    };
+    let Some(open) = b.iter().position(|&c| c == b'{') else {
+        return false;
+    };
+    let (mut model, mut stream) = (false, None);
+    let mut i = open + 1;
+    loop {
+        i = skip_ws(i);
+        if b.get(i) != Some(&b'"') {
+            return false;
+        }
+        let key_start = i + 1;
+        let Some(len) = memchr::memchr2(b'"', b'\\', &b[key_start..]) else {
+            return false;
+        };
+        let key_end = key_start + len;
+        if b[key_end] != b'"' {
+            return false; // an escaped key: the full parse unescapes it
+        }
+        i = skip_ws(key_end + 1);
+        if b.get(i) != Some(&b':') {
+            return false;
+        }
+        let value_start = skip_ws(i + 1);
+        let mut depth = 0usize;
+        let mut j = value_start;
+        let end = loop {
+            match b.get(j) {
+                None => return false,
+                Some(b'"') => {
+                    // Skip the string, escapes included.
+                    j += 1;
+                    loop {
+                        let Some(n) = memchr::memchr2(b'"', b'\\', &b[j..]) else {
+                            return false;
+                        };
+                        j += n;
+                        if b[j] == b'"' {
+                            break;
+                        }
+                        j += 2;
+                        if j > b.len() {
+                            return false;
+                        }
+                    }
+                }
+                Some(b'{' | b'[') => depth += 1,
+                Some(&c @ (b'}' | b']')) if depth == 0 => {
+                    if c == b']' {
+                        return false;
+                    }
+                    break j;
+                }
+                Some(b'}' | b']') => depth -= 1,
+                Some(b',') if depth == 0 => break j,
+                Some(_) => {}
+            }
+            j += 1;
+        };
+        let mut value_end = end;
+        while value_end > value_start && is_json_whitespace(b[value_end - 1]) {
+            value_end -= 1;
+        }
+        match &b[key_start..key_end] {
+            b"model" => model = true,
+            b"stream" => stream = Some(&b[value_start..value_end]),
+            _ => {}
+        }
+        if b[end] == b'}' {
+            break;
+        }
+        i = end + 1;
+    }
+    model && stream.is_some_and(|v| !v.is_empty() && v != b"false" && v != b"null")
 }
 
 /// The member names this module cares about, recognised after unescaping.
@@ -1105,6 +1203,46 @@ mod tests {
         assert_eq!(
             responses(r#"{"model":"m","stream_options":null}"#),
             r#"{"model":"m","stream_options":null,"stream":true}"#
+        );
+    }
+
+    #[test]
+    fn the_quick_streaming_check_agrees_with_the_full_parse() {
+        let streaming = [
+            r#"{"model":"m","stream":true}"#,
+            r#" { "stream" : 1 , "model" : null } "#,
+            r#"{"model":"m","stream":false,"stream":"yes"}"#,
+            r#"{"model":"m","messages":[{"content":"}\"{[","stream":false}],"stream":{"a":[1]}}"#,
+            r#"{"model":"m","stream":[false]}"#,
+        ];
+        let not_quick = [
+            r#"{"model":"m","stream":false}"#,
+            r#"{"model":"m","stream":null}"#,
+            r#"{"model":"m","stream":true,"stream":false}"#,
+            r#"{"model":"m","messages":[{"stream":true}]}"#,
+            r#"{"model":"m","x":"\"stream\":true"}"#,
+            r#"{"stream":true}"#,
+            r#"{"m\u006fdel":"m","stream":true}"#,
+            r#"{"model":"m","str\u0065am":false,"stream":true}"#,
+            r#"{}"#,
+        ];
+        for body in streaming {
+            assert!(plainly_streaming(body), "{body}");
+            for api in [Api::ChatCompletions, Api::Responses] {
+                assert_eq!(
+                    decide_by_parse(api, body),
+                    BodyDecision::passthrough("stream is not false"),
+                    "{body}"
+                );
+            }
+        }
+        for body in not_quick {
+            assert!(!plainly_streaming(body), "{body}");
+        }
+        // An escaped key is left to the full parse, which unescapes it.
+        assert_eq!(
+            decide(Api::ChatCompletions, br#"{"m\u006fdel":"m","stream":true}"#),
+            BodyDecision::passthrough("stream is not false")
         );
     }
 
