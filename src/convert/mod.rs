@@ -303,25 +303,12 @@ impl Conversion {
             }
             Some(Err(_)) => return Outcome::Relay(response),
         };
-        let max = self.rule.options.max_response_bytes;
         let (mut parts, body) = response.into_parts();
-        let cap = usize::try_from(max).unwrap_or(usize::MAX);
-        let raw = match http_body_util::Limited::new(body, cap).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) => {
-                return Outcome::Failed {
-                    error: self
-                        .stream_error(format!("{} answer could not be read: {e}", parts.status)),
-                    headers: None,
-                }
-            }
-        };
-        let plain = match stream::decode_whole(raw, coding, max).await {
+        let plain = match read_decoded(body, coding, self.rule.options.max_response_bytes).await {
             Ok(plain) => plain,
-            Err(e) => {
+            Err(reason) => {
                 return Outcome::Failed {
-                    error: self
-                        .stream_error(format!("{} answer could not be decoded: {e}", parts.status)),
+                    error: self.stream_error(format!("{} answer {reason}", parts.status)),
                     headers: None,
                 }
             }
@@ -630,16 +617,6 @@ async fn committed_relay(
         (error.envelope(), error.upstream_kind())
     };
     let (parts, body) = response.into_parts();
-    let cap = usize::try_from(late.max_bytes).unwrap_or(usize::MAX);
-    let raw = match http_body_util::Limited::new(body, cap).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            return failed(format!(
-                "late {} answer could not be read: {e}",
-                parts.status
-            ))
-        }
-    };
     let encoding = parts
         .headers
         .get(header::CONTENT_ENCODING)
@@ -651,9 +628,9 @@ async fn committed_relay(
             encoding.unwrap_or("")
         ));
     };
-    let plain = match stream::decode_whole(raw, coding, late.max_bytes).await {
+    let plain = match read_decoded(body, coding, late.max_bytes).await {
         Ok(plain) => plain,
-        Err(e) => return failed(format!("late {} answer: {e}", parts.status)),
+        Err(reason) => return failed(format!("late {} answer {reason}", parts.status)),
     };
     if serde_json::from_slice::<serde::de::IgnoredAny>(&plain).is_err() {
         let shown = String::from_utf8_lossy(&plain[..plain.len().min(200)]).into_owned();
@@ -664,6 +641,20 @@ async fn committed_relay(
         return (envelope, None);
     }
     (plain, None)
+}
+
+/// A relayed body read whole and decoded from `coding`, at most `max` bytes before and after
+/// decoding; the error completes "… answer" in a message.
+async fn read_decoded(body: ProxyBody, coding: Coding, max: u64) -> Result<Bytes, String> {
+    let cap = usize::try_from(max).unwrap_or(usize::MAX);
+    let raw = http_body_util::Limited::new(body, cap)
+        .collect()
+        .await
+        .map_err(|e| format!("could not be read: {e}"))?
+        .to_bytes();
+    stream::decode_whole(raw, coding, max)
+        .await
+        .map_err(|e| format!("could not be decoded: {e}"))
 }
 
 fn summary(aggregate: &Aggregate, fallback: Option<&'static str>) -> ConvertSummary {
@@ -769,32 +760,12 @@ async fn read_capped(
     idle: Duration,
     upstream: &str,
 ) -> Result<Bytes, ProxyError> {
-    let mut body = std::pin::pin!(body);
-    let mut collected = BytesMut::new();
-    loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => {
-                return Err(ProxyError::UpstreamTimeout {
-                    upstream: upstream.to_owned(),
-                    seconds: idle.as_secs(),
-                })
-            }
-            Ok(None) => return Ok(collected.freeze()),
-            Ok(Some(frame)) => frame,
-        };
-        let frame = frame.map_err(|e| ProxyError::UpstreamStream {
+    match read_prefix(body, cap, idle, upstream).await? {
+        Peek::Whole(body) => Ok(body),
+        Peek::Partial(..) => Err(ProxyError::UpstreamStream {
             upstream: upstream.to_owned(),
-            reason: crate::service::error_chain(&e),
-        })?;
-        if let Some(data) = frame.data_ref() {
-            if collected.len() as u64 + data.len() as u64 > cap {
-                return Err(ProxyError::UpstreamStream {
-                    upstream: upstream.to_owned(),
-                    reason: format!("response is larger than {cap} bytes"),
-                });
-            }
-            collected.extend_from_slice(data);
-        }
+            reason: format!("response is larger than {cap} bytes"),
+        }),
     }
 }
 
