@@ -3,51 +3,10 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use http::Request;
 use http_body_util::Full;
+use support::log_capture::LogCapture;
 use support::*;
-use tokio::sync::Notify;
-
-#[derive(Clone, Default)]
-struct Captured {
-    text: Arc<Mutex<Vec<u8>>>,
-    written: Arc<Notify>,
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.text.lock().unwrap().extend_from_slice(buf);
-        self.written.notify_waiters();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    /// Waits until a captured line contains every needle; returns that line.
-    async fn line_with(&self, needles: &[&str]) -> String {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let notified = self.written.notified();
-            let text = String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned();
-            if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-                return line.to_owned();
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("no log line with {needles:?} in:\n{text}");
-            }
-        }
-    }
-
-    fn all(&self) -> String {
-        String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned()
-    }
-}
 
 const STREAM: &str = concat!(
     "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\n",
@@ -57,14 +16,8 @@ const STREAM: &str = concat!(
 
 #[tokio::test(flavor = "current_thread")]
 async fn each_request_logs_one_line_with_mode_status_and_tokens_but_no_secrets() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = LogCapture::default();
+    let _guard = captured.install();
     // Other tests of this binary log from their own threads meanwhile: a callsite they
     // registered while this thread's subscriber was being set may have cached "never";
     // recompute every cached interest now that it is set.

@@ -1023,52 +1023,10 @@ async fn get_and_text_plain_posts_on_chat_completions_pass_through_exactly() {
     }
 }
 
-/// Log lines written while a test runs (on a current-thread runtime, so the proxy's tasks
-/// log to the thread-local subscriber).
-#[derive(Clone, Default)]
-struct LogLines {
-    text: Arc<Mutex<Vec<u8>>>,
-    written: Arc<tokio::sync::Notify>,
-}
-
-impl std::io::Write for LogLines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.text.lock().unwrap().extend_from_slice(buf);
-        self.written.notify_waiters();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogLines {
-    /// Waits (bounded) for a line holding every needle.
-    async fn line_with(&self, needles: &[&str]) -> String {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let notified = self.written.notified();
-            let text = String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned();
-            if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-                return line.to_owned();
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("no log line with {needles:?} in:\n{text}");
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn fallbacks_are_logged() {
-    let lines = LogLines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let lines = support::log_capture::LogCapture::default();
+    let _guard = lines.install();
 
     let upstream = MockUpstream::start(|r| {
         let body: Value = serde_json::from_slice(&r.body).unwrap();

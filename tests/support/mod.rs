@@ -402,3 +402,4 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
 pub mod daemon;
 #[cfg(target_os = "linux")]
 pub mod limits;
+pub mod log_capture;
