@@ -869,6 +869,16 @@ async fn late_attempt(port: u16) -> Result<Late, String> {
     let stream = match TcpStream::connect(local(port)).await {
         Ok(stream) => stream,
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(Late::Refused),
+        // The handshake raced the listener's close: the kernel reset a connection that no
+        // one had accepted. Nothing was sent, so this is "closed before any byte".
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+            ) =>
+        {
+            return Ok(Late::Closed)
+        }
         Err(e) => return Err(format!("connect: {e}")),
     };
     let Ok((mut sender, connection)) =
