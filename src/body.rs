@@ -10,9 +10,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::upstream::UpstreamIncoming;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
@@ -41,7 +41,7 @@ pin_project! {
         Upstream {
             prefix: Option<Bytes>,
             #[pin]
-            body: Incoming,
+            body: UpstreamIncoming,
             #[pin]
             idle: IdleTimer,
         },
@@ -80,13 +80,13 @@ impl ProxyBody {
     }
 
     /// Relays an upstream body; `idle` bounds the silence between two frames (D13).
-    pub fn upstream(body: Incoming, idle: Duration) -> Self {
+    pub fn upstream(body: UpstreamIncoming, idle: Duration) -> Self {
         ProxyBody::upstream_after(Bytes::new(), body, idle)
     }
 
     /// Relays an upstream body of which `prefix` was already read (to look inside it), so
     /// the client gets the prefix followed by the rest, unchanged.
-    pub fn upstream_after(prefix: Bytes, body: Incoming, idle: Duration) -> Self {
+    pub fn upstream_after(prefix: Bytes, body: UpstreamIncoming, idle: Duration) -> Self {
         ProxyBody {
             kind: Kind::Upstream {
                 prefix: (!prefix.is_empty()).then_some(prefix),

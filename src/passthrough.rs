@@ -11,7 +11,7 @@ use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::headers::{strip_response_hop_by_hop, upstream_request_headers};
 use crate::service::RuleContext;
-use crate::upstream::UpstreamBody;
+use crate::upstream::{UpstreamBody, UpstreamIncoming};
 
 /// Sends the request upstream and relays the response head; the body follows as it arrives.
 pub async fn forward(
@@ -43,7 +43,7 @@ pub fn upstream_request(
 /// idle timeout. Status, every other header (repeated ones kept) and `content-encoding`
 /// pass unchanged: a gzip body stays gzip, byte for byte.
 pub fn relay_response(
-    response: Response<hyper::body::Incoming>,
+    response: Response<UpstreamIncoming>,
     idle: std::time::Duration,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();

@@ -1,18 +1,34 @@
 //! Kept-alive HTTP/1.1 connections to plain-`http` upstreams, driven by hyper's low-level
-//! client connection.
+//! client connection in the task that reads their response.
 //!
 //! Measured with callgrind on a 20-event streaming request, the general pooled client
 //! (hyper-util's, which the TLS, HTTP/2 and proxy paths keep using) spends a large share of
 //! each request on its generic pool (hashing pool keys, connector futures, boxed request
 //! futures). A local upstream over plain HTTP, the case where the proxy's own cost shows,
 //! needs none of that: a list of idle connections per authority is enough.
+//!
+//! No connection has a task of its own. A spawned connection task decodes each chunk and
+//! hands it to the response body through a one-slot channel, so every SSE event woke two
+//! tasks in turn. Here the [`UpstreamIncoming`] body polls its connection itself before it
+//! waits: the chunks already read are decoded and relayed in one poll of the task that
+//! serves the client, and the end of the body is seen in the same poll as its last data.
+//! Idle connections are polled by no one; a check on checkout and a periodic sweep drop
+//! those the upstream has closed.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::uri::{Authority, PathAndQuery};
 use http::{header, HeaderValue, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -26,10 +42,28 @@ const IDLE_LIMIT: Duration = Duration::from_secs(90);
 /// Idle connections kept per authority, at most.
 const MAX_IDLE_PER_AUTHORITY: usize = 1024;
 
+/// How long [`UpstreamIncoming::drain_for_reuse`] waits for the end of a body, and how many
+/// bytes it reads, before it gives the connection up.
+const DRAIN_WAIT: Duration = Duration::from_secs(1);
+const DRAIN_LIMIT: usize = 16 * 1024;
+
+/// How often idle connections are checked for a close by the upstream, so that sockets the
+/// upstream has closed do not linger until the next request.
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
+
+type Connection = http1::Connection<TokioIo<TcpStream>, UpstreamBody>;
+
 /// The pool; cheap to clone.
 #[derive(Clone, Default)]
 pub struct Http1Pool {
-    idle: Arc<Mutex<Vec<Idle>>>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    idle: Mutex<Vec<Idle>>,
+    /// Set once the sweeping task runs.
+    sweeping: std::sync::atomic::AtomicBool,
 }
 
 /// One authority's idle connections and its `host` header value, made once. Entries are
@@ -37,7 +71,8 @@ pub struct Http1Pool {
 struct Idle {
     authority: Authority,
     host: HeaderValue,
-    queue: VecDeque<Pooled>,
+    /// Most recently used at the back: reuse takes from the back, expiry trims the front.
+    queue: VecDeque<Box<Pooled>>,
 }
 
 /// The index of `authority`'s entry. The authorities are the configured upstreams, a
@@ -58,9 +93,55 @@ impl std::fmt::Debug for Http1Pool {
     }
 }
 
+/// A connection with its request handle. Boxed wherever it goes, so that moving a lease
+/// through futures and bodies moves a pointer, not hyper's connection state.
 struct Pooled {
     sender: http1::SendRequest<UpstreamBody>,
+    connection: Connection,
+    /// When it was last returned to the pool.
     since: Instant,
+    /// The waker the connection is always polled with, and what it records.
+    signal: Arc<Signal>,
+    waker: Waker,
+}
+
+/// Records that the connection was woken, so that a body poll drives the connection only
+/// when it may have progressed: driving it costs a pass over hyper's whole client state
+/// machine, and a server polls a body several times per frame.
+///
+/// A wake while the body is being polled (the body taking a frame wakes the connection,
+/// which now has room for the next) only sets the flag: the poll looks at it before it
+/// returns. Other wakes (the socket is readable) also wake the task.
+#[derive(Default)]
+struct Signal {
+    woken: AtomicBool,
+    polling: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Signal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        if !self.polling.load(Ordering::SeqCst) {
+            self.task.wake();
+        }
+    }
+}
+
+impl Pooled {
+    /// Polls an idle connection once, without waiting: `false` once the upstream has
+    /// closed it (or sent bytes no request asked for) or it cannot take a request.
+    fn reusable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(&mut self.connection).poll(&mut cx) {
+            Poll::Ready(_) => false,
+            Poll::Pending => self.sender.is_ready() && self.since.elapsed() <= IDLE_LIMIT,
+        }
+    }
 }
 
 impl Http1Pool {
@@ -70,7 +151,7 @@ impl Http1Pool {
     pub async fn send(
         &self,
         request: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, BoxError> {
+    ) -> Result<Response<UpstreamIncoming>, BoxError> {
         let (mut parts, body) = request.into_parts();
         let authority = parts
             .uri
@@ -85,16 +166,16 @@ impl Http1Pool {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(path);
-        let (index, host, mut idle) = self.checkout(&authority)?;
+        let (index, host, mut idle) = self.checkout(&authority);
         if needs_host {
-            parts.headers.insert(header::HOST, host);
+            parts.headers.insert(header::HOST, host?);
         }
         let mut request = Request::from_parts(parts, body);
 
         let mut fresh = false;
         loop {
-            let mut sender = match idle.take() {
-                Some(sender) => sender,
+            let mut pooled = match idle.take() {
+                Some(pooled) => pooled,
                 None => {
                     fresh = true;
                     // Boxed: connecting is rare (once per pooled connection) and its future
@@ -103,16 +184,50 @@ impl Http1Pool {
                     Box::pin(connect(&authority)).await?
                 }
             };
-            match sender.try_send_request(request).await {
+            let mut head = std::pin::pin!(pooled.sender.try_send_request(request));
+            let mut lease = Some(pooled);
+            // The connection writes the request and reads the head only while polled.
+            let outcome = poll_fn(|cx| {
+                let Some(pooled) = lease.as_mut() else {
+                    return head.as_mut().poll(cx);
+                };
+                pooled.signal.task.register(cx.waker());
+                pooled.signal.woken.store(false, Ordering::SeqCst);
+                let mut own = Context::from_waker(&pooled.waker);
+                if Pin::new(&mut pooled.connection).poll(&mut own).is_ready() {
+                    // Ended (closed or failed): dropping it answers a request it still
+                    // holds, so `head` cannot wait forever.
+                    lease = None;
+                    return head.as_mut().poll(cx);
+                }
+                // Only the connection answers `head`, while polled here: its waker need not
+                // schedule the task again.
+                head.as_mut().poll(&mut own)
+            })
+            .await;
+            match outcome {
                 Ok(response) => {
-                    self.checkin(index, sender);
-                    return Ok(response);
+                    if let Some(pooled) = &lease {
+                        // The first body poll drives the connection: the body may be
+                        // waiting in its buffer already.
+                        pooled.signal.woken.store(true, Ordering::SeqCst);
+                    }
+                    let lease = lease.map(|pooled| Lease {
+                        pooled,
+                        pool: self.clone(),
+                        index,
+                    });
+                    return Ok(response.map(|body| UpstreamIncoming {
+                        body,
+                        lease,
+                        failed: None,
+                    }));
                 }
                 Err(mut failed) => match failed.take_message() {
                     // Never sent: the idle connection had been closed by the server.
                     Some(unsent) if !fresh => {
                         request = unsent;
-                        idle = self.checkout(&authority)?.2;
+                        idle = self.checkout(&authority).2;
                     }
                     _ => return Err(failed.into_error().into()),
                 },
@@ -126,58 +241,276 @@ impl Http1Pool {
     fn checkout(
         &self,
         authority: &Authority,
-    ) -> Result<(usize, HeaderValue, Option<http1::SendRequest<UpstreamBody>>), BoxError> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+    ) -> (usize, Result<HeaderValue, BoxError>, Option<Box<Pooled>>) {
+        let mut idle = self.shared.idle.lock().unwrap_or_else(|p| p.into_inner());
         let index = match find(&idle, authority) {
             Some(index) => index,
             None => {
+                let host = match HeaderValue::from_str(authority.as_str()) {
+                    Ok(host) => host,
+                    Err(e) => return (usize::MAX, Err(e.into()), None),
+                };
                 idle.push(Idle {
                     authority: authority.clone(),
-                    host: HeaderValue::from_str(authority.as_str())?,
+                    host,
                     queue: VecDeque::new(),
                 });
                 idle.len() - 1
             }
         };
         let entry = &mut idle[index];
-        let host = entry.host.clone();
-        let queue = &mut entry.queue;
-        // Each entry is looked at once: busy connections (a response body still streaming)
-        // go to the back and stay pooled until their response is done.
-        for _ in 0..queue.len() {
-            let Some(pooled) = queue.pop_front() else {
-                break;
-            };
-            if pooled.sender.is_closed() || pooled.since.elapsed() > IDLE_LIMIT {
-                continue;
+        let host = Ok(entry.host.clone());
+        // Bounded: each connection is looked at once, and those found closed are dropped.
+        while let Some(mut pooled) = entry.queue.pop_back() {
+            if pooled.reusable() {
+                return (index, host, Some(pooled));
             }
-            if pooled.sender.is_ready() {
-                return Ok((index, host, Some(pooled.sender)));
-            }
-            queue.push_back(pooled);
         }
-        Ok((index, host, None))
+        (index, host, None)
     }
 
-    /// Returns a connection to entry `index` right after its response head: it becomes
-    /// ready for the next request once that response's body has been read to the end.
-    fn checkin(&self, index: usize, sender: http1::SendRequest<UpstreamBody>) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+    /// Returns a connection whose response was read to its end.
+    fn checkin(&self, index: usize, mut pooled: Box<Pooled>) {
+        pooled.since = Instant::now();
+        // The last reader's task waker would keep that finished task's memory alive.
+        drop(pooled.signal.task.take());
+        if !pooled.reusable() {
+            return;
+        }
+        let mut idle = self.shared.idle.lock().unwrap_or_else(|p| p.into_inner());
         // The entry exists: `send` checked out (and so created it) first.
         let Some(entry) = idle.get_mut(index) else {
             return;
         };
         let queue = &mut entry.queue;
+        while queue
+            .front()
+            .is_some_and(|oldest| oldest.since.elapsed() > IDLE_LIMIT)
+        {
+            queue.pop_front();
+        }
         if queue.len() < MAX_IDLE_PER_AUTHORITY {
-            queue.push_back(Pooled {
-                sender,
-                since: Instant::now(),
-            });
+            queue.push_back(pooled);
+        }
+        drop(idle);
+        self.sweep_from_now_on();
+    }
+
+    /// Starts the task that drops idle connections the upstream has closed or that expired
+    /// (once per pool, inside a tokio runtime; it ends with the pool).
+    fn sweep_from_now_on(&self) {
+        if self.shared.sweeping.load(Ordering::Relaxed)
+            || self.shared.sweeping.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.shared.sweeping.store(false, Ordering::Relaxed);
+            return;
+        };
+        let shared: Weak<Shared> = Arc::downgrade(&self.shared);
+        runtime.spawn(async move {
+            let mut every = tokio::time::interval(SWEEP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
+                for entry in idle.iter_mut() {
+                    entry.queue.retain_mut(|pooled| pooled.reusable());
+                }
+            }
+        });
+    }
+}
+
+/// A connection lent to one response: it goes back to the pool when the body has been read
+/// to its end, and is closed with the body otherwise.
+struct Lease {
+    pooled: Box<Pooled>,
+    pool: Http1Pool,
+    index: usize,
+}
+
+/// An upstream response body. On the pool's own connections it also drives the connection
+/// that carries it (see the module doc); on others it is hyper's body as it is.
+#[derive(Debug)]
+pub struct UpstreamIncoming {
+    body: Incoming,
+    lease: Option<Lease>,
+    /// An error held back for one poll (see `poll_frame`).
+    failed: Option<hyper::Error>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lease")
+    }
+}
+
+impl From<Incoming> for UpstreamIncoming {
+    /// A body whose connection runs elsewhere (hyper-util's client, a WebSocket handshake).
+    fn from(body: Incoming) -> Self {
+        UpstreamIncoming {
+            body,
+            lease: None,
+            failed: None,
         }
     }
 }
 
-async fn connect(authority: &Authority) -> Result<http1::SendRequest<UpstreamBody>, BoxError> {
+impl UpstreamIncoming {
+    /// For a reader that stops at a terminal event (`[DONE]`, `response.completed`) one
+    /// chunk before the body's end: reads the rest, so that the connection can serve again
+    /// rather than be closed with the body. What has already arrived is read at once;
+    /// otherwise a task waits a little for the end, reading no more than a few KiB.
+    pub fn drain_for_reuse(mut self) {
+        if self.lease.is_none() {
+            return;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        // A few frames at most: a well-formed stream has nothing but its terminator left.
+        for _ in 0..4 {
+            match Pin::new(&mut self).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(None) | Poll::Ready(Some(Err(_))) => return,
+                Poll::Pending if self.lease.is_none() => return,
+                Poll::Pending => break,
+            }
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let mut left = DRAIN_LIMIT;
+            let drained = async {
+                while let Some(Ok(frame)) = self.frame().await {
+                    let len = frame.data_ref().map_or(0, Bytes::len);
+                    match left.checked_sub(len) {
+                        Some(rest) => left = rest,
+                        None => return,
+                    }
+                }
+            };
+            // Dropped unfinished on timeout: the connection is closed, as before.
+            let _ = tokio::time::timeout(DRAIN_WAIT, drained).await;
+        });
+    }
+
+    /// Returns the connection to the pool, if there is one and it can serve again.
+    fn release(&mut self) {
+        if let Some(Lease {
+            pooled,
+            pool,
+            index,
+        }) = self.lease.take()
+        {
+            pool.checkin(index, pooled);
+        }
+    }
+}
+
+impl Body for UpstreamIncoming {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(failed) = this.failed.take() {
+            return Poll::Ready(Some(Err(failed)));
+        }
+        let polled = match this.lease.as_mut() {
+            None => Pin::new(&mut this.body).poll_frame(cx),
+            Some(lease) => {
+                let (polled, ended) = drive(&mut this.body, &mut lease.pooled, cx);
+                if ended {
+                    this.lease = None;
+                }
+                polled
+            }
+        };
+        match polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
+            // The frames decoded before the error in this same poll are still in the
+            // server's write buffer (or an HTTP/2 stream's send queue, which a reset
+            // discards). Failing after a yield lets them reach the client first, as they
+            // did when the error came from another task.
+            Poll::Ready(Some(Err(e))) => {
+                this.lease = None;
+                this.failed = Some(e);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// What a body poll returns.
+type PolledFrame = Poll<Option<Result<Frame<Bytes>, hyper::Error>>>;
+
+/// Polls `body`, driving its connection whenever that was woken, until a frame is ready or
+/// nothing more can happen now. `true` with the result once the connection has ended.
+fn drive(
+    body: &mut Incoming,
+    pooled: &mut Pooled,
+    cx: &mut Context<'_>,
+) -> (PolledFrame, bool) {
+    /// Connection passes per body poll before yielding to other tasks.
+    const BUDGET: usize = 32;
+    let signal = &*pooled.signal;
+    signal.task.register(cx.waker());
+    signal.polling.store(true, Ordering::SeqCst);
+    // The body is polled with the connection's waker too: only the connection fills it,
+    // during these polls, so a frame arriving must not schedule the task once more.
+    let mut own = Context::from_waker(&pooled.waker);
+    let mut ended = false;
+    let mut passes = 0;
+    let polled = loop {
+        let polled = Pin::new(&mut *body).poll_frame(&mut own);
+        if polled.is_ready() || ended {
+            break polled;
+        }
+        if signal.woken.swap(false, Ordering::SeqCst) {
+            if passes == BUDGET {
+                // Still progressing without a frame: let other tasks run, then go on.
+                signal.woken.store(true, Ordering::SeqCst);
+                cx.waker().wake_by_ref();
+                break polled;
+            }
+            passes += 1;
+            ended = Pin::new(&mut pooled.connection).poll(&mut own).is_ready();
+            continue;
+        }
+        signal.polling.store(false, Ordering::SeqCst);
+        // A wake between the check above and clearing `polling` did not wake the task.
+        if signal.woken.load(Ordering::SeqCst) {
+            signal.polling.store(true, Ordering::SeqCst);
+            continue;
+        }
+        break polled;
+    };
+    signal.polling.store(false, Ordering::SeqCst);
+    (polled, ended)
+}
+
+async fn connect(authority: &Authority) -> Result<Box<Pooled>, BoxError> {
     let port = authority.port_u16().unwrap_or(80);
     let host = authority
         .host()
@@ -188,10 +521,12 @@ async fn connect(authority: &Authority) -> Result<http1::SendRequest<UpstreamBod
         .map_err(|e| format!("tcp connect error: {e}"))?;
     stream.set_nodelay(true)?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
+    let signal = Arc::new(Signal::default());
+    Ok(Box::new(Pooled {
+        sender,
+        connection,
+        since: Instant::now(),
+        waker: Waker::from(signal.clone()),
+        signal,
+    }))
 }

@@ -13,11 +13,11 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use crate::upstream::UpstreamIncoming;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::access_log::AccessLog;
 use crate::body::ProxyBody;
@@ -62,7 +62,7 @@ impl RuleContext {
     pub async fn send(
         &self,
         request: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamIncoming>, ProxyError> {
         let sent = Instant::now();
         match tokio::time::timeout(self.options.timeout, self.client.send(request)).await {
             Ok(Ok(response)) => {
@@ -251,12 +251,12 @@ impl ProxyService {
 
 type HandleFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
-impl hyper::service::Service<Request<Incoming>> for ProxyService {
+impl hyper::service::Service<Request<hyper::body::Incoming>> for ProxyService {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
     type Future = HandleFuture;
 
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
+    fn call(&self, request: Request<hyper::body::Incoming>) -> Self::Future {
         let service = self.clone();
         Box::pin(async move {
             let request = request.map(UpstreamBody::incoming);

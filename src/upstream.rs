@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use crate::pool::Http1Pool;
+pub use crate::pool::UpstreamIncoming;
 
 /// Errors crossing body and connector boundaries.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -335,7 +336,7 @@ type Connector = hyper_rustls::HttpsConnector<ProxyConnector>;
 
 /// A response head on its way.
 pub type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<http::Response<Incoming>, BoxError>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<http::Response<UpstreamIncoming>, BoxError>> + Send>>;
 
 /// The transport under an upstream WebSocket session.
 pub type WebSocketTransport = hyper_rustls::MaybeHttpsStream<ProxiedStream>;
@@ -431,7 +432,7 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         mut request: Request<UpstreamBody>,
-    ) -> Result<http::Response<Incoming>, BoxError> {
+    ) -> Result<http::Response<UpstreamIncoming>, BoxError> {
         if request.uri().scheme() == Some(&Scheme::HTTP) {
             match self.proxy.intercept(request.uri()) {
                 // Plain HTTP, no proxy: our own kept-alive HTTP/1.1 connections.
@@ -448,7 +449,8 @@ impl UpstreamClient {
                 }
             }
         }
-        self.client.request(request).await.map_err(BoxError::from)
+        let response = self.client.request(request).await?;
+        Ok(response.map(UpstreamIncoming::from))
     }
 }
 

@@ -332,7 +332,7 @@ fn relay_refusal(refusal: Response<Incoming>, idle: Duration) -> Response<ProxyB
         parts.headers.remove(name);
     }
     parts.version = http::Version::HTTP_11;
-    Response::from_parts(parts, ProxyBody::upstream(body, idle))
+    Response::from_parts(parts, ProxyBody::upstream(body.into(), idle))
 }
 
 /// Buffers sized for many idle sessions: small read buffers that grow on demand, no write

@@ -119,6 +119,48 @@ async fn responses_request_gets_stream_true_only_and_the_completed_object() {
     );
 }
 
+/// A conversion stops reading at `[DONE]` / `response.completed`, one chunk before the
+/// body's end; the proxy still reads that end, so the upstream connection serves again.
+#[tokio::test]
+async fn conversions_leave_their_upstream_connection_reusable() {
+    let chat: Vec<&'static str> = CHAT_STREAM.split_inclusive("\n\n").collect();
+    let responses: Vec<&'static str> = RESPONSES_STREAM.split_inclusive("\n\n").collect();
+    let upstream = MockUpstream::start(move |req| {
+        let parts = if req.uri.path().ends_with("/responses") {
+            &responses
+        } else {
+            &chat
+        };
+        response(
+            200,
+            &[("content-type", "text/event-stream")],
+            chunked(parts),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    for i in 0..6 {
+        let (path, body) = if i % 2 == 0 {
+            ("/v1/chat/completions", r#"{"model":"m","messages":[]}"#)
+        } else {
+            ("/v1/responses", r#"{"model":"m","input":"hi"}"#)
+        };
+        let (parts, got) = send(post_json(&proxy.url(path), body)).await;
+        assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+        let got: Value = serde_json::from_slice(&got).unwrap();
+        assert!(got["usage"]["total_tokens"] == 5, "{got}");
+    }
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 6);
+    let peers: std::collections::HashSet<_> = requests.iter().map(|r| r.peer).collect();
+    assert_eq!(
+        peers.len(),
+        1,
+        "6 conversions opened {} upstream connections",
+        peers.len()
+    );
+}
+
 #[tokio::test]
 async fn not_convertible_bodies_pass_through_with_the_exact_bytes() {
     let upstream = MockUpstream::start(|r| {

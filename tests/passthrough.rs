@@ -623,6 +623,45 @@ async fn upstream_connections_are_reused() {
     );
 }
 
+/// A chunked event stream relayed to its end leaves its upstream connection ready for the
+/// next request (the relaying task drives that connection itself).
+#[tokio::test]
+async fn upstream_connections_are_reused_after_chunked_event_streams() {
+    const EVENTS: [&str; 3] = [
+        "data: {\"n\":1}\n\n",
+        "data: {\"n\":2}\n\n",
+        "data: [DONE]\n\n",
+    ];
+    let upstream = MockUpstream::start(|_| {
+        response(
+            200,
+            &[("content-type", "text/event-stream")],
+            chunked(&EVENTS),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    for _ in 0..5 {
+        let (parts, body) = send(post_json(
+            &proxy.url("/v1/chat/completions"),
+            r#"{"model":"m","stream":true}"#,
+        ))
+        .await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(parts.headers["transfer-encoding"], "chunked");
+        assert_eq!(&body[..], EVENTS.concat().as_bytes());
+    }
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 5);
+    let peers: std::collections::HashSet<_> = requests.iter().map(|r| r.peer).collect();
+    assert_eq!(
+        peers.len(),
+        1,
+        "5 streams opened {} upstream connections",
+        peers.len()
+    );
+}
+
 #[tokio::test]
 async fn a_kept_alive_connection_the_upstream_closed_is_not_reused() {
     // Each connection answers one request without `connection: close`, then closes:

@@ -78,7 +78,14 @@ impl ChatAccumulator {
             self.done = true;
             return Ok(Flow::Finished);
         }
-        let chunk: ChunkDe<'_> = serde_json::from_slice(data).map_err(|e| {
+        // Validated as UTF-8 once: a `RawValue` borrowed from bytes is validated again by
+        // serde_json, one pass per captured member, and from a `str` it is not. Invalid
+        // UTF-8 takes the bytes path only to get serde_json's own error.
+        let parsed = match std::str::from_utf8(data) {
+            Ok(text) => serde_json::from_str::<ChunkDe<'_>>(text),
+            Err(_) => serde_json::from_slice::<ChunkDe<'_>>(data),
+        };
+        let chunk = parsed.map_err(|e| {
             // Valid JSON of the wrong shape (not an object, `choices` not an array, …) is
             // malformed; anything else is a corrupt stream.
             if e.is_data() {

@@ -25,12 +25,12 @@ pub mod stream;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::upstream::UpstreamIncoming;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 use self::outcome::{Aggregate, AggregateError};
@@ -427,7 +427,7 @@ impl Conversion {
 
     async fn aggregate_response(
         &self,
-        response: Response<Incoming>,
+        response: Response<UpstreamIncoming>,
         fallback: Option<&'static str>,
     ) -> Outcome {
         let rule = &*self.rule;
@@ -699,14 +699,14 @@ fn full_response(mut parts: http::response::Parts, body: Bytes) -> Response<Prox
 /// An upstream body read up to a cap: whole, or the bytes read so far and the rest.
 enum Peek {
     Whole(Bytes),
-    Partial(Bytes, Incoming),
+    Partial(Bytes, UpstreamIncoming),
 }
 
 /// Reads an upstream body whole when it holds at most `cap` bytes; past that, stops and
 /// hands back what was read (the last frame included) with the unread rest, so the caller
 /// can still relay the body unchanged.
 async fn read_prefix(
-    mut body: Incoming,
+    mut body: UpstreamIncoming,
     cap: u64,
     idle: Duration,
     upstream: &str,
@@ -741,7 +741,7 @@ async fn read_prefix(
 fn relay_after(
     mut parts: http::response::Parts,
     prefix: Bytes,
-    rest: Incoming,
+    rest: UpstreamIncoming,
     idle: Duration,
 ) -> Response<ProxyBody> {
     // RFC 9112 §6.3: with both framings, Transfer-Encoding decides and Content-Length is stale.
@@ -755,7 +755,7 @@ fn relay_after(
 
 /// Reads an upstream body whole, up to `cap` bytes, under the idle timeout.
 async fn read_capped(
-    body: Incoming,
+    body: UpstreamIncoming,
     cap: u64,
     idle: Duration,
     upstream: &str,
@@ -772,7 +772,7 @@ async fn read_capped(
 /// Reads until the first non-whitespace bytes tell whether the body is an event stream
 /// (optional BOM and whitespace, then `data:`, `event:`, `id:`, `retry:` or `:`).
 async fn sniff(
-    body: &mut Incoming,
+    body: &mut UpstreamIncoming,
     idle: Duration,
     upstream: &str,
 ) -> Result<(Bytes, bool), ProxyError> {

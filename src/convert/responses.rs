@@ -600,7 +600,12 @@ fn malformed(what: String) -> AggregateError {
 /// Parses one event's data, telling a corrupt stream (invalid JSON → `InvalidJson`) apart from
 /// valid JSON of the wrong shape (not an object → `Malformed`, B58).
 fn parse_event(data: &[u8]) -> Result<Event<'_>, AggregateError> {
-    match serde_json::from_slice::<Event<'_>>(data) {
+    // Validated as UTF-8 once (see `ChatAccumulator::push`).
+    let parsed = match std::str::from_utf8(data) {
+        Ok(text) => serde_json::from_str::<Event<'_>>(text),
+        Err(_) => serde_json::from_slice::<Event<'_>>(data),
+    };
+    match parsed {
         Ok(event) => Ok(event),
         Err(e) if e.is_data() => {
             // The visitor only rejects a non-object; check the rest is JSON at all (this path

@@ -7,12 +7,12 @@ use std::ops::ControlFlow;
 use std::pin::{pin, Pin};
 use std::time::Duration;
 
+use crate::upstream::UpstreamIncoming;
 use async_compression::tokio::bufread::{
     BrotliDecoder, DeflateDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder,
 };
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::io::StreamReader;
 
@@ -164,7 +164,7 @@ pub struct StreamLimits {
 /// were read while sniffing, into `accumulator`.
 pub async fn aggregate(
     prefix: Bytes,
-    body: Incoming,
+    body: UpstreamIncoming,
     coding: Coding,
     mut accumulator: Accumulator,
     limits: StreamLimits,
@@ -227,11 +227,15 @@ impl Feeder<'_> {
     }
 
     /// Identity coding: body frames go to the parser without being copied.
-    async fn read_frames(&mut self, prefix: Bytes, body: Incoming) -> Result<bool, StreamError> {
+    async fn read_frames(
+        &mut self,
+        prefix: Bytes,
+        body: UpstreamIncoming,
+    ) -> Result<bool, StreamError> {
         if !prefix.is_empty() && self.feed(&prefix)? {
             return Ok(true);
         }
-        let mut body = pin!(body);
+        let mut body = body;
         let mut idle = pin!(IdleTimer::new(self.limits.idle));
         loop {
             let frame = tokio::select! {
@@ -245,6 +249,9 @@ impl Feeder<'_> {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
                         if self.feed(data)? {
+                            // The body's terminator usually came with `[DONE]`: reading it
+                            // lets the upstream connection serve again.
+                            body.drain_for_reuse();
                             return Ok(true);
                         }
                     }
@@ -257,7 +264,7 @@ impl Feeder<'_> {
     async fn read_decoded(
         &mut self,
         prefix: Bytes,
-        body: Incoming,
+        body: UpstreamIncoming,
         coding: Coding,
     ) -> Result<bool, StreamError> {
         let prefix = futures_util::stream::iter([Ok::<_, std::io::Error>(prefix)]);

@@ -219,6 +219,33 @@ pub fn full(data: impl Into<Bytes>) -> MockBody {
         .boxed_unsync()
 }
 
+/// A body of several frames and no declared length, so that it goes out chunked, as real
+/// event streams do.
+pub fn chunked(parts: &[&'static str]) -> MockBody {
+    PartsBody {
+        parts: parts
+            .iter()
+            .map(|p| Bytes::from_static(p.as_bytes()))
+            .collect(),
+    }
+    .boxed_unsync()
+}
+
+struct PartsBody {
+    parts: std::collections::VecDeque<Bytes>,
+}
+
+impl Body for PartsBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.parts.pop_front().map(|p| Ok(Frame::data(p))))
+    }
+}
+
 /// A body the test feeds chunk by chunk; dropping the sender ends it cleanly, sending
 /// `Err` aborts it.
 pub fn channel_body() -> (mpsc::Sender<Result<Bytes, BoxError>>, MockBody) {
