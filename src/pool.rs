@@ -467,11 +467,7 @@ type PolledFrame = Poll<Option<Result<Frame<Bytes>, hyper::Error>>>;
 
 /// Polls `body`, driving its connection whenever that was woken, until a frame is ready or
 /// nothing more can happen now. `true` with the result once the connection has ended.
-fn drive(
-    body: &mut Incoming,
-    pooled: &mut Pooled,
-    cx: &mut Context<'_>,
-) -> (PolledFrame, bool) {
+fn drive(body: &mut Incoming, pooled: &mut Pooled, cx: &mut Context<'_>) -> (PolledFrame, bool) {
     /// Connection passes per body poll before yielding to other tasks.
     const BUDGET: usize = 32;
     let signal = &*pooled.signal;

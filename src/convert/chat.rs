@@ -247,10 +247,24 @@ impl ChatAccumulator {
 struct LastNonNull {
     /// `(key, value, first stored after the chunk's `choices` key)` in first-seen order.
     entries: Vec<(String, Box<RawValue>, bool)>,
+    /// Filled only past [`LastNonNull::SCAN`] keys: a chunk has a handful (`id`, `object`,
+    /// `created`, `model`, `system_fingerprint`, `usage`, …), which a scan finds faster
+    /// than SipHash hashes one, and this runs for every key of every chunk.
     by_key: HashMap<String, usize>,
 }
 
 impl LastNonNull {
+    /// Keys looked up by scanning `entries`.
+    const SCAN: usize = 16;
+
+    fn position(&self, key: &str) -> Option<usize> {
+        if self.entries.len() <= Self::SCAN {
+            self.entries.iter().position(|(k, ..)| k == key)
+        } else {
+            self.by_key.get(key).copied()
+        }
+    }
+
     /// `keep_real`: an empty string or `0` never replaces a stored value (D26: Azure's
     /// prompt-filter chunk has `id: ""` and `created: 0`).
     fn set(&mut self, key: Text<'_>, value: &RawValue, keep_real: bool, after_choices: bool) {
@@ -258,16 +272,24 @@ impl LastNonNull {
         if s == "null" {
             return;
         }
-        if let Some(&i) = self.by_key.get(key.as_str()) {
+        if let Some(i) = self.position(key.as_str()) {
             let slot = &mut self.entries[i].1;
             if slot.get() != s && !(keep_real && matches!(s, "\"\"" | "0")) {
                 *slot = value.to_owned();
             }
             return;
         }
-        let key = key.0.into_owned();
-        self.by_key.insert(key.clone(), self.entries.len());
-        self.entries.push((key, value.to_owned(), after_choices));
+        self.entries
+            .push((key.0.into_owned(), value.to_owned(), after_choices));
+        if self.entries.len() > Self::SCAN {
+            if self.by_key.is_empty() {
+                for (i, (k, ..)) in self.entries.iter().enumerate() {
+                    self.by_key.insert(k.clone(), i);
+                }
+            } else if let Some((k, ..)) = self.entries.last() {
+                self.by_key.insert(k.clone(), self.entries.len() - 1);
+            }
+        }
     }
 }
 
@@ -1492,6 +1514,37 @@ mod tests {
                 {"index": 1, "type": "reasoning.encrypted", "data": "zz"}
             ])
         );
+    }
+
+    #[test]
+    fn top_level_keys_keep_their_last_value_past_the_scanned_few() {
+        let mut acc = ChatAccumulator::new();
+        let extra: Vec<String> = (0..20).map(|i| format!("\"k{i}\":{i}")).collect();
+        let first = format!(
+            r#"{{"id":"c","object":"chat.completion.chunk",{},"choices":[{{"index":0,"delta":{{"content":"a"}},"finish_reason":null}}]}}"#,
+            extra.join(",")
+        );
+        acc.push(b"", first.as_bytes()).unwrap();
+        acc.push(
+            b"",
+            br#"{"id":"c","object":"chat.completion.chunk","k18":"last","k3":null,"k20":true,"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+        )
+        .unwrap();
+        acc.push(b"", b"[DONE]").unwrap();
+        let body: Value = serde_json::from_slice(&acc.finish().unwrap().body).unwrap();
+        assert_eq!(
+            (&body["k18"], &body["k3"], &body["k19"]),
+            (&json!("last"), &json!(3), &json!(19))
+        );
+        assert_eq!(body["k20"], true);
+        let keys: Vec<&str> = body
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let at = |k: &str| keys.iter().position(|x| *x == k).unwrap();
+        assert!(at("k0") < at("k17") && at("k17") < at("k18") && at("k19") < at("k20"));
     }
 
     #[test]
