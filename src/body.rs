@@ -10,7 +10,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::upstream::UpstreamIncoming;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -18,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
 use crate::access_log::AccessLog;
-use crate::upstream::BoxError;
+use crate::upstream::{BoxError, UpstreamIncoming};
 
 /// The upstream was silent longer than `timeoutSeconds` in the middle of a body.
 #[derive(Debug, thiserror::Error)]

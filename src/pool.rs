@@ -166,9 +166,9 @@ impl Http1Pool {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(path);
-        let (index, host, mut idle) = self.checkout(&authority);
+        let (index, host, mut idle) = self.checkout(&authority)?;
         if needs_host {
-            parts.headers.insert(header::HOST, host?);
+            parts.headers.insert(header::HOST, host);
         }
         let mut request = Request::from_parts(parts, body);
 
@@ -227,7 +227,7 @@ impl Http1Pool {
                     // Never sent: the idle connection had been closed by the server.
                     Some(unsent) if !fresh => {
                         request = unsent;
-                        idle = self.checkout(&authority).2;
+                        idle = self.checkout(&authority)?.2;
                     }
                     _ => return Err(failed.into_error().into()),
                 },
@@ -241,32 +241,28 @@ impl Http1Pool {
     fn checkout(
         &self,
         authority: &Authority,
-    ) -> (usize, Result<HeaderValue, BoxError>, Option<Box<Pooled>>) {
+    ) -> Result<(usize, HeaderValue, Option<Box<Pooled>>), BoxError> {
         let mut idle = self.shared.idle.lock().unwrap_or_else(|p| p.into_inner());
         let index = match find(&idle, authority) {
             Some(index) => index,
             None => {
-                let host = match HeaderValue::from_str(authority.as_str()) {
-                    Ok(host) => host,
-                    Err(e) => return (usize::MAX, Err(e.into()), None),
-                };
                 idle.push(Idle {
                     authority: authority.clone(),
-                    host,
+                    host: HeaderValue::from_str(authority.as_str())?,
                     queue: VecDeque::new(),
                 });
                 idle.len() - 1
             }
         };
         let entry = &mut idle[index];
-        let host = Ok(entry.host.clone());
+        let host = entry.host.clone();
         // Bounded: each connection is looked at once, and those found closed are dropped.
         while let Some(mut pooled) = entry.queue.pop_back() {
             if pooled.reusable() {
-                return (index, host, Some(pooled));
+                return Ok((index, host, Some(pooled)));
             }
         }
-        (index, host, None)
+        Ok((index, host, None))
     }
 
     /// Returns a connection whose response was read to its end.

@@ -37,7 +37,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::outcome::{
-    status_for_error_code, Aggregate, AggregateError, Flow, Terminal, TokenUsage,
+    parse_event_data, status_for_error_code, Aggregate, AggregateError, Flow, Terminal, TokenUsage,
     UpstreamStreamError,
 };
 
@@ -78,14 +78,7 @@ impl ChatAccumulator {
             self.done = true;
             return Ok(Flow::Finished);
         }
-        // Validated as UTF-8 once: a `RawValue` borrowed from bytes is validated again by
-        // serde_json, one pass per captured member, and from a `str` it is not. Invalid
-        // UTF-8 takes the bytes path only to get serde_json's own error.
-        let parsed = match std::str::from_utf8(data) {
-            Ok(text) => serde_json::from_str::<ChunkDe<'_>>(text),
-            Err(_) => serde_json::from_slice::<ChunkDe<'_>>(data),
-        };
-        let chunk = parsed.map_err(|e| {
+        let chunk = parse_event_data::<ChunkDe<'_>>(data).map_err(|e| {
             // Valid JSON of the wrong shape (not an object, `choices` not an array, …) is
             // malformed; anything else is a corrupt stream.
             if e.is_data() {

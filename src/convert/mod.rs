@@ -25,7 +25,6 @@ pub mod stream;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::upstream::UpstreamIncoming;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
@@ -44,7 +43,7 @@ use crate::metrics::Metrics;
 use crate::passthrough;
 use crate::route::Mode;
 use crate::service::RuleContext;
-use crate::upstream::{BoxError, UpstreamBody};
+use crate::upstream::{BoxError, UpstreamBody, UpstreamIncoming};
 
 /// How much of an upstream 400 is read to look for a refusal of the streaming form.
 const REFUSAL_PEEK_BYTES: u64 = 256 * 1024;

@@ -4,6 +4,7 @@
 //! Both accumulators (`chat`, `responses`) speak these types so that the conversion flow
 //! can treat them alike: feed events, stop at [`Flow::Finished`], then call `finish`.
 
+use serde::Deserialize;
 use serde_json::Value;
 
 /// Whether the accumulator wants more events.
@@ -104,6 +105,16 @@ pub enum AggregateError {
     /// The upstream reported an error inside the stream.
     #[error("upstream reported an error in the stream: {}", .0.message)]
     Upstream(Box<UpstreamStreamError>),
+}
+
+/// Parses one event's `data` into `T`, validating its UTF-8 once: a `RawValue` borrowed from
+/// bytes is validated again by serde_json, one pass per captured member, and one borrowed
+/// from a `str` is not. Invalid UTF-8 takes the bytes path only to get serde_json's own error.
+pub fn parse_event_data<'a, T: Deserialize<'a>>(data: &'a [u8]) -> serde_json::Result<T> {
+    match std::str::from_utf8(data) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(data),
+    }
 }
 
 /// Status and default `type` for an OpenAI error `code` (reference table B61), or `None` when

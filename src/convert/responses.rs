@@ -39,7 +39,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::outcome::{
-    status_for_error_code, Aggregate, AggregateError, Flow, Terminal, TokenUsage,
+    parse_event_data, status_for_error_code, Aggregate, AggregateError, Flow, Terminal, TokenUsage,
     UpstreamStreamError,
 };
 
@@ -600,12 +600,7 @@ fn malformed(what: String) -> AggregateError {
 /// Parses one event's data, telling a corrupt stream (invalid JSON → `InvalidJson`) apart from
 /// valid JSON of the wrong shape (not an object → `Malformed`, B58).
 fn parse_event(data: &[u8]) -> Result<Event<'_>, AggregateError> {
-    // Validated as UTF-8 once (see `ChatAccumulator::push`).
-    let parsed = match std::str::from_utf8(data) {
-        Ok(text) => serde_json::from_str::<Event<'_>>(text),
-        Err(_) => serde_json::from_slice::<Event<'_>>(data),
-    };
-    match parsed {
+    match parse_event_data::<Event<'_>>(data) {
         Ok(event) => Ok(event),
         Err(e) if e.is_data() => {
             // The visitor only rejects a non-object; check the rest is JSON at all (this path

@@ -7,7 +7,6 @@ use std::ops::ControlFlow;
 use std::pin::{pin, Pin};
 use std::time::Duration;
 
-use crate::upstream::UpstreamIncoming;
 use async_compression::tokio::bufread::{
     BrotliDecoder, DeflateDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder,
 };
@@ -22,6 +21,7 @@ use super::request::Api;
 use super::responses::ResponsesAccumulator;
 use crate::body::IdleTimer;
 use crate::sse::{SseError, SseParser};
+use crate::upstream::UpstreamIncoming;
 
 /// Either accumulator behind one interface.
 pub enum Accumulator {
@@ -230,12 +230,11 @@ impl Feeder<'_> {
     async fn read_frames(
         &mut self,
         prefix: Bytes,
-        body: UpstreamIncoming,
+        mut body: UpstreamIncoming,
     ) -> Result<bool, StreamError> {
         if !prefix.is_empty() && self.feed(&prefix)? {
             return Ok(true);
         }
-        let mut body = body;
         let mut idle = pin!(IdleTimer::new(self.limits.idle));
         loop {
             let frame = tokio::select! {
