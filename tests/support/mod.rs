@@ -150,6 +150,12 @@ impl MockUpstream {
     }
 
     /// The only request recorded; panics when there is not exactly one.
+    /// How many upstream connections the recorded requests came on.
+    pub fn connections_used(&self) -> usize {
+        let peers: std::collections::HashSet<_> = self.requests().iter().map(|r| r.peer).collect();
+        peers.len()
+    }
+
     pub fn single_request(&self) -> Recorded {
         let all = self.requests();
         assert_eq!(
