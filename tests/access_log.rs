@@ -32,7 +32,7 @@ async fn each_request_logs_one_line_with_mode_status_and_tokens_but_no_secrets()
     })
     .await;
     let proxy = start_proxy(&upstream.url(), options()).await;
-    let port = format!("port={}", proxy.addr.port());
+    let port = format!("port={}", proxy.label);
 
     let req = Request::post(proxy.url("/v1/chat/completions?api-key=QUERY-SECRET"))
         .header("content-type", "application/json")

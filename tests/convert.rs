@@ -1079,7 +1079,7 @@ async fn fallbacks_are_logged() {
     })
     .await;
     let proxy = start_proxy(&upstream.url(), options()).await;
-    let port = format!("port={}", proxy.addr.port());
+    let port = format!("port={}", proxy.label);
     // Other tests, on other threads without a subscriber, may have been registering the
     // access-log callsite while `set_default` above rebuilt the interest cache; such a
     // callsite would keep the "never" interest it computed without this subscriber.

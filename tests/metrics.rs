@@ -38,7 +38,7 @@ async fn counters_follow_real_traffic_of_each_mode() {
     })
     .await;
     let proxy = start_proxy(&upstream.url(), options()).await;
-    let port = proxy.addr.port();
+    let port = proxy.label;
     for _ in 0..2 {
         let (parts, _) = send(post_json(
             &proxy.url("/v1/chat/completions"),
@@ -71,7 +71,7 @@ async fn counters_follow_real_traffic_of_each_mode() {
     let text = loop {
         let text = Metrics::global().encode();
         let done = value(&text, &format!("openai_stream_proxy_requests_total{{{p},mode=\"passthrough\",status_class=\"4xx\"}}")) == Some(1.0)
-            && value(&text, &errors_series(dead.addr.port(), "connect")) == Some(1.0);
+            && value(&text, &errors_series(dead.label, "connect")) == Some(1.0);
         if done || tokio::time::Instant::now() > deadline {
             break text;
         }
@@ -128,7 +128,7 @@ async fn counters_follow_real_traffic_of_each_mode() {
         )),
         2.0
     );
-    let dead_label = format!("port=\"{}\"", dead.addr.port());
+    let dead_label = format!("port=\"{}\"", dead.label);
     assert_eq!(
         get(format!(
             "openai_stream_proxy_upstream_errors_total{{{dead_label},kind=\"connect\"}}"
@@ -262,7 +262,7 @@ async fn websocket_sessions_are_counted_while_open_with_their_bytes() {
         }
     });
     let proxy = start_proxy(&format!("http://{upstream_addr}"), options()).await;
-    let p = format!("port=\"{}\"", proxy.addr.port());
+    let p = format!("port=\"{}\"", proxy.label);
     let open = format!("openai_stream_proxy_websocket_sessions_open{{{p}}}");
 
     let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -410,14 +410,14 @@ async fn timeouts_are_counted_before_the_head_while_aggregating_and_mid_body() {
     let proxy = start_proxy(&silent.url(), short_timeout()).await;
     let got = fetch(Request::get(proxy.url("/x")).body(Full::default()).unwrap()).await;
     assert_eq!(got.map(|(s, _)| s), Ok(504));
-    expect_errors(proxy.addr.port(), "timeout", 1.0).await;
+    expect_errors(proxy.label, "timeout", 1.0).await;
 
     // Conversion: the stream falls silent before its terminal event.
     let stalled = scripted_upstream(SSE_OPEN, None).await;
     let proxy = start_proxy(&stalled.url(), short_timeout()).await;
     let got = fetch(post_json(&proxy.url(CHAT_PATH), CHAT_BODY)).await;
     assert_eq!(got.map(|(s, _)| s), Ok(504));
-    expect_errors(proxy.addr.port(), "timeout", 1.0).await;
+    expect_errors(proxy.label, "timeout", 1.0).await;
 
     // Passthrough: the body falls silent after its head was relayed; the client's body
     // breaks off.
@@ -428,7 +428,7 @@ async fn timeouts_are_counted_before_the_head_while_aggregating_and_mid_body() {
         got.is_err(),
         "a body cut by the idle timeout looked complete: {got:?}"
     );
-    expect_errors(proxy.addr.port(), "timeout", 1.0).await;
+    expect_errors(proxy.label, "timeout", 1.0).await;
 }
 
 #[tokio::test]
@@ -440,7 +440,7 @@ async fn truncated_upstream_answers_are_counted_as_incomplete_streams_in_every_m
     let proxy = start_proxy(&truncated.url(), options()).await;
     let got = fetch(post_json(&proxy.url(CHAT_PATH), CHAT_BODY)).await;
     assert_eq!(got.map(|(s, _)| s), Ok(502));
-    expect_errors(proxy.addr.port(), "incomplete_stream", 1.0).await;
+    expect_errors(proxy.label, "incomplete_stream", 1.0).await;
 
     // Passthrough: fewer bytes than the declared content-length, then FIN.
     let at_once = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -456,7 +456,7 @@ async fn truncated_upstream_answers_are_counted_as_incomplete_streams_in_every_m
         got.is_err(),
         "a truncated passthrough body looked complete: {got:?}"
     );
-    expect_errors(proxy.addr.port(), "incomplete_stream", 1.0).await;
+    expect_errors(proxy.label, "incomplete_stream", 1.0).await;
 
     // Keep-alive conversion: 200 committed first, then the stream ends before its terminal
     // event; the error can only go into the committed body, and is still counted.
@@ -486,7 +486,7 @@ async fn truncated_upstream_answers_are_counted_as_incomplete_streams_in_every_m
         .to_bytes();
     let (error_type, _) = envelope(body.trim_ascii_start());
     assert_eq!(error_type, "upstream_error");
-    expect_errors(proxy.addr.port(), "incomplete_stream", 1.0).await;
+    expect_errors(proxy.label, "incomplete_stream", 1.0).await;
 }
 
 #[tokio::test]
@@ -505,7 +505,7 @@ async fn errors_reported_inside_a_stream_are_counted() {
         .unwrap();
     assert_eq!(status, 429);
     assert_eq!(envelope(&body).1, "slow down");
-    expect_errors(proxy.addr.port(), "in_stream_error", 1.0).await;
+    expect_errors(proxy.label, "in_stream_error", 1.0).await;
 
     let failed = MockUpstream::start(|_| {
         response(
@@ -524,7 +524,7 @@ async fn errors_reported_inside_a_stream_are_counted() {
     .unwrap();
     assert_eq!(status, 500, "{}", String::from_utf8_lossy(&body));
     assert_eq!(envelope(&body).1, "boom");
-    expect_errors(proxy.addr.port(), "in_stream_error", 1.0).await;
+    expect_errors(proxy.label, "in_stream_error", 1.0).await;
 }
 
 #[tokio::test]
@@ -552,7 +552,7 @@ async fn each_request_that_falls_back_from_streaming_is_counted_once() {
         .unwrap();
     assert_eq!((status, &body[..]), (200, &b"{\"id\":\"plain\"}"[..]));
     assert_eq!(plain.requests().len(), 2);
-    expect_errors(proxy.addr.port(), "stream_fallback", 1.0).await;
+    expect_errors(proxy.label, "stream_fallback", 1.0).await;
 
     // Refuses `stream_options`, then streams without it: aggregated, counted once.
     let options_refused = MockUpstream::start(|r| {
@@ -573,14 +573,14 @@ async fn each_request_that_falls_back_from_streaming_is_counted_once() {
         .unwrap();
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(options_refused.requests().len(), 2);
-    expect_errors(proxy.addr.port(), "stream_fallback", 1.0).await;
+    expect_errors(proxy.label, "stream_fallback", 1.0).await;
 }
 
 #[tokio::test]
 async fn upload_bytes_are_counted_as_read_whatever_the_framing() {
     let upstream = MockUpstream::start(|_| response(200, &[], full("ok"))).await;
     let proxy = start_proxy(&upstream.url(), options()).await;
-    let port = proxy.addr.port();
+    let port = proxy.label;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<MockBody>();
 

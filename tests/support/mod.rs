@@ -286,6 +286,10 @@ pub fn response(status: u16, headers: &[(&str, &str)], body: MockBody) -> Respon
 /// The proxy running in-process on `127.0.0.1:0`.
 pub struct ProxyHandle {
     pub addr: SocketAddr,
+    /// The `port` label of this proxy's log lines and metric series: unique within the test
+    /// process, unlike `addr.port()`, which the kernel may hand out again once an earlier
+    /// proxy has closed, so that one test would read another's process-wide counters.
+    pub label: u16,
     /// The WebSocket sessions open through the proxy.
     pub sessions: openai_stream_proxy::websocket::Sessions,
     stop: Option<oneshot::Sender<()>>,
@@ -327,6 +331,15 @@ pub fn options() -> RuleOptions {
     }
 }
 
+/// A port label no other of the first 1023 proxies of this test process had: below 1024,
+/// where no ephemeral port (and so no label of a proxy started from a config file) can
+/// fall. Only property tests start more proxies than that, and they read no metrics.
+fn next_port_label() -> u16 {
+    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (n % 1023) as u16 + 1
+}
+
 /// Starts the proxy in front of `upstream` with direct connections.
 pub async fn start_proxy(upstream: &str, options: RuleOptions) -> ProxyHandle {
     let client = UpstreamClient::new(ClientOptions {
@@ -346,8 +359,9 @@ pub async fn start_proxy_with_client(
 ) -> ProxyHandle {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let label = next_port_label();
     let service = ProxyService::new(UpstreamUrl::parse(upstream).unwrap(), options, client)
-        .with_port_label(addr.port());
+        .with_port_label(label);
     let sessions = service.sessions().clone();
     let server = Server::from_listeners(vec![(listener, service)]);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -363,6 +377,7 @@ pub async fn start_proxy_with_client(
     });
     ProxyHandle {
         addr,
+        label,
         sessions,
         stop: Some(stop_tx),
         done: Some(done),
