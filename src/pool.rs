@@ -133,13 +133,18 @@ impl Wake for Signal {
 }
 
 impl Pooled {
+    /// Ready for a request and not idle for too long; closed or not, as last polled.
+    fn can_take_a_request(&self) -> bool {
+        self.sender.is_ready() && self.since.elapsed() <= IDLE_LIMIT
+    }
+
     /// Polls an idle connection once, without waiting: `false` once the upstream has
     /// closed it (or sent bytes no request asked for) or it cannot take a request.
     fn reusable(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         match Pin::new(&mut self.connection).poll(&mut cx) {
             Poll::Ready(_) => false,
-            Poll::Pending => self.sender.is_ready() && self.since.elapsed() <= IDLE_LIMIT,
+            Poll::Pending => self.can_take_a_request(),
         }
     }
 }
@@ -256,9 +261,12 @@ impl Http1Pool {
         };
         let entry = &mut idle[index];
         let host = entry.host.clone();
-        // Bounded: each connection is looked at once, and those found closed are dropped.
-        while let Some(mut pooled) = entry.queue.pop_back() {
-            if pooled.reusable() {
+        // Bounded: each connection is looked at once, and expired ones are dropped. Not
+        // polled here: `send`'s first poll reads an upstream's close before it writes, and
+        // hands the unsent request back for a fresh connection; a poll here would cost each
+        // request a pass over hyper's client state machine to spare that rare retry.
+        while let Some(pooled) = entry.queue.pop_back() {
+            if pooled.can_take_a_request() {
                 return Ok((index, host, Some(pooled)));
             }
         }
@@ -270,7 +278,7 @@ impl Http1Pool {
         pooled.since = Instant::now();
         // The last reader's task waker would keep that finished task's memory alive.
         drop(pooled.signal.task.take());
-        if !pooled.reusable() {
+        if !pooled.can_take_a_request() {
             return;
         }
         let mut idle = self.shared.idle.lock().unwrap_or_else(|p| p.into_inner());

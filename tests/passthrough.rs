@@ -653,6 +653,60 @@ async fn upstream_connections_are_reused_after_chunked_event_streams() {
     assert_eq!(used, 1, "5 streams opened {used} upstream connections");
 }
 
+/// The upstream closes a pooled connection while it sits idle, after the proxy took it
+/// back: the next request, which finds it closed only once it tries it, is sent again on a
+/// fresh connection instead of failing.
+#[tokio::test]
+async fn a_request_on_a_pooled_connection_closed_while_idle_is_sent_again_on_a_fresh_one() {
+    let close = Arc::new(tokio::sync::Notify::new());
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::channel::<usize>(4);
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstream = RawUpstream::start({
+        let close = close.clone();
+        let accepted = accepted.clone();
+        move |mut stream| {
+            let close = close.clone();
+            let closed_tx = closed_tx.clone();
+            let n = accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            async move {
+                for _ in 0..8 {
+                    let head = read_head(&mut stream).await;
+                    if head.is_empty() {
+                        return;
+                    }
+                    let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n{n}");
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    if n == 1 {
+                        // Kept alive until the test has the answer, then closed while idle.
+                        let _ = tokio::time::timeout(WAIT, close.notified()).await;
+                        let _ = stream.shutdown().await;
+                        drop(stream);
+                        let _ = closed_tx.send(n).await;
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let get = || {
+        Request::get(proxy.url("/idle"))
+            .body(Full::default())
+            .unwrap()
+    };
+    let (parts, body) = send(get()).await;
+    assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"1"[..]));
+    close.notify_one();
+    let closed = tokio::time::timeout(WAIT, closed_rx.recv()).await;
+    assert_eq!(closed.ok().flatten(), Some(1), "the upstream never closed");
+    // The FIN has been sent; let it reach the proxy's socket before the next request.
+    tokio::task::yield_now().await;
+    let (parts, body) = send(get()).await;
+    assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"2"[..]));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn a_kept_alive_connection_the_upstream_closed_is_not_reused() {
     // Each connection answers one request without `connection: close`, then closes:
