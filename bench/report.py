@@ -16,10 +16,14 @@ import math
 import os
 
 COLORS = {"direct": "#7f7f7f", "ours": "#e6550d", "nginx": "#31a354", "haproxy": "#756bb1",
+          "floor": "#3182bd",
           "ours-info": "#fdae6b", "conversion": "#e6550d", "stream direct": "#7f7f7f"}
 NAMES = {"direct": "direct to mock", "ours": "openai-stream-proxy", "nginx": "nginx",
-         "haproxy": "HAProxy", "ours-info": "openai-stream-proxy (RUST_LOG=info)"}
+         "haproxy": "HAProxy", "ours-info": "openai-stream-proxy (RUST_LOG=info)",
+         "floor": "hyper floor (reference)"}
 PROXIES = ["ours", "nginx", "haproxy"]
+# The hyper floor is shown beside the proxies where it was measured, never judged by a target.
+REFERENCES = ["floor"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,15 +239,19 @@ class Report:
                  "*proxy CPU* is the proxy process's own CPU time (user + system) per request, "
                  "from `/proc`; it does not depend on which side was the bottleneck. "
                  "*foreign CPU* is what other processes on the shared machine used meanwhile "
-                 "(% of one core).", "")
+                 "(% of one core). *hyper floor (reference)* is `examples/hyper_floor.rs`: hyper's "
+                 "HTTP/1.1 server and `client::conn::http1` with a pool of a few lines and nothing else "
+                 "(no routing, header policy, timeouts, metrics or logs), what any relay built on hyper "
+                 "costs at least; it shows how much of the gap to nginx and HAProxy is hyper's own.", "")
         sizes = sorted({r["events"] for r in sec["runs"]})
-        rps_series = {t: [] for t in ["direct"] + PROXIES}
+        shown = ["direct"] + PROXIES + [t for t in REFERENCES if any(r["target"] == t for r in sec["runs"])]
+        rps_series = {t: [] for t in shown}
         for ev in sizes:
             runs = [r for r in sec["runs"] if r["events"] == ev]
             b = best(runs, lambda r: r["rps"])
             ours = b.get("ours")
             rows = []
-            for t in ["direct"] + PROXIES:
+            for t in shown:
                 r = b.get(t)
                 rps_series[t].append(r["rps"] if r else None)
                 if not r:
@@ -263,17 +271,20 @@ class Report:
         b = best(runs20, lambda r: r["rps"])
         svg_percentiles(os.path.join(self.charts, "passthrough_latency.svg"),
                         f"Passthrough latency, 20 events, {sec['conns']} connections (wrk)",
-                        {t: b[t]["latency_us"]["cdf"] for t in ["direct"] + PROXIES if t in b})
+                        {t: b[t]["latency_us"]["cdf"] for t in shown if t in b})
         self.add(f"![passthrough throughput]({self.chart('passthrough_rps.svg')})", "",
                  f"![passthrough latency]({self.chart('passthrough_latency.svg')})", "")
         # targets
-        o, n, h = b.get("ours"), b.get("nginx"), b.get("haproxy")
+        o, n, h, f = b.get("ours"), b.get("nginx"), b.get("haproxy"), b.get("floor")
         if o and n and h:
+            floor_note = (f"; the hyper floor: {ratio(f['rps'], n['rps'])} nginx, {ratio(f['rps'], h['rps'])} HAProxy, "
+                          f"{num(f.get('proxy_cpu_us_per_req'), 1)} µs" if f else "")
             self.target("Passthrough throughput ≥ nginx's and HAProxy's (20 events, c=64)",
                         f"{ratio(o['rps'], n['rps'])} nginx, {ratio(o['rps'], h['rps'])} HAProxy",
                         o["rps"] >= n["rps"] and o["rps"] >= h["rps"],
                         f"proxy CPU/request: ours {num(o.get('proxy_cpu_us_per_req'), 1)} µs, nginx "
-                        f"{num(n.get('proxy_cpu_us_per_req'), 1)} µs, HAProxy {num(h.get('proxy_cpu_us_per_req'), 1)} µs")
+                        f"{num(n.get('proxy_cpu_us_per_req'), 1)} µs, HAProxy {num(h.get('proxy_cpu_us_per_req'), 1)} µs"
+                        + floor_note)
             self.target("Passthrough p99 no worse than nginx's and HAProxy's (20 events, c=64)",
                         f"{us(o['latency_us']['p99'])} vs {us(n['latency_us']['p99'])} / {us(h['latency_us']['p99'])}",
                         o["latency_us"]["p99"] <= max(n["latency_us"]["p99"], 1) and
@@ -453,7 +464,7 @@ class Report:
                 b = best(keyed, lambda r: r["latency_us"]["p99"], lowest=True)
                 d = b.get("direct")
                 rows = []
-                for t in ["direct", "ours", "nginx", "haproxy", "ours-conv"]:
+                for t in ["direct", "ours", "nginx", "haproxy", "floor", "ours-conv"]:
                     r = b.get(t)
                     if not r:
                         continue
@@ -552,7 +563,7 @@ class Report:
               r.get("error") or r.get("note", "")] for r in rows]
         self.add(table(["proxy", "requests", "instructions / request", "note"], t), "")
         ours = next((r for r in rows if r["target"] == "ours" and r.get("instructions_per_request")), None)
-        for other in ("nginx", "haproxy"):
+        for other in ("nginx", "haproxy", "floor"):
             o = next((r for r in rows if r["target"] == other and r.get("instructions_per_request")), None)
             if ours and o:
                 self.add(f"- ours ÷ {NAMES[other]}: {ours['instructions_per_request'] / o['instructions_per_request']:.2f}×")

@@ -31,12 +31,15 @@ REL = os.path.join(ROOT, "target", "release")
 PROXY_BIN = os.path.join(REL, "openai-stream-proxy")
 MOCK_BIN = os.path.join(REL, "examples", "bench_upstream")
 LOAD_BIN = os.path.join(REL, "examples", "bench_load")
+FLOOR_BIN = os.path.join(REL, "examples", "hyper_floor")
 
 CPU_LOAD = "0"   # load generator + mock
 CPU_PROXY = "1"  # proxy under test
 
 MOCK_PORT = 19100
-PORTS = {"ours": 19201, "nginx": 19202, "haproxy": 19203}
+# "floor": hyper's server and client with nothing of ours between them (examples/hyper_floor.rs),
+# the least a hyper-based relay costs; a reference, not a competitor.
+PORTS = {"ours": 19201, "nginx": 19202, "haproxy": 19203, "floor": 19209}
 PORT_OURS_INFO = 19204
 PORT_MEM = 19205
 PORT_WS = 19206
@@ -352,6 +355,9 @@ class Suite:
         wait_port(port)
         return p
 
+    def floor_cmd(self, port):
+        return [FLOOR_BIN, "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{MOCK_PORT}"]
+
     def start_all(self):
         self.start_mock()
         self.proxies = {}
@@ -366,6 +372,9 @@ class Suite:
         self.proxies["haproxy"] = Proc("haproxy", ["haproxy", "-db", "-f", self.haproxy_config(PORTS["haproxy"])],
                                        cpu=CPU_PROXY, logfile=os.path.join(self.dir, "haproxy.log"))
         self.procs.append(self.proxies["haproxy"])
+        self.proxies["floor"] = Proc("floor", self.floor_cmd(PORTS["floor"]), cpu=CPU_PROXY,
+                                     logfile=os.path.join(self.dir, "floor.log"))
+        self.procs.append(self.proxies["floor"])
         for port in PORTS.values():
             wait_port(port)
 
@@ -398,7 +407,7 @@ class Suite:
 
     def passthrough(self):
         a = self.args
-        targets = ["direct", "ours", "nginx", "haproxy"]
+        targets = ["direct", "ours", "nginx", "haproxy", "floor"]
         sizes = [20] if self.quick else [20, 200, 2000]
         rows = []
         # Warm every path once (connection pools, caches).
@@ -432,7 +441,7 @@ class Suite:
             for rnd in range(a.rounds):
                 for t, kind in [("direct", "passthrough"), ("ours", "passthrough"),
                                 ("nginx", "passthrough"), ("haproxy", "passthrough"),
-                                ("ours", "conversion")]:
+                                ("floor", "passthrough"), ("ours", "conversion")]:
                     if layout == "shared" and t != "direct":
                         repin(self.proxies[t], CPU_LOAD)
                     body = BODY_PLAIN if kind == "conversion" else BODY_STREAM
@@ -675,7 +684,8 @@ class Suite:
         cmds = [("ours", [PROXY_BIN, "-c", cfg], {"RUST_LOG": "warn"}),
                 ("nginx", ["nginx", "-c", self.nginx_config(PORT_CALLGRIND, master="off"), "-p", self.dir,
                            "-e", os.path.join(self.dir, "nginx-cg-stderr.log")], {}),
-                ("haproxy", ["haproxy", "-db", "-f", self.haproxy_config(PORT_CALLGRIND)], {})]
+                ("haproxy", ["haproxy", "-db", "-f", self.haproxy_config(PORT_CALLGRIND)], {}),
+                ("floor", self.floor_cmd(PORT_CALLGRIND), {})]
         for t, cmd, env in cmds:
             outfile = os.path.join(self.dir, f"callgrind.{t}.out")
             p = Proc(f"callgrind-{t}", ["valgrind", "--tool=callgrind", f"--callgrind-out-file={outfile}",

@@ -44,7 +44,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
 
   # 2. Build (release profile: LTO, one codegen unit), examples and the Criterion bench.
   t0=$(date +%s)
-  cargo build --release --bin openai-stream-proxy --example bench_upstream --example bench_load
+  cargo build --release --bin openai-stream-proxy --example bench_upstream --example bench_load --example hyper_floor
   cargo bench --bench aggregate --no-run
   echo "build: $(( $(date +%s) - t0 )) s"
 
