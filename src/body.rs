@@ -26,10 +26,13 @@ pub struct IdleTimeout(pub Duration);
 
 pin_project! {
     /// Body of every response the proxy sends downstream.
+    ///
+    /// Kept small (the access log and the timer are boxed): hyper and the response type move
+    /// the body several times per request, and each move copies all of it.
     pub struct ProxyBody {
         #[pin]
         kind: Kind,
-        log: Option<AccessLog>,
+        log: Option<Box<AccessLog>>,
     }
 }
 
@@ -41,8 +44,7 @@ pin_project! {
             prefix: Option<Bytes>,
             #[pin]
             body: UpstreamIncoming,
-            #[pin]
-            idle: IdleTimer,
+            idle: Pin<Box<IdleTimer>>,
         },
         Channel { rx: mpsc::Receiver<Result<Bytes, BoxError>> },
     }
@@ -90,7 +92,7 @@ impl ProxyBody {
             kind: Kind::Upstream {
                 prefix: (!prefix.is_empty()).then_some(prefix),
                 body,
-                idle: IdleTimer::new(idle),
+                idle: Box::pin(IdleTimer::new(idle)),
             },
             log: None,
         }
@@ -106,7 +108,7 @@ impl ProxyBody {
     }
 
     /// Attaches the request's access log, written when the body ends or is dropped.
-    pub fn with_log(mut self, log: AccessLog) -> Self {
+    pub fn with_log(mut self, log: Box<AccessLog>) -> Self {
         self.log = Some(log);
         self
     }
@@ -135,10 +137,10 @@ impl Body for ProxyBody {
             }
             KindProj::Upstream { body, idle, .. } => match body.poll_frame(cx) {
                 Poll::Ready(frame) => {
-                    idle.touch();
+                    idle.as_mut().touch();
                     Poll::Ready(frame.map(|r| r.map_err(BoxError::from)))
                 }
-                Poll::Pending => match idle.poll_expired(cx) {
+                Poll::Pending => match idle.as_mut().poll_expired(cx) {
                     Poll::Ready(timeout) => Poll::Ready(Some(Err(IdleTimeout(timeout).into()))),
                     Poll::Pending => Poll::Pending,
                 },

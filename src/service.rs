@@ -180,14 +180,15 @@ impl ProxyService {
             parts.headers.insert(name.clone(), value.clone());
         }
         let request_id = request_id::ensure(&mut parts.headers);
-        let mut log = AccessLog::new(
+        // Boxed: it travels with the response body, which is moved several times.
+        let mut log = Box::new(AccessLog::new(
             rule.port,
             rule.metrics.clone(),
             parts.method.clone(),
             parts.uri.path(),
             Mode::Passthrough,
             started,
-        );
+        ));
         log.set_request_id(request_id);
         // Upload bytes as read, not as declared: a chunked upload declares no length.
         if !body.is_end_stream() {
