@@ -18,9 +18,8 @@ const STREAM: &str = concat!(
 async fn each_request_logs_one_line_with_mode_status_and_tokens_but_no_secrets() {
     let captured = LogCapture::default();
     let _guard = captured.install();
-    // Other tests of this binary log from their own threads meanwhile: a callsite they
-    // registered while this thread's subscriber was being set may have cached "never";
-    // recompute every cached interest now that it is set.
+    // A callsite another thread was registering while the capture's process-wide
+    // subscriber was first set may have cached "never"; recompute every cached interest.
     tracing::callsite::rebuild_interest_cache();
 
     let upstream = MockUpstream::start(|r| {

@@ -1080,9 +1080,8 @@ async fn fallbacks_are_logged() {
     .await;
     let proxy = start_proxy(&upstream.url(), options()).await;
     let port = format!("port={}", proxy.label);
-    // Other tests, on other threads without a subscriber, may have been registering the
-    // access-log callsite while `set_default` above rebuilt the interest cache; such a
-    // callsite would keep the "never" interest it computed without this subscriber.
+    // A callsite another thread was registering while the capture's process-wide
+    // subscriber was first set may have cached "never"; recompute every cached interest.
     tracing::callsite::rebuild_interest_cache();
 
     let (parts, _) = send(post_json(

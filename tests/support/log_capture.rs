@@ -1,8 +1,15 @@
 //! Log lines written while a test runs, captured in-process. The test must run on a
-//! current-thread runtime, so that the proxy's tasks log on the thread whose subscriber
+//! current-thread runtime, so that the proxy's tasks log on the thread whose capture
 //! records them.
+//!
+//! One process-wide subscriber routes each event to the capture installed on the thread that
+//! logs it, and drops it on any other thread. A scoped subscriber per test (`set_default`)
+//! would race with callsites that other tests' threads register meanwhile: a callsite whose
+//! interest was computed without the scoped subscriber stays disabled for it, and its lines
+//! are never captured (seen under load: the access line of one test went missing).
 
-use std::sync::{Arc, Mutex};
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, Once};
 
 use tokio::sync::Notify;
 
@@ -14,10 +21,22 @@ pub struct LogCapture {
     written: Arc<Notify>,
 }
 
-impl std::io::Write for LogCapture {
+thread_local! {
+    /// The capture of the test running on this thread, if it installed one.
+    static CURRENT: RefCell<Option<LogCapture>> = const { RefCell::new(None) };
+}
+
+/// Writes to this thread's capture, or nowhere.
+struct ThreadCapture;
+
+impl std::io::Write for ThreadCapture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.text.lock().unwrap().extend_from_slice(buf);
-        self.written.notify_waiters();
+        CURRENT.with(|current| {
+            if let Some(capture) = current.borrow().as_ref() {
+                capture.text.lock().unwrap().extend_from_slice(buf);
+                capture.written.notify_waiters();
+            }
+        });
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -25,16 +44,30 @@ impl std::io::Write for LogCapture {
     }
 }
 
+/// Stops capturing on this thread when dropped.
+pub struct CaptureGuard(());
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CURRENT.with(|current| current.borrow_mut().take());
+    }
+}
+
 impl LogCapture {
     /// Records this thread's INFO-and-above events until the guard is dropped.
-    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let writer = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish();
-        tracing::subscriber::set_default(subscriber)
+    pub fn install(&self) -> CaptureGuard {
+        static GLOBAL: Once = Once::new();
+        GLOBAL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(|| ThreadCapture)
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in a test process that captures logs");
+        });
+        CURRENT.with(|current| *current.borrow_mut() = Some(self.clone()));
+        CaptureGuard(())
     }
 
     /// Waits (bounded) until a captured line contains every needle; returns that line.
