@@ -5,10 +5,12 @@
 //! guessed with sleeps; every wait is bounded by [`WAIT`] and the child is killed by
 //! [`Daemon`]'s `Drop` if a test fails half-way.
 //!
-//! Ports: the binary needs a concrete `listenPort`, so [`free_port`] binds `127.0.0.1:0`,
-//! reads the port and releases it. Another process could take the port in the tiny window
-//! before the proxy binds it; on a loaded machine that would show up as a start-up failure
-//! naming the port, not as a wrong result.
+//! Ports: the binary needs a concrete `listenPort`, so [`free_port`] binds `127.0.0.1:0`
+//! and keeps that socket bound, not listening, for the rest of the test process. With
+//! `SO_REUSEADDR` on both sides the proxy's listener can still take the port, while the
+//! kernel hands it to no other `bind(0)` or outgoing connection meanwhile. A port released
+//! at once was taken by another socket before the proxy bound it, once in four runs of two
+//! test suites at the same time on two cores.
 
 #![allow(dead_code)]
 
@@ -68,10 +70,15 @@ impl Drop for TempDir {
     }
 }
 
-/// A port that was free a moment ago (see the module docs for the race).
+/// A port for the proxy to listen on, reserved for it (see the module docs).
 pub fn free_port() -> u16 {
-    let listener = StdListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    static RESERVED: Mutex<Vec<tokio::net::TcpSocket>> = Mutex::new(Vec::new());
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(local(0)).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    RESERVED.lock().unwrap().push(socket);
+    port
 }
 
 /// A listener the test holds, so the port is certainly in use.
