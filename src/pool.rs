@@ -12,8 +12,8 @@
 //! tasks in turn. Here the [`UpstreamIncoming`] body polls its connection itself before it
 //! waits: the chunks already read are decoded and relayed in one poll of the task that
 //! serves the client, and the end of the body is seen in the same poll as its last data.
-//! Idle connections are polled by no one; a check on checkout and a periodic sweep drop
-//! those the upstream has closed.
+//! Idle connections are polled by no one: a request's first poll finds one the upstream
+//! has closed (and retries on a fresh connection), and a periodic sweep drops the others.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -63,7 +63,7 @@ pub struct Http1Pool {
 struct Shared {
     idle: Mutex<Vec<Idle>>,
     /// Set once the sweeping task runs.
-    sweeping: std::sync::atomic::AtomicBool,
+    sweeping: AtomicBool,
 }
 
 /// One authority's idle connections and its `host` header value, made once. Entries are

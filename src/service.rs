@@ -13,7 +13,6 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use crate::upstream::UpstreamIncoming;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
@@ -26,7 +25,7 @@ use crate::convert::Candidate;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::metrics::PortMetrics;
 use crate::route::{route, Mode, Route};
-use crate::upstream::{BoxError, UpstreamBody, UpstreamClient, UpstreamUrl};
+use crate::upstream::{BoxError, UpstreamBody, UpstreamClient, UpstreamIncoming, UpstreamUrl};
 use crate::{convert, passthrough, request_id, websocket};
 
 /// Everything a handler needs to know about the rule a request arrived on.

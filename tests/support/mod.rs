@@ -149,13 +149,13 @@ impl MockUpstream {
         self.recorded.lock().unwrap().clone()
     }
 
-    /// The only request recorded; panics when there is not exactly one.
     /// How many upstream connections the recorded requests came on.
     pub fn connections_used(&self) -> usize {
         let peers: std::collections::HashSet<_> = self.requests().iter().map(|r| r.peer).collect();
         peers.len()
     }
 
+    /// The only request recorded; panics when there is not exactly one.
     pub fn single_request(&self) -> Recorded {
         let all = self.requests();
         assert_eq!(
@@ -228,28 +228,11 @@ pub fn full(data: impl Into<Bytes>) -> MockBody {
 /// A body of several frames and no declared length, so that it goes out chunked, as real
 /// event streams do.
 pub fn chunked(parts: &[&'static str]) -> MockBody {
-    PartsBody {
-        parts: parts
-            .iter()
-            .map(|p| Bytes::from_static(p.as_bytes()))
-            .collect(),
-    }
-    .boxed_unsync()
-}
-
-struct PartsBody {
-    parts: std::collections::VecDeque<Bytes>,
-}
-
-impl Body for PartsBody {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Poll::Ready(self.parts.pop_front().map(|p| Ok(Frame::data(p))))
-    }
+    let frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
+        .iter()
+        .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
+        .collect();
+    http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
 }
 
 /// A body the test feeds chunk by chunk; dropping the sender ends it cleanly, sending
