@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: the Rust unit and integration tests, then the end-to-end suite
-# driven by the official OpenAI SDKs (installed into a local venv by its own script).
+# driven by the official OpenAI SDKs for Python and Node (each installed locally by its own script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -290,6 +290,60 @@ async fn compressed_streams_are_decoded_before_aggregation() {
     }
 }
 
+/// A compressed stream, like a plain one, is read to its end after `[DONE]` so that its
+/// upstream connection serves the next conversion.
+#[tokio::test]
+async fn compressed_conversions_leave_their_upstream_connection_reusable() {
+    for coding in ["gzip", "br", "zstd", "deflate"] {
+        let encoded = Bytes::from(encode(coding, CHAT_STREAM.as_bytes()).await);
+        let upstream = MockUpstream::start(move |_| {
+            // Three frames of no declared length: the end of the body (its last chunk) comes
+            // after the frame that completes `[DONE]`.
+            let third = encoded.len() / 3;
+            let frames: Vec<Result<http_body::Frame<Bytes>, BoxError>> = [
+                encoded.slice(..third),
+                encoded.slice(third..2 * third),
+                encoded.slice(2 * third..),
+            ]
+            .into_iter()
+            .map(|part| Ok(http_body::Frame::data(part)))
+            .collect();
+            let body =
+                http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
+            response(
+                200,
+                &[
+                    ("content-type", "text/event-stream"),
+                    ("content-encoding", coding),
+                ],
+                body,
+            )
+        })
+        .await;
+        let proxy = start_proxy(&upstream.url(), options()).await;
+        for _ in 0..4 {
+            let (parts, got) = send(post_json(
+                &proxy.url("/v1/chat/completions"),
+                r#"{"model":"m","messages":[]}"#,
+            ))
+            .await;
+            assert_eq!(
+                parts.status,
+                200,
+                "{coding}: {}",
+                String::from_utf8_lossy(&got)
+            );
+            let got: Value = serde_json::from_slice(&got).unwrap();
+            assert_eq!(got["choices"][0]["message"]["content"], "Hello", "{coding}");
+        }
+        let used = upstream.connections_used();
+        assert_eq!(
+            used, 1,
+            "{coding}: 4 conversions opened {used} upstream connections"
+        );
+    }
+}
+
 #[tokio::test]
 async fn in_stream_errors_become_envelopes_with_fitting_status() {
     let upstream = MockUpstream::start(|r| {

@@ -5,12 +5,14 @@
 use std::future::poll_fn;
 use std::ops::ControlFlow;
 use std::pin::{pin, Pin};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use async_compression::tokio::bufread::{
     BrotliDecoder, DeflateDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder,
 };
 use bytes::Bytes;
+use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::io::StreamReader;
@@ -259,16 +261,30 @@ impl Feeder<'_> {
         }
     }
 
-    /// Compressed coding: decoded through a reused buffer.
+    /// Compressed coding: decoded through a reused buffer. The decoder reads the body through
+    /// a borrow, so that after the terminal event the body is still here to be drained for
+    /// reuse, as in [`read_frames`](Self::read_frames).
     async fn read_decoded(
         &mut self,
         prefix: Bytes,
-        body: UpstreamIncoming,
+        mut body: UpstreamIncoming,
+        coding: Coding,
+    ) -> Result<bool, StreamError> {
+        let finished = self.decode_into_parser(prefix, &mut body, coding).await;
+        if let Ok(true) = finished {
+            body.drain_for_reuse();
+        }
+        finished
+    }
+
+    async fn decode_into_parser(
+        &mut self,
+        prefix: Bytes,
+        body: &mut UpstreamIncoming,
         coding: Coding,
     ) -> Result<bool, StreamError> {
         let prefix = futures_util::stream::iter([Ok::<_, std::io::Error>(prefix)]);
-        let rest = body.into_data_stream();
-        let rest = futures_util::StreamExt::map(rest, |r| r.map_err(std::io::Error::other));
+        let rest = futures_util::stream::poll_fn(|cx| poll_data(body, cx));
         let reader = StreamReader::new(futures_util::StreamExt::chain(prefix, rest));
         // Only `deflate` reads here (its first bytes), hence the idle limit.
         let mut decoder =
@@ -292,6 +308,24 @@ impl Feeder<'_> {
                     }
                 }
                 Err(e) => return Err(StreamError::Body(e.to_string())),
+            }
+        }
+    }
+}
+
+/// The next data frame of `body` (trailers skipped), as the decoders' byte stream.
+fn poll_data(
+    body: &mut UpstreamIncoming,
+    cx: &mut Context<'_>,
+) -> Poll<Option<std::io::Result<Bytes>>> {
+    loop {
+        match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => return Poll::Ready(Some(Err(std::io::Error::other(e)))),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    return Poll::Ready(Some(Ok(data)));
+                }
             }
         }
     }
