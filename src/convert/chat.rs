@@ -25,8 +25,9 @@
 //! accumulator does not need yet are captured as `&RawValue` (validated, not allocated), strings
 //! without escapes are borrowed from the event bytes. Text is appended to owned `String`s,
 //! logprob entries are moved into a `Vec`, repeated top-level values (`id`, `model`, `created`,
-//! …) are compared byte-wise and not re-allocated. The body is built and serialised once, in
-//! [`ChatAccumulator::finish`].
+//! …) are compared byte-wise and not re-allocated. A message's members are found by a scan, not
+//! a hash. [`ChatAccumulator::finish`] writes the body member by member into one buffer, without
+//! building a map of it first; captured strings without escapes are copied as they are.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -135,57 +136,76 @@ impl ChatAccumulator {
         let mut fingerprint = None;
         let mut before = Vec::new();
         let mut after = Vec::new();
-        for (key, raw, after_choices) in self.top.entries {
-            let value: Value = sub(&raw).map_err(AggregateError::InvalidJson)?;
+        for (key, raw, after_choices) in &self.top.entries {
             match key.as_str() {
-                "id" => id = Some(value),
-                "created" => created = Some(value),
-                "model" => model = Some(value),
-                "usage" => usage = Some(value),
-                "system_fingerprint" => fingerprint = Some(value),
-                _ if after_choices => after.push((key, value)),
-                _ => before.push((key, value)),
+                "id" => id = Some(&**raw),
+                "created" => created = Some(&**raw),
+                "model" => model = Some(&**raw),
+                "usage" => usage = Some(sub::<Value>(raw).map_err(AggregateError::InvalidJson)?),
+                "system_fingerprint" => fingerprint = Some(&**raw),
+                _ if *after_choices => after.push((key.as_str(), &**raw)),
+                _ => before.push((key.as_str(), &**raw)),
             }
         }
-
-        let mut choices = Vec::with_capacity(self.choices.len());
-        for (index, choice) in self.choices {
-            choices.push(
-                choice
-                    .into_value(index)
-                    .map_err(AggregateError::InvalidJson)?,
-            );
-        }
+        let token_usage = usage.as_ref().and_then(token_usage);
 
         // Key order mimics OpenAI's non-streaming body; keys a provider put after `choices`
-        // (e.g. `moderation`) stay after it.
-        let mut body = Map::new();
-        if let Some(v) = id {
-            body.insert("id".to_owned(), v);
-        }
-        body.insert("object".to_owned(), Value::from("chat.completion"));
-        if let Some(v) = created {
-            body.insert("created".to_owned(), v);
-        }
-        if let Some(v) = model {
-            body.insert("model".to_owned(), v);
-        }
-        body.extend(before);
-        body.insert("choices".to_owned(), Value::Array(choices));
-        let token_usage = usage.as_ref().and_then(token_usage);
-        if let Some(v) = usage {
-            body.insert("usage".to_owned(), v);
-        }
-        // The SDK's snapshot always has `system_fingerprint` (null by default), and so do the
-        // expected bodies.
-        body.insert(
-            "system_fingerprint".to_owned(),
-            fingerprint.unwrap_or(Value::Null),
-        );
-        body.extend(after);
-
-        let body = serde_json::to_vec(&Value::Object(body))
-            .map_err(|e| AggregateError::Malformed(e.to_string()))?;
+        // (e.g. `moderation`) stay after it. Every key is written once: the top-level keys are
+        // distinct, and none of them is `object` or `choices`.
+        let estimate = self
+            .top
+            .entries
+            .iter()
+            .map(|(key, raw, _)| key.len() + raw.get().len() + 4)
+            .sum::<usize>()
+            + self
+                .choices
+                .values()
+                .map(ChoiceState::size_hint)
+                .sum::<usize>()
+            + 64;
+        let mut out = Vec::with_capacity(estimate);
+        let written = (|| {
+            let mut body = ObjectWriter::new(&mut out);
+            if let Some(raw) = id {
+                body.raw("id", raw)?;
+            }
+            body.value("object", "chat.completion")?;
+            if let Some(raw) = created {
+                body.raw("created", raw)?;
+            }
+            if let Some(raw) = model {
+                body.raw("model", raw)?;
+            }
+            for (key, raw) in before {
+                body.raw(key, raw)?;
+            }
+            let list = body.key("choices")?;
+            list.push(b'[');
+            for (n, (index, choice)) in self.choices.into_iter().enumerate() {
+                if n > 0 {
+                    list.push(b',');
+                }
+                choice.write(index, list)?;
+            }
+            list.push(b']');
+            if let Some(usage) = &usage {
+                body.value("usage", usage)?;
+            }
+            // The SDK's snapshot always has `system_fingerprint` (null by default), and so do
+            // the expected bodies.
+            match fingerprint {
+                Some(raw) => body.raw("system_fingerprint", raw)?,
+                None => body.value("system_fingerprint", &Value::Null)?,
+            }
+            for (key, raw) in after {
+                body.raw(key, raw)?;
+            }
+            body.end();
+            Ok::<_, serde_json::Error>(())
+        })();
+        written.map_err(AggregateError::InvalidJson)?;
+        let body = out;
         Ok(Aggregate {
             body,
             terminal,
@@ -290,7 +310,7 @@ impl LastNonNull {
 #[derive(Default)]
 struct ChoiceState {
     /// Merged delta members other than `tool_calls`, in first-seen order.
-    message: Map<String, Value>,
+    message: MemberList,
     tool_calls: ToolCalls,
     /// Last truthy `finish_reason`.
     finish_reason: Option<Box<RawValue>>,
@@ -301,13 +321,34 @@ struct ChoiceState {
 }
 
 impl ChoiceState {
-    fn into_value(self, index: u64) -> Result<Value, serde_json::Error> {
+    /// About how many bytes [`write`](Self::write) produces, so the body is allocated once in
+    /// the common case (text answers).
+    fn size_hint(&self) -> usize {
+        let members: usize = self
+            .message
+            .0
+            .iter()
+            .map(|(key, value)| {
+                key.len()
+                    + match value {
+                        Value::String(text) => text.len() + 8,
+                        _ => 32,
+                    }
+            })
+            .sum();
+        members + 160
+    }
+
+    /// Writes the choice in the non-streaming shape. Every key is written once: the message's
+    /// members are distinct and never `tool_calls` (those go to [`ToolCalls`]), and the extras
+    /// never repeat a key of the choice (the chunk's visitor takes those apart).
+    fn write(self, index: u64, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
         let mut role = None;
         let mut content = None;
         let mut refusal = None;
         let mut annotations = None;
         let mut rest = Vec::new();
-        for (key, value) in self.message {
+        for (key, value) in self.message.0 {
             match key.as_str() {
                 "role" => role = Some(value),
                 "content" => content = Some(value),
@@ -322,40 +363,120 @@ impl ChoiceState {
             Some(v) if !v.is_null() => v,
             _ => Value::from("assistant"),
         };
-        let mut message = Map::new();
-        message.insert("role".to_owned(), role);
-        message.insert("content".to_owned(), content.unwrap_or(Value::Null));
-        message.insert("refusal".to_owned(), refusal.unwrap_or(Value::Null));
-        message.insert(
-            "annotations".to_owned(),
-            match annotations {
-                Some(v) if !v.is_null() => v,
-                _ => Value::Array(Vec::new()),
-            },
-        );
-        if let Some(calls) = self.tool_calls.into_value() {
-            message.insert("tool_calls".to_owned(), calls);
-        }
-        message.extend(rest);
 
-        let mut choice = Map::new();
-        choice.insert("index".to_owned(), Value::from(index));
-        choice.insert("message".to_owned(), Value::Object(message));
-        choice.insert(
-            "logprobs".to_owned(),
-            self.logprobs.map_or(Value::Null, Logprobs::into_value),
-        );
-        choice.insert(
-            "finish_reason".to_owned(),
-            match self.finish_reason {
-                Some(raw) => sub(&raw)?,
-                None => Value::Null,
-            },
-        );
-        for (key, raw, _) in self.extras.entries {
-            choice.insert(key, sub(&raw)?);
+        let mut choice = ObjectWriter::new(out);
+        choice.value("index", &index)?;
+        let mut message = ObjectWriter::new(choice.key("message")?);
+        message.value("role", &role)?;
+        message.value("content", content.as_ref().unwrap_or(&Value::Null))?;
+        message.value("refusal", refusal.as_ref().unwrap_or(&Value::Null))?;
+        match annotations {
+            Some(v) if !v.is_null() => message.value("annotations", &v)?,
+            _ => message.value("annotations", &[(); 0])?,
         }
-        Ok(Value::Object(choice))
+        if let Some(calls) = self.tool_calls.into_value() {
+            message.value("tool_calls", &calls)?;
+        }
+        for (key, value) in &rest {
+            message.value(key, value)?;
+        }
+        message.end();
+        match self.logprobs {
+            Some(logprobs) => choice.value("logprobs", &logprobs.into_value())?,
+            None => choice.value("logprobs", &Value::Null)?,
+        }
+        match &self.finish_reason {
+            Some(raw) => choice.raw("finish_reason", raw)?,
+            None => choice.value("finish_reason", &Value::Null)?,
+        }
+        for (key, raw, _) in &self.extras.entries {
+            choice.raw(key, raw)?;
+        }
+        choice.end();
+        Ok(())
+    }
+}
+
+/// A delta's merged members in first-seen order, found by a scan: a message has a handful
+/// (`role`, `content`, `refusal`, …) and is looked up for every delta, where hashing each key
+/// cost more than comparing it.
+#[derive(Default)]
+struct MemberList(Vec<(String, Value)>);
+
+/// Where [`merge_member`] finds and adds members: a message's [`MemberList`], or a nested
+/// object's map.
+trait MemberSlots {
+    fn slot(&mut self, key: &str) -> Option<&mut Value>;
+    fn add(&mut self, key: String, value: Value);
+}
+
+impl MemberSlots for MemberList {
+    fn slot(&mut self, key: &str) -> Option<&mut Value> {
+        self.0.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+    fn add(&mut self, key: String, value: Value) {
+        self.0.push((key, value));
+    }
+}
+
+impl MemberSlots for Map<String, Value> {
+    fn slot(&mut self, key: &str) -> Option<&mut Value> {
+        self.get_mut(key)
+    }
+    fn add(&mut self, key: String, value: Value) {
+        self.insert(key, value);
+    }
+}
+
+/// Writes a JSON object member by member, in the order given, straight into the body: no
+/// map is built (and hashed, and dropped) only to be serialised once.
+struct ObjectWriter<'a> {
+    out: &'a mut Vec<u8>,
+    empty: bool,
+}
+
+impl<'a> ObjectWriter<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        ObjectWriter { out, empty: true }
+    }
+
+    /// Writes `key` and its colon; the value is then written into the returned buffer.
+    fn key(&mut self, key: &str) -> Result<&mut Vec<u8>, serde_json::Error> {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        serde_json::to_writer(&mut *self.out, key)?;
+        self.out.push(b':');
+        Ok(self.out)
+    }
+
+    fn value<T: serde::Serialize + ?Sized>(
+        &mut self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), serde_json::Error> {
+        serde_json::to_writer(self.key(key)?, value)
+    }
+
+    /// A captured upstream value, written as serde_json would write it once parsed. A string
+    /// without a backslash is those very bytes (it has no quote, backslash or control
+    /// character to escape, and a raw value has no surrounding whitespace), so it is copied;
+    /// anything else goes through a parse, which drops whitespace and rewrites escapes.
+    fn raw(&mut self, key: &str, raw: &RawValue) -> Result<(), serde_json::Error> {
+        let text = raw.get();
+        let out = self.key(key)?;
+        if text.starts_with('"') && memchr::memchr(b'\\', text.as_bytes()).is_none() {
+            out.extend_from_slice(text.as_bytes());
+            Ok(())
+        } else {
+            serde_json::to_writer(out, &sub::<Value>(raw)?)
+        }
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
     }
 }
 
@@ -545,21 +666,21 @@ fn is_identity(key: &str) -> bool {
 
 /// Merges one member of a delta object into `target` (D6). `null` never erases.
 fn merge_member(
-    target: &mut Map<String, Value>,
+    target: &mut impl MemberSlots,
     key: Text<'_>,
     value: &RawValue,
 ) -> Result<(), serde_json::Error> {
     if value.get() == "null" {
         return Ok(());
     }
-    match target.get_mut(key.as_str()) {
+    match target.slot(key.as_str()) {
         Some(slot) if !slot.is_null() => merge_value(slot, key.as_str(), value),
         Some(slot) => {
             *slot = build(value)?;
             Ok(())
         }
         None => {
-            target.insert(key.0.into_owned(), build(value)?);
+            target.add(key.0.into_owned(), build(value)?);
             Ok(())
         }
     }
@@ -789,7 +910,7 @@ impl<'de> Deserialize<'de> for Members<'de> {
                 f.write_str("an object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::new();
+                let mut members = Vec::with_capacity(4);
                 while let Some(key) = map.next_key::<Text<'de>>()? {
                     members.push((key, map.next_value::<&'de RawValue>()?));
                 }
@@ -824,7 +945,7 @@ impl<'de> Deserialize<'de> for ChunkDe<'de> {
                     choices: None,
                     error: None,
                     is_chunk_object: false,
-                    fields: Vec::new(),
+                    fields: Vec::with_capacity(8),
                 };
                 let mut seen_choices = false;
                 while let Some(key) = map.next_key::<Text<'de>>()? {
