@@ -25,8 +25,10 @@
 //! accumulator does not need yet are captured as `&RawValue` (validated, not allocated), strings
 //! without escapes are borrowed from the event bytes. Text is appended to owned `String`s,
 //! logprob entries are moved into a `Vec`, repeated top-level values (`id`, `model`, `created`,
-//! …) are compared byte-wise and not re-allocated. A message's members are found by a scan, not
-//! a hash. [`ChatAccumulator::finish`] writes the body member by member into one buffer, without
+//! …) are compared byte-wise and not re-allocated. Streams repeat the members before `choices`
+//! byte for byte in every chunk: an event that starts with the same ones as the chunk before is
+//! parsed without them ([`SharedPrefix`]). A message's members are found by a scan, not a hash.
+//! [`ChatAccumulator::finish`] writes the body member by member into one buffer, without
 //! building a map of it first; captured strings without escapes are copied as they are.
 
 use std::borrow::Cow;
@@ -55,6 +57,30 @@ pub struct ChatAccumulator {
     chunks: u64,
     /// `[DONE]` was seen.
     done: bool,
+    /// The leading members the last chunk shares with the next ones, skipped when they repeat.
+    prefix: SharedPrefix,
+}
+
+/// The top-level members a chunk starts with, up to the last one before `choices`
+/// (`{"id":…,"object":…,"created":…,"model":…,"system_fingerprint":…,`). Streams repeat them
+/// byte for byte in every chunk, and they are most of a text chunk's bytes.
+///
+/// When an event starts with exactly these bytes, only `{` and the rest of it are parsed. That
+/// is sound: the skipped bytes were parsed in this very position before (so they are valid
+/// here too, D27), and applying their members again would change nothing, since keeping the
+/// last non-null value is idempotent. That holds only while no other member of a chunk
+/// repeats one of their keys, so a chunk with such a repeat clears the prefix.
+#[derive(Default)]
+struct SharedPrefix {
+    /// From `{` through the comma after the last member before `choices`; empty when the
+    /// next chunk must be parsed whole.
+    bytes: Vec<u8>,
+    /// The keys of the fields in `bytes`.
+    keys: Vec<String>,
+    /// `bytes` hold `"object":"chat.completion.chunk"`.
+    chunk_object: bool,
+    /// `{` followed by the rest of the event being parsed; reused.
+    scratch: String,
 }
 
 impl ChatAccumulator {
@@ -79,6 +105,9 @@ impl ChatAccumulator {
             self.done = true;
             return Ok(Flow::Finished);
         }
+        if let Some(flow) = self.push_after_prefix(data)? {
+            return Ok(flow);
+        }
         let chunk = parse_event_data::<ChunkDe<'_>>(data).map_err(|e| {
             // Valid JSON of the wrong shape (not an object, `choices` not an array, …) is
             // malformed; anything else is a corrupt stream.
@@ -88,14 +117,81 @@ impl ChatAccumulator {
                 AggregateError::InvalidJson(e)
             }
         })?;
+        let prefix = SharedPrefix::of(data, &chunk);
+        let counted = self.apply_chunk(chunk, false)?;
+        if counted {
+            let scratch = std::mem::take(&mut self.prefix.scratch);
+            self.prefix = prefix;
+            self.prefix.scratch = scratch;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Parses only what follows the shared prefix when `data` starts with it; `None` when the
+    /// event must be parsed whole (no prefix, another start, or a parse error, which the
+    /// whole parse then reports with its position in the event).
+    fn push_after_prefix(&mut self, data: &[u8]) -> Result<Option<Flow>, AggregateError> {
+        let skip = self.prefix.bytes.len();
+        if skip == 0 || !data.starts_with(&self.prefix.bytes) {
+            return Ok(None);
+        }
+        // The prefix ends with an ASCII comma, so the rest is UTF-8 if the event is. A member
+        // must follow that comma (`{"id":"x",}` is not JSON, though `{}` is).
+        let Ok(rest) = std::str::from_utf8(&data[skip..]) else {
+            return Ok(None);
+        };
+        if !rest
+            .trim_start_matches([' ', '\t', '\n', '\r'])
+            .starts_with('"')
+        {
+            return Ok(None);
+        }
+        let mut scratch = std::mem::take(&mut self.prefix.scratch);
+        scratch.clear();
+        scratch.push('{');
+        scratch.push_str(rest);
+        let applied = match serde_json::from_str::<ChunkDe<'_>>(&scratch) {
+            Ok(chunk) => {
+                let repeats = chunk
+                    .fields
+                    .iter()
+                    .any(|(key, ..)| self.prefix.keys.iter().any(|k| k == key.as_str()));
+                let applied = self.apply_chunk(chunk, true);
+                if repeats {
+                    self.prefix.bytes.clear();
+                }
+                Some(applied)
+            }
+            Err(_) => None,
+        };
+        self.prefix.scratch = scratch;
+        match applied {
+            Some(applied) => applied.map(|_| Some(Flow::Continue)),
+            None => Ok(None),
+        }
+    }
+
+    /// Applies a parsed chunk; `false` when it was not one to aggregate (B45, D26).
+    /// `after_prefix`: the chunk was parsed without the shared prefix.
+    fn apply_chunk(
+        &mut self,
+        chunk: ChunkDe<'_>,
+        after_prefix: bool,
+    ) -> Result<bool, AggregateError> {
         if let Some(error) = chunk.error {
             let error: Value = sub(error).map_err(AggregateError::InvalidJson)?;
             if truthy(&error) {
                 return Err(AggregateError::Upstream(Box::new(upstream_error(error))));
             }
         }
-        if chunk.choices.is_none() && !chunk.is_chunk_object {
-            return Ok(Flow::Continue);
+        // The last `object` decides; the prefix's counts when the rest has none.
+        let is_chunk_object = if after_prefix && chunk.object.is_none() {
+            self.prefix.chunk_object
+        } else {
+            chunk.is_chunk_object
+        };
+        if chunk.choices.is_none() && !is_chunk_object {
+            return Ok(false);
         }
         self.chunks += 1;
         for (key, value, after_choices) in chunk.fields {
@@ -105,7 +201,7 @@ impl ChatAccumulator {
             self.apply_choice(choice)
                 .map_err(AggregateError::InvalidJson)?;
         }
-        Ok(Flow::Continue)
+        Ok(true)
     }
 
     /// Builds the body. Called after `push` returned [`Flow::Finished`], or at a clean end of
@@ -304,6 +400,53 @@ impl LastNonNull {
             }
         }
     }
+}
+
+impl SharedPrefix {
+    /// The prefix `chunk`, parsed whole from `data`, shares with the chunks after it: its
+    /// bytes up to the last field before `choices` and the comma after it. None (empty) when
+    /// there is no such field or a key repeats within the chunk.
+    fn of(data: &[u8], chunk: &ChunkDe<'_>) -> Self {
+        let none = SharedPrefix::default();
+        if chunk.choices.is_none() || chunk.objects_repeat {
+            return none;
+        }
+        let before: Vec<&(Text<'_>, &RawValue, bool)> =
+            chunk.fields.iter().filter(|(.., after)| !after).collect();
+        let Some((_, last, _)) = before.last() else {
+            return none;
+        };
+        let repeats = chunk.fields.iter().enumerate().any(|(i, (key, ..))| {
+            chunk.fields[..i]
+                .iter()
+                .any(|(k, ..)| k.as_str() == key.as_str())
+        });
+        if repeats {
+            return none;
+        }
+        let end = end_in(data, last);
+        let Some(comma) = data
+            .get(end..)
+            .and_then(|rest| rest.iter().position(|b| !b.is_ascii_whitespace()))
+            .map(|i| end + i)
+            .filter(|&i| data[i] == b',')
+        else {
+            return none;
+        };
+        let len = comma + 1;
+        SharedPrefix {
+            bytes: data[..len].to_vec(),
+            keys: before.iter().map(|(k, ..)| k.as_str().to_owned()).collect(),
+            chunk_object: chunk.is_chunk_object
+                && chunk.object.is_some_and(|raw| end_in(data, raw) <= len),
+            scratch: String::new(),
+        }
+    }
+}
+
+/// Where `raw`, a value borrowed from `data`, ends in it.
+fn end_in(data: &[u8], raw: &RawValue) -> usize {
+    raw.get().as_ptr() as usize - data.as_ptr() as usize + raw.get().len()
 }
 
 /// One choice as it accumulates.
@@ -928,6 +1071,10 @@ struct ChunkDe<'a> {
     error: Option<&'a RawValue>,
     /// `object == "chat.completion.chunk"`.
     is_chunk_object: bool,
+    /// The last `object` member's value, for where it lies in the event.
+    object: Option<&'a RawValue>,
+    /// `object` came more than once.
+    objects_repeat: bool,
     /// Other members: `(key, value, came after the `choices` key)`.
     fields: Vec<(Text<'a>, &'a RawValue, bool)>,
 }
@@ -945,6 +1092,8 @@ impl<'de> Deserialize<'de> for ChunkDe<'de> {
                     choices: None,
                     error: None,
                     is_chunk_object: false,
+                    object: None,
+                    objects_repeat: false,
                     fields: Vec::with_capacity(8),
                 };
                 let mut seen_choices = false;
@@ -958,6 +1107,8 @@ impl<'de> Deserialize<'de> for ChunkDe<'de> {
                         "object" => {
                             let object: &RawValue = map.next_value()?;
                             chunk.is_chunk_object = object.get() == "\"chat.completion.chunk\"";
+                            chunk.objects_repeat |= chunk.object.is_some();
+                            chunk.object = Some(object);
                         }
                         // Chunk-only padding (D7). Captured rather than skipped so that its
                         // bytes are still validated (D27).
@@ -1403,6 +1554,120 @@ mod tests {
         ]);
         let body: Value = serde_json::from_slice(&acc.finish().unwrap().body).unwrap();
         assert!(body.get("error").is_none());
+    }
+
+    /// The body of `events` and the accumulator's prefix afterwards, plus the body of the same
+    /// events parsed whole: event `i` gets `i` spaces after its `{`, so no event starts with
+    /// the previous one's prefix. Whitespace between members changes nothing in the body.
+    fn with_and_without_prefix(events: &[&str]) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let body = |events: &[String]| {
+            let mut acc = ChatAccumulator::new();
+            for e in events {
+                acc.push(b"", e.as_bytes()).unwrap();
+            }
+            let prefix = acc.prefix.bytes.clone();
+            (acc.finish().unwrap().body, prefix)
+        };
+        let (skipping, prefix) = body(&events.iter().map(|e| e.to_string()).collect::<Vec<_>>());
+        let spaced: Vec<String> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| match e.strip_prefix('{') {
+                Some(rest) => format!("{{{}{rest}", " ".repeat(i)),
+                None => e.to_string(),
+            })
+            .collect();
+        let (whole, _) = body(&spaced);
+        (skipping, whole, prefix)
+    }
+
+    #[test]
+    fn the_shared_prefix_is_skipped_and_changes_nothing() {
+        let (skipping, whole, prefix) = with_and_without_prefix(&[
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+            // Another model from here: parsed whole once, then the new prefix is skipped.
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m2","choices":[{"index":0,"delta":{"content":" there"},"finish_reason":null}]}"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m2","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            // No `choices`: counted through the prefix's `object`.
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m2","usage":{"total_tokens":3}}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(
+            String::from_utf8(skipping).unwrap(),
+            String::from_utf8(whole).unwrap()
+        );
+        assert_eq!(
+            prefix,
+            br#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m2","#
+        );
+    }
+
+    #[test]
+    fn a_key_repeated_after_the_prefix_stops_the_skipping() {
+        let events = [
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"a"}}]}"#,
+            // `model` again after `choices`: the last value wins in this chunk…
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"b"}}],"model":"late"}"#,
+            // …and here, where it comes only in the prefix, `m` is the last value again.
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"c"},"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ];
+        let (skipping, whole, _) = with_and_without_prefix(&events);
+        assert_eq!(skipping, whole);
+        let body: Value = serde_json::from_slice(&skipping).unwrap();
+        assert_eq!(body["model"], "m");
+        assert_eq!(msg(&body, 0)["content"], "abc");
+
+        // A key repeated within the prefix's own chunk: no prefix at all.
+        let (skipping, whole, prefix) = with_and_without_prefix(&[
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"a"}}],"model":"late"}"#,
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"b"},"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(skipping, whole);
+        assert!(!prefix.is_empty(), "the second chunk has no repeat");
+        let body: Value = serde_json::from_slice(&skipping).unwrap();
+        assert_eq!(body["model"], "m");
+    }
+
+    #[test]
+    fn an_event_is_as_valid_with_the_prefix_skipped_as_whole() {
+        let first = r#"{"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"a"}}]}"#;
+        for bad in [
+            // The prefix (`{"id":"c1",`) then `}`: a trailing comma, though `{}` alone is JSON.
+            r#"{"id":"c1",}"#,
+            r#"{"id":"c1", }"#,
+            r#"{"id":"c1","object":"chat.completion.chunk",}"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"b"}}]"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"b"}}]}x"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","choices":{"index":0}}"#,
+        ] {
+            let mut acc = ChatAccumulator::new();
+            acc.push(b"", first.as_bytes()).unwrap();
+            assert_eq!(acc.prefix.bytes, br#"{"id":"c1","#);
+            let got = acc.push(b"", bad.as_bytes()).unwrap_err().to_string();
+            let whole = ChatAccumulator::new()
+                .push(b"", bad.as_bytes())
+                .unwrap_err()
+                .to_string();
+            // The same error, at the same position in the event.
+            assert_eq!(got, whole, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_repeated_object_key_gives_no_prefix() {
+        // The last `object` decides whether a chunk without `choices` counts.
+        let (skipping, whole, prefix) = with_and_without_prefix(&[
+            r#"{"object":"chat.completion.chunk","id":"c1","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"}],"object":"x"}"#,
+            r#"{"object":"chat.completion.chunk","id":"c1","usage":{"total_tokens":1}}"#,
+            "[DONE]",
+        ]);
+        assert!(prefix.is_empty());
+        assert_eq!(skipping, whole);
+        let body: Value = serde_json::from_slice(&skipping).unwrap();
+        assert_eq!(body["usage"]["total_tokens"], 1);
     }
 
     #[test]
