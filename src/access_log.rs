@@ -17,8 +17,9 @@ use crate::route::Mode;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ConvertSummary {
     /// The event that ended the upstream stream, as named by
-    /// [`Terminal::as_str`](crate::convert::outcome::Terminal::as_str).
-    pub terminal: &'static str,
+    /// [`Terminal::as_str`](crate::convert::outcome::Terminal::as_str); `None` when no stream
+    /// was aggregated (the answer was relayed, or the conversion failed).
+    pub terminal: Option<&'static str>,
     /// Input (prompt) tokens the upstream reported.
     pub input_tokens: Option<u64>,
     /// Output (completion) tokens the upstream reported.
@@ -31,6 +32,17 @@ pub struct ConvertSummary {
     pub reasoning_tokens: Option<u64>,
     /// Which fallback was used when the upstream refused the streaming form.
     pub fallback: Option<&'static str>,
+}
+
+impl ConvertSummary {
+    /// What the line says of a conversion that took a refusal fallback and then did not
+    /// aggregate a stream: its answer was relayed, or it failed.
+    pub fn fallback_only(fallback: &'static str) -> Self {
+        ConvertSummary {
+            fallback: Some(fallback),
+            ..ConvertSummary::default()
+        }
+    }
 }
 
 /// The pending log line of one request.
@@ -189,13 +201,12 @@ impl AccessLog {
             metrics.upstream_error(port, kind);
         }
         let Some(convert) = self.convert else { return };
-        metrics
-            .terminal
-            .get_or_create(&TerminalLabels {
-                port,
-                terminal: convert.terminal,
-            })
-            .inc();
+        if let Some(terminal) = convert.terminal {
+            metrics
+                .terminal
+                .get_or_create(&TerminalLabels { port, terminal })
+                .inc();
+        }
         let tokens = [
             ("input", convert.input_tokens),
             ("output", convert.output_tokens),
@@ -249,7 +260,7 @@ impl Drop for AccessLog {
             bytes = self.bytes,
             outcome = %outcome,
             error = error.map(tracing::field::display),
-            terminal = self.convert.map(|_| tracing::field::display(convert.terminal)),
+            terminal = convert.terminal.map(tracing::field::display),
             input_tokens = convert.input_tokens,
             output_tokens = convert.output_tokens,
             total_tokens = convert.total_tokens,

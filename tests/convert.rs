@@ -1171,4 +1171,16 @@ async fn fallbacks_are_logged() {
     lines
         .line_with(&["refused the streaming form", "fallback=plain"])
         .await;
+    // The plain answer is relayed, not aggregated: the access line names the fallback and
+    // no terminal event.
+    let line = lines
+        .line_with(&[
+            "request",
+            &port,
+            "path=/plain/v1/chat/completions",
+            "fallback=plain",
+        ])
+        .await;
+    assert!(line.contains("mode=convert"), "{line}");
+    assert!(!line.contains("terminal="), "{line}");
 }

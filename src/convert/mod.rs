@@ -129,7 +129,8 @@ pub async fn convert(
         converted,
     };
     let Some(interval) = rule.options.keep_alive else {
-        let (response, summary) = conversion.run().await.into_response();
+        let (outcome, fallback) = conversion.run().await;
+        let (response, summary) = outcome.into_response(fallback);
         if let Some(summary) = summary {
             log.set_convert(summary);
         }
@@ -138,8 +139,8 @@ pub async fn convert(
 
     let mut running: RunningConversion = Box::pin(conversion.run());
     tokio::select! {
-        outcome = &mut running => {
-            let (response, summary) = outcome.into_response();
+        (outcome, fallback) = &mut running => {
+            let (response, summary) = outcome.into_response(fallback);
             if let Some(summary) = summary {
                 log.set_convert(summary);
             }
@@ -178,7 +179,9 @@ struct LateAnswer {
     port: u16,
 }
 
-type RunningConversion = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>;
+/// A conversion's outcome and the refusal fallback it took, if any.
+type RunningConversion =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (Outcome, Option<&'static str>)> + Send>>;
 
 async fn keep_alive(
     mut running: RunningConversion,
@@ -190,8 +193,8 @@ async fn keep_alive(
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now(), interval);
     loop {
         tokio::select! {
-            outcome = &mut running => {
-                let (body, summary, failure) = outcome.into_committed_body(&late).await;
+            (outcome, fallback) = &mut running => {
+                let (body, summary, failure) = outcome.into_committed_body(&late, fallback).await;
                 if let Some(summary) = summary {
                     let _ = summary_slot.set(summary);
                 }
@@ -258,7 +261,6 @@ enum Outcome {
     Aggregated {
         headers: HeaderMap,
         aggregate: Aggregate,
-        fallback: Option<&'static str>,
     },
     /// Not an event stream: relayed as the upstream sent it.
     Relay(Response<ProxyBody>),
@@ -270,10 +272,12 @@ enum Outcome {
 }
 
 impl Conversion {
-    /// Runs the conversion; what it relays comes in a coding the client can read.
-    async fn run(self) -> Outcome {
-        let outcome = self.exchange().await;
-        self.readable_for_client(outcome).await
+    /// Runs the conversion; what it relays comes in a coding the client can read. The second
+    /// value is the refusal fallback the conversion took, whatever the outcome, for the log.
+    async fn run(self) -> (Outcome, Option<&'static str>) {
+        let mut fallback = None;
+        let outcome = self.exchange(&mut fallback).await;
+        (self.readable_for_client(outcome).await, fallback)
     }
 
     /// A relayed answer whose `content-encoding` the client did not offer (the upstream chose
@@ -319,13 +323,14 @@ impl Conversion {
         Outcome::Relay(Response::from_parts(parts, ProxyBody::full(plain)))
     }
 
-    async fn exchange(&self) -> Outcome {
+    /// Sends the converted request, and again in a fallback form when the upstream refuses
+    /// it; `fallback` is the form last sent.
+    async fn exchange(&self, fallback: &mut Option<&'static str>) -> Outcome {
         let rule = &*self.rule;
         let upstream_name = rule.upstream.to_string();
         let mut body = self.converted.clone();
-        let mut fallback = None;
         loop {
-            let request = match self.upstream_request(body.clone(), fallback == Some("plain")) {
+            let request = match self.upstream_request(body.clone(), *fallback == Some("plain")) {
                 Ok(r) => r,
                 Err(error) => {
                     return Outcome::Failed {
@@ -343,7 +348,7 @@ impl Conversion {
                     }
                 }
             };
-            if fallback == Some("plain") {
+            if *fallback == Some("plain") {
                 return Outcome::Relay(passthrough::relay_response(response, rule.options.timeout));
             }
             let status = response.status();
@@ -375,14 +380,14 @@ impl Conversion {
                     }
                 };
                 let readable = readable_error(&parts.headers, &peek).await;
-                match refusal_fallback(self.api, &readable, fallback, &self.original) {
+                match refusal_fallback(self.api, &readable, *fallback, &self.original) {
                     Some((name, next_body)) => {
                         tracing::warn!(upstream = %rule.upstream, fallback = %name, "upstream refused the streaming form; retrying");
                         // Once per request, whatever the retry then brings.
                         if fallback.is_none() {
                             Metrics::global().upstream_error(rule.port, "stream_fallback");
                         }
-                        fallback = Some(name);
+                        *fallback = Some(name);
                         body = next_body;
                         continue;
                     }
@@ -392,7 +397,7 @@ impl Conversion {
             if !status.is_success() {
                 return Outcome::Relay(passthrough::relay_response(response, rule.options.timeout));
             }
-            return self.aggregate_response(response, fallback).await;
+            return self.aggregate_response(response).await;
         }
     }
 
@@ -424,11 +429,7 @@ impl Conversion {
         passthrough::upstream_request(&self.rule, parts, UpstreamBody::full(body))
     }
 
-    async fn aggregate_response(
-        &self,
-        response: Response<UpstreamIncoming>,
-        fallback: Option<&'static str>,
-    ) -> Outcome {
+    async fn aggregate_response(&self, response: Response<UpstreamIncoming>) -> Outcome {
         let rule = &*self.rule;
         let upstream_name = rule.upstream.to_string();
         let (parts, mut incoming) = response.into_parts();
@@ -505,7 +506,6 @@ impl Conversion {
             Ok(aggregate) => Outcome::Aggregated {
                 headers: parts.headers,
                 aggregate,
-                fallback,
             },
             Err(StreamError::Aggregate(AggregateError::Upstream(reported))) => Outcome::Failed {
                 error: ProxyError::UpstreamReported(reported),
@@ -534,14 +534,15 @@ impl Conversion {
 }
 
 impl Outcome {
-    /// The response for an outcome decided before anything was committed.
-    fn into_response(self) -> (Response<ProxyBody>, Option<ConvertSummary>) {
+    /// The response for an outcome decided before anything was committed, and what the log
+    /// line says of the conversion.
+    fn into_response(
+        self,
+        fallback: Option<&'static str>,
+    ) -> (Response<ProxyBody>, Option<ConvertSummary>) {
+        let fallback_only = fallback.map(ConvertSummary::fallback_only);
         match self {
-            Outcome::Aggregated {
-                headers,
-                aggregate,
-                fallback,
-            } => {
+            Outcome::Aggregated { headers, aggregate } => {
                 let summary = summary(&aggregate, fallback);
                 let length = aggregate.body.len();
                 let mut response = Response::new(ProxyBody::full(aggregate.body));
@@ -555,7 +556,7 @@ impl Outcome {
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
                 (response, Some(summary))
             }
-            Outcome::Relay(response) => (response, None),
+            Outcome::Relay(response) => (response, fallback_only),
             Outcome::Failed { error, headers } => {
                 let mut response: Response<ProxyBody> = error.to_response();
                 if let Some(upstream) = headers {
@@ -563,7 +564,7 @@ impl Outcome {
                     merged.extend(response.headers().clone());
                     *response.headers_mut() = merged;
                 }
-                (response, None)
+                (response, fallback_only)
             }
         }
     }
@@ -574,22 +575,22 @@ impl Outcome {
     async fn into_committed_body(
         self,
         late: &LateAnswer,
+        fallback: Option<&'static str>,
     ) -> (Bytes, Option<ConvertSummary>, Option<&'static str>) {
+        let fallback_only = fallback.map(ConvertSummary::fallback_only);
         match self {
-            Outcome::Aggregated {
-                aggregate,
-                fallback,
-                ..
-            } => {
+            Outcome::Aggregated { aggregate, .. } => {
                 let summary = summary(&aggregate, fallback);
                 (Bytes::from(aggregate.body), Some(summary), None)
             }
             // The upstream's own body (its error envelope, or JSON it sent without streaming).
             Outcome::Relay(response) => {
                 let (body, failure) = committed_relay(response, late).await;
-                (body, None, failure)
+                (body, fallback_only, failure)
             }
-            Outcome::Failed { error, .. } => (error.envelope(), None, error.upstream_kind()),
+            Outcome::Failed { error, .. } => {
+                (error.envelope(), fallback_only, error.upstream_kind())
+            }
         }
     }
 }
@@ -659,7 +660,7 @@ async fn read_decoded(body: ProxyBody, coding: Coding, max: u64) -> Result<Bytes
 fn summary(aggregate: &Aggregate, fallback: Option<&'static str>) -> ConvertSummary {
     let usage = aggregate.usage.unwrap_or_default();
     ConvertSummary {
-        terminal: aggregate.terminal.as_str(),
+        terminal: Some(aggregate.terminal.as_str()),
         input_tokens: usage.input,
         output_tokens: usage.output,
         total_tokens: usage.total,
