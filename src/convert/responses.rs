@@ -288,6 +288,9 @@ impl ResponsesAccumulator {
         let Some(response) = event.response.filter(|raw| is_object(raw)) else {
             return;
         };
+        if !may_carry_usage(response.get().as_bytes()) {
+            return;
+        }
         let Ok(object) = serde_json::from_str::<RawObject<'_>>(response.get()) else {
             return;
         };
@@ -584,6 +587,25 @@ fn sub_index(raw: Option<&RawValue>) -> Option<u64> {
         None => Some(0),
         Some(raw) => raw.get().parse::<u64>().ok(),
     }
+}
+
+/// Whether a `response` object's bytes may hold a `usage` that is not null, found without
+/// parsing them: lifecycle events carry the whole response (instructions, tools, …) and
+/// almost always `"usage":null`. Without a backslash in the bytes, a `usage` key can only be
+/// spelt `"usage"` followed by a colon (inside a string, a quote would need a backslash), so
+/// when every such occurrence is followed by `null` there is nothing to remember.
+fn may_carry_usage(response: &[u8]) -> bool {
+    if memchr::memchr(b'\\', response).is_some() {
+        return true;
+    }
+    memchr::memmem::find_iter(response, b"\"usage\"").any(|at| {
+        let after = response[at + 7..].trim_ascii_start();
+        match after.strip_prefix(b":") {
+            Some(value) => !value.trim_ascii_start().starts_with(b"null"),
+            // A string value `"usage"`, not a key.
+            None => false,
+        }
+    })
 }
 
 fn terminal_response<'a>(event: &Event<'a>) -> Result<&'a RawValue, AggregateError> {
@@ -1978,6 +2000,34 @@ mod tests {
             Flow::Finished
         );
         assert!(matches!(acc.finish(), Err(AggregateError::Truncated(_))));
+    }
+
+    #[test]
+    fn only_a_null_usage_skips_the_lifecycle_skim() {
+        for (response, may) in [
+            (r#"{"id":"r","usage":null}"#, false),
+            (r#"{"id":"r","usage" : null,"x":{"usage":null}}"#, false),
+            (r#"{"id":"r","tools":[{"name":"usage"}]}"#, false),
+            (r#"{"id":"r"}"#, false),
+            (r#"{"id":"r","usage":{"input_tokens":1}}"#, true),
+            (r#"{"id":"r","usage":null,"meta":{"usage":3}}"#, true),
+            (r#"{"id":"r","usage": {}}"#, true),
+            // Escapes anywhere: the key could be spelt `"\u0075sage"`, so look.
+            (r#"{"id":"r","\u0075sage":{"input_tokens":1}}"#, true),
+            (r#"{"id":"r","instructions":"a\nb","usage":null}"#, true),
+        ] {
+            assert_eq!(may_carry_usage(response.as_bytes()), may, "{response}");
+        }
+        // Escaped, the key is still found and remembered.
+        let events = [
+            r#"{"type":"response.in_progress","response":{"\u0075sage":{"input_tokens":4,"output_tokens":1,"total_tokens":5}}}"#.to_owned(),
+            r#"{"type":"response.completed","response":{"id":"r","output":[1]}}"#.to_owned(),
+        ];
+        let mut acc = ResponsesAccumulator::default();
+        for e in &events {
+            acc.push(b"", e.as_bytes()).unwrap();
+        }
+        assert_eq!(acc.finish().unwrap().usage.and_then(|u| u.total), Some(5));
     }
 
     #[test]
