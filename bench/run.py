@@ -37,6 +37,9 @@ CPU_LOAD = "0"   # load generator + mock
 CPU_PROXY = "1"  # proxy under test
 
 MOCK_PORT = 19100
+# Targets that are the mock itself: "direct" (the mock on the load generator's core) and "hop"
+# (the mock moved onto the proxy's core for the run: one cross-core hop and no proxy).
+DIRECT = ("direct", "hop")
 # "floor": hyper's server and client with nothing of ours between them (examples/hyper_floor.rs),
 # the least a hyper-based relay costs; a reference, not a competitor.
 PORTS = {"ours": 19201, "nginx": 19202, "haproxy": 19203, "floor": 19209}
@@ -229,16 +232,26 @@ class Suite:
         return os.path.join(self.raw, f"{self.counter:03d}-{name}.json")
 
     def url(self, target, path, query, port=None):
-        p = MOCK_PORT if target == "direct" else (port or PORTS[target])
+        p = MOCK_PORT if target in DIRECT else (port or PORTS[target])
         return f"http://127.0.0.1:{p}{path}?{query}"
 
     def watch_for(self, target):
-        if target == "direct":
+        if target in DIRECT:
             return [self.mock]
         return [self.mock, self.proxies[target]]
 
     def proxy_for(self, target):
-        return None if target == "direct" else self.proxies[target]
+        return None if target in DIRECT else self.proxies[target]
+
+    def measured(self, target, run_fn):
+        """`cpu_split`, with the mock moved onto the proxy's core for the `hop` control."""
+        if target != "hop":
+            return self.cpu_split(target, run_fn)
+        repin(self.mock, CPU_PROXY)
+        try:
+            return self.cpu_split(target, run_fn)
+        finally:
+            repin(self.mock, CPU_LOAD)
 
     def wrk(self, label, target, url, body, conns, duration, port=None):
         out = self.path(f"wrk-{label}")
@@ -437,21 +450,26 @@ class Suite:
         d = a.c1_duration
         # "split": the proxy on its own core (every hop is a cross-core wake-up);
         # "shared": the proxy moved onto the load generator's and mock's core for the run.
+        # "hop" (split only): the client straight to the mock moved onto the proxy's core, the
+        # one cross-core hop with no proxy, a control for what the layout itself costs.
         for layout in ["split", "shared"]:
             for rnd in range(a.rounds):
-                for t, kind in [("direct", "passthrough"), ("ours", "passthrough"),
-                                ("nginx", "passthrough"), ("haproxy", "passthrough"),
-                                ("floor", "passthrough"), ("ours", "conversion")]:
-                    if layout == "shared" and t != "direct":
+                for t, kind in [("direct", "passthrough"), ("hop", "passthrough"),
+                                ("ours", "passthrough"), ("nginx", "passthrough"),
+                                ("haproxy", "passthrough"), ("floor", "passthrough"),
+                                ("ours", "conversion")]:
+                    if layout == "shared" and t == "hop":
+                        continue
+                    if layout == "shared" and t not in DIRECT:
                         repin(self.proxies[t], CPU_LOAD)
                     body = BODY_PLAIN if kind == "conversion" else BODY_STREAM
                     try:
-                        res = self.cpu_split(t, lambda: self.load(
+                        res = self.measured(t, lambda: self.load(
                             "closed", f"c1-{layout}-{kind}-{t}-r{rnd}", t,
                             ["--url", self.url(t, CHAT, "events=20"), "--body", body,
                              "--concurrency", "1", "--duration", str(d), "--warmup", "0.5"]))
                     finally:
-                        if layout == "shared" and t != "direct":
+                        if layout == "shared" and t not in DIRECT:
                             repin(self.proxies[t], CPU_PROXY)
                     res.update({"kind": kind, "round": rnd, "layout": layout})
                     rows.append(res)
@@ -509,8 +527,9 @@ class Suite:
         rate = max(100.0, round(max_rps / 2.0, -1))
         half = []
         for rnd in range(a.rounds):
-            for t, body in [("direct", BODY_STREAM), ("ours", BODY_PLAIN)]:
-                res = self.cpu_split(t, lambda: self.load(
+            # `hop`: direct, with the mock alone on the proxy's core (control, see c=1).
+            for t, body in [("direct", BODY_STREAM), ("hop", BODY_STREAM), ("ours", BODY_PLAIN)]:
+                res = self.measured(t, lambda: self.load(
                     "open", f"conv-half-{t}-r{rnd}", t,
                     ["--url", self.url(t, CHAT, "events=20"), "--body", body, "--rate", str(rate),
                      "--duration", str(a.open_duration), "--warmup", "1"]))
