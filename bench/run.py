@@ -548,8 +548,9 @@ class Suite:
         q = "events=64&pace_ms=20&ts=1"
         rows = []
         for rnd in range(a.rounds):
-            for t in ["direct", "ours", "nginx", "haproxy"]:
-                res = self.cpu_split(t, lambda: self.load(
+            # `hop`: direct, with the mock alone on the proxy's core (control, see c=1).
+            for t in ["direct", "hop", "ours", "nginx", "haproxy"]:
+                res = self.measured(t, lambda: self.load(
                     "stream", f"paced-{a.paced_streams}-{t}-r{rnd}", t,
                     ["--url", self.url(t, CHAT, q), "--body", BODY_STREAM,
                      "--streams", str(a.paced_streams), "--ramp-ms", "500",
