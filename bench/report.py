@@ -510,7 +510,7 @@ class Report:
             b = best(st["runs"], lambda r: r["event_delay_us"]["p99"], lowest=True)
             d = b.get("direct")
             rows = []
-            for t in ["direct", "hop"] + PROXIES:
+            for t in ["direct", "hop"] + PROXIES + REFERENCES:
                 r = b.get(t)
                 if not r:
                     continue

@@ -549,7 +549,7 @@ class Suite:
         rows = []
         for rnd in range(a.rounds):
             # `hop`: direct, with the mock alone on the proxy's core (control, see c=1).
-            for t in ["direct", "hop", "ours", "nginx", "haproxy"]:
+            for t in ["direct", "hop", "ours", "nginx", "haproxy", "floor"]:
                 res = self.measured(t, lambda: self.load(
                     "stream", f"paced-{a.paced_streams}-{t}-r{rnd}", t,
                     ["--url", self.url(t, CHAT, q), "--body", BODY_STREAM,
