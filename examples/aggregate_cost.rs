@@ -94,12 +94,16 @@ fn aggregate(api: Api, stream: &[u8]) -> Result<usize, String> {
     let mut parser = SseParser::new(usize::MAX);
     let mut accumulator = Accumulator::new(api);
     let mut sink = |event: SseEvent<'_>| {
-        accumulator.push(event.name, event.data).map(|flow| match flow {
-            Flow::Continue => ControlFlow::Continue(()),
-            Flow::Finished => ControlFlow::Break(()),
-        })
+        accumulator
+            .push(event.name, event.data)
+            .map(|flow| match flow {
+                Flow::Continue => ControlFlow::Continue(()),
+                Flow::Finished => ControlFlow::Break(()),
+            })
     };
-    let pushed = parser.push(stream, &mut sink).map_err(|e| format!("{e:?}"))?;
+    let pushed = parser
+        .push(stream, &mut sink)
+        .map_err(|e| format!("{e:?}"))?;
     if pushed.is_continue() {
         // The stream ended without its terminal event: a last event without its blank line
         // still counts.
