@@ -841,7 +841,10 @@ fn merge_value(slot: &mut Value, key: &str, value: &RawValue) -> Result<(), serd
         return Ok(());
     }
     match slot {
-        Value::String(acc) if s.starts_with('"') => acc.push_str(sub::<Text<'_>>(value)?.as_str()),
+        Value::String(acc) if s.starts_with('"') => match plain_string(value) {
+            Some(text) => acc.push_str(text),
+            None => acc.push_str(sub::<Text<'_>>(value)?.as_str()),
+        },
         Value::Object(acc) if s.starts_with('{') => {
             let members: Members<'_> = sub(value)?;
             for (k, v) in members.0 {
@@ -906,7 +909,19 @@ fn build(value: &RawValue) -> Result<Value, serde_json::Error> {
         merge_array(&mut acc, sub(value)?)?;
         return Ok(Value::Array(acc));
     }
+    if let Some(text) = plain_string(value) {
+        return Ok(Value::String(text.to_owned()));
+    }
     sub(value)
+}
+
+/// The text of a captured string that has no escapes: its bytes between the quotes, with no
+/// second parse. A streamed text delta is almost always one.
+fn plain_string(value: &RawValue) -> Option<&str> {
+    let inner = value.get().strip_prefix('"')?.strip_suffix('"')?;
+    memchr::memchr(b'\\', inner.as_bytes())
+        .is_none()
+        .then_some(inner)
 }
 
 /// Parses a captured member. It was validated when the event was parsed, so this only fails
