@@ -1068,7 +1068,7 @@ impl<'de> Deserialize<'de> for Members<'de> {
                 f.write_str("an object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::with_capacity(4);
+                let mut members = Vec::new();
                 while let Some(key) = map.next_key::<Text<'de>>()? {
                     members.push((key, map.next_value::<&'de RawValue>()?));
                 }
@@ -1109,7 +1109,7 @@ impl<'de> Deserialize<'de> for ChunkDe<'de> {
                     is_chunk_object: false,
                     object: None,
                     objects_repeat: false,
-                    fields: Vec::with_capacity(8),
+                    fields: Vec::new(),
                 };
                 let mut seen_choices = false;
                 while let Some(key) = map.next_key::<Text<'de>>()? {
