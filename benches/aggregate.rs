@@ -11,19 +11,18 @@
 //! `BENCH_QUICK=1` shortens the measurement for smoke runs. Sizes of the inputs are
 //! written to `target/bench/aggregate_inputs.json` for the report.
 
+#[path = "../bench/aggregation.rs"]
+mod aggregation;
 #[path = "../bench/sse_gen.rs"]
 mod sse_gen;
 
 use std::hint::black_box;
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use aggregation::{aggregate, payloads};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use openai_stream_proxy::convert::outcome::Flow;
 use openai_stream_proxy::convert::request::Api;
-use openai_stream_proxy::convert::stream::Accumulator;
-use openai_stream_proxy::sse::{SseEvent, SseParser};
 
 struct Stream {
     bytes: Vec<u8>,
@@ -46,41 +45,9 @@ impl Input {
     }
 }
 
-fn payloads(bytes: &[u8]) -> Vec<Vec<u8>> {
-    let mut parser = SseParser::new(usize::MAX);
-    let mut out = Vec::new();
-    let mut sink = |event: SseEvent<'_>| {
-        if event.data != b"[DONE]" {
-            out.push(event.data.to_vec());
-        }
-        Ok::<_, std::convert::Infallible>(ControlFlow::Continue(()))
-    };
-    let _ = parser.push(bytes, &mut sink);
-    let _ = parser.finish(&mut sink);
-    out
-}
-
 fn stream(bytes: Vec<u8>) -> Stream {
     let payloads = payloads(&bytes);
     Stream { bytes, payloads }
-}
-
-/// Parser and accumulator over one whole stream, as the proxy does for a conversion
-/// (there the bytes arrive in frames; here in one piece); returns the body length.
-fn aggregate(api: Api, bytes: &[u8]) -> usize {
-    let mut parser = SseParser::new(usize::MAX);
-    let mut acc = Accumulator::new(api);
-    let mut sink = |event: SseEvent<'_>| {
-        acc.push(event.name, event.data).map(|flow| match flow {
-            Flow::Continue => ControlFlow::Continue(()),
-            Flow::Finished => ControlFlow::Break(()),
-        })
-    };
-    let finished = matches!(parser.push(bytes, &mut sink), Ok(ControlFlow::Break(())));
-    if !finished {
-        let _ = parser.finish(&mut sink);
-    }
-    acc.finish().map(|a| a.body.len()).unwrap_or(0)
 }
 
 fn fixtures_dir() -> Option<PathBuf> {
@@ -169,7 +136,11 @@ fn record_inputs(inputs: &[Input]) {
     let entries: Vec<String> = inputs
         .iter()
         .map(|i| {
-            let body: usize = i.streams.iter().map(|s| aggregate(i.api, &s.bytes)).sum();
+            let body: usize = i
+                .streams
+                .iter()
+                .map(|s| aggregate(i.api, &s.bytes).unwrap_or(0))
+                .sum();
             format!(
                 "\"{}\":{{\"streams\":{},\"sse_bytes\":{},\"events\":{},\"body_bytes\":{}}}",
                 i.name,
@@ -193,7 +164,7 @@ fn bench(c: &mut Criterion) {
         // Sanity: every stream aggregates to a body.
         for s in &input.streams {
             assert!(
-                aggregate(input.api, &s.bytes) > 0,
+                aggregate(input.api, &s.bytes).is_ok_and(|len| len > 0),
                 "{} does not aggregate",
                 input.name
             );
@@ -203,7 +174,7 @@ fn bench(c: &mut Criterion) {
         group.bench_function("aggregate", |b| {
             b.iter(|| {
                 for s in &input.streams {
-                    black_box(aggregate(input.api, black_box(&s.bytes)));
+                    let _ = black_box(aggregate(input.api, black_box(&s.bytes)));
                 }
             })
         });

@@ -15,17 +15,16 @@
 //! Modes: `chat`, `responses` (aggregate the stream), `chat-floor`, `responses-floor` (parse
 //! each event's data into `serde::de::IgnoredAny`, the least any aggregator has to do).
 
+#[path = "../bench/aggregation.rs"]
+mod aggregation;
 #[path = "../bench/sse_gen.rs"]
 mod sse_gen;
 
 use std::hint::black_box;
-use std::ops::ControlFlow;
 use std::process::ExitCode;
 
-use openai_stream_proxy::convert::outcome::Flow;
+use aggregation::{aggregate, payloads};
 use openai_stream_proxy::convert::request::Api;
-use openai_stream_proxy::convert::stream::Accumulator;
-use openai_stream_proxy::sse::{SseEvent, SseParser};
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -72,47 +71,6 @@ fn main() -> ExitCode {
         payloads.len()
     );
     ExitCode::SUCCESS
-}
-
-/// The data of every event but `[DONE]`.
-fn payloads(stream: &[u8]) -> Vec<Vec<u8>> {
-    let mut parser = SseParser::new(usize::MAX);
-    let mut out = Vec::new();
-    let mut sink = |event: SseEvent<'_>| {
-        if event.data != b"[DONE]" {
-            out.push(event.data.to_vec());
-        }
-        Ok::<_, std::convert::Infallible>(ControlFlow::Continue(()))
-    };
-    let _ = parser.push(stream, &mut sink);
-    let _ = parser.finish(&mut sink);
-    out
-}
-
-/// One aggregation, as a conversion does it; returns the body's length.
-fn aggregate(api: Api, stream: &[u8]) -> Result<usize, String> {
-    let mut parser = SseParser::new(usize::MAX);
-    let mut accumulator = Accumulator::new(api);
-    let mut sink = |event: SseEvent<'_>| {
-        accumulator
-            .push(event.name, event.data)
-            .map(|flow| match flow {
-                Flow::Continue => ControlFlow::Continue(()),
-                Flow::Finished => ControlFlow::Break(()),
-            })
-    };
-    let pushed = parser
-        .push(stream, &mut sink)
-        .map_err(|e| format!("{e:?}"))?;
-    if pushed.is_continue() {
-        // The stream ended without its terminal event: a last event without its blank line
-        // still counts.
-        let _ = parser.finish(&mut sink).map_err(|e| format!("{e:?}"))?;
-    }
-    accumulator
-        .finish()
-        .map(|aggregate| aggregate.body.len())
-        .map_err(|e| e.to_string())
 }
 
 /// The floor: each event's data parsed once and thrown away; returns how many parsed.
