@@ -235,6 +235,19 @@ async fn event_streams_without_content_type_are_still_aggregated() {
     assert_eq!(got["choices"][0]["message"]["content"], "Hello");
 }
 
+/// A 200 whose JSON body is the aggregated `CHAT_STREAM` ("Hello"); `case` names the
+/// variant in failure messages.
+fn assert_answers_hello(case: &str, parts: &http::response::Parts, body: &[u8]) {
+    assert_eq!(
+        parts.status,
+        200,
+        "{case}: {}",
+        String::from_utf8_lossy(body)
+    );
+    let got: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(got["choices"][0]["message"]["content"], "Hello", "{case}");
+}
+
 async fn encode(coding: &str, data: &[u8]) -> Vec<u8> {
     use async_compression::tokio::bufread::{
         BrotliEncoder, DeflateEncoder, GzipEncoder, ZlibEncoder, ZstdEncoder,
@@ -278,15 +291,8 @@ async fn compressed_streams_are_decoded_before_aggregation() {
         })
         .await;
         let (parts, got) = convert(&upstream, "/v1/chat/completions", "{\"model\":\"m\"}").await;
-        assert_eq!(
-            parts.status,
-            200,
-            "{coding}: {}",
-            String::from_utf8_lossy(&got)
-        );
+        assert_answers_hello(coding, &parts, &got);
         assert!(parts.headers.get("content-encoding").is_none());
-        let got: Value = serde_json::from_slice(&got).unwrap();
-        assert_eq!(got["choices"][0]["message"]["content"], "Hello", "{coding}");
     }
 }
 
@@ -327,14 +333,7 @@ async fn compressed_conversions_leave_their_upstream_connection_reusable() {
                 r#"{"model":"m","messages":[]}"#,
             ))
             .await;
-            assert_eq!(
-                parts.status,
-                200,
-                "{coding}: {}",
-                String::from_utf8_lossy(&got)
-            );
-            let got: Value = serde_json::from_slice(&got).unwrap();
-            assert_eq!(got["choices"][0]["message"]["content"], "Hello", "{coding}");
+            assert_answers_hello(coding, &parts, &got);
         }
         let used = upstream.connections_used();
         assert_eq!(
@@ -852,14 +851,7 @@ async fn compressed_refusals_are_decoded_before_looking_for_stream_options() {
     for coding in ["gzip", "br", "zstd", "deflate"] {
         let (parts, got) =
             convert_accepting(&proxy, &format!("/{coding}/v1/chat/completions"), Some("*")).await;
-        assert_eq!(
-            parts.status,
-            200,
-            "{coding}: {}",
-            String::from_utf8_lossy(&got)
-        );
-        let got: Value = serde_json::from_slice(&got).unwrap();
-        assert_eq!(got["choices"][0]["message"]["content"], "Hello", "{coding}");
+        assert_answers_hello(coding, &parts, &got);
     }
     let retried = upstream
         .requests()
