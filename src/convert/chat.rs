@@ -604,14 +604,13 @@ impl<'a> ObjectWriter<'a> {
     }
 
     /// A captured upstream value, written as serde_json would write it once parsed. A string
-    /// without a backslash is those very bytes (it has no quote, backslash or control
-    /// character to escape, and a raw value has no surrounding whitespace), so it is copied;
-    /// anything else goes through a parse, which drops whitespace and rewrites escapes.
+    /// without escapes ([`plain_string`]) is those very bytes (it has no quote, backslash or
+    /// control character to escape, and a raw value has no surrounding whitespace), so it is
+    /// copied; anything else goes through a parse, which drops whitespace and rewrites escapes.
     fn raw(&mut self, key: &str, raw: &RawValue) -> Result<(), serde_json::Error> {
-        let text = raw.get();
         let out = self.key(key)?;
-        if text.starts_with('"') && memchr::memchr(b'\\', text.as_bytes()).is_none() {
-            out.extend_from_slice(text.as_bytes());
+        if plain_string(raw).is_some() {
+            out.extend_from_slice(raw.get().as_bytes());
             Ok(())
         } else {
             serde_json::to_writer(out, &sub::<Value>(raw)?)
