@@ -5,14 +5,12 @@
 use std::future::poll_fn;
 use std::ops::ControlFlow;
 use std::pin::{pin, Pin};
-use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use async_compression::tokio::bufread::{
     BrotliDecoder, DeflateDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder,
 };
 use bytes::Bytes;
-use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::io::StreamReader;
@@ -284,7 +282,10 @@ impl Feeder<'_> {
         coding: Coding,
     ) -> Result<bool, StreamError> {
         let prefix = futures_util::stream::iter([Ok::<_, std::io::Error>(prefix)]);
-        let rest = futures_util::stream::poll_fn(|cx| poll_data(body, cx));
+        // `&mut` a body is a body: the decoder reads through the borrow.
+        let rest = futures_util::StreamExt::map(body.into_data_stream(), |r| {
+            r.map_err(std::io::Error::other)
+        });
         let reader = StreamReader::new(futures_util::StreamExt::chain(prefix, rest));
         // Only `deflate` reads here (its first bytes), hence the idle limit.
         let mut decoder =
@@ -308,24 +309,6 @@ impl Feeder<'_> {
                     }
                 }
                 Err(e) => return Err(StreamError::Body(e.to_string())),
-            }
-        }
-    }
-}
-
-/// The next data frame of `body` (trailers skipped), as the decoders' byte stream.
-fn poll_data(
-    body: &mut UpstreamIncoming,
-    cx: &mut Context<'_>,
-) -> Poll<Option<std::io::Result<Bytes>>> {
-    loop {
-        match ready!(Pin::new(&mut *body).poll_frame(cx)) {
-            None => return Poll::Ready(None),
-            Some(Err(e)) => return Poll::Ready(Some(Err(std::io::Error::other(e)))),
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    return Poll::Ready(Some(Ok(data)));
-                }
             }
         }
     }
