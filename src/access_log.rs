@@ -4,7 +4,6 @@
 //! Only the path is logged, never the query (some providers take keys in it), headers or
 //! bodies.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -12,6 +11,7 @@ use http::{HeaderValue, Method};
 
 use crate::metrics::{Metrics, ModeLabel, PortMetrics, TerminalLabels, TokenLabels};
 use crate::route::Mode;
+use crate::upload::UploadProgress;
 
 /// Conversion details for the log line.
 #[derive(Debug, Clone, Copy, Default)]
@@ -60,7 +60,7 @@ pub struct AccessLog {
     /// converted body).
     request_bytes: Option<u64>,
     /// Request body bytes read from the client, as they are read.
-    request_counter: Option<Arc<AtomicU64>>,
+    request_counter: Option<Arc<UploadProgress>>,
     /// The first upstream failure kind this request met (metric `upstream_errors`).
     upstream_error: Option<&'static str>,
     outcome: Outcome,
@@ -149,10 +149,10 @@ impl AccessLog {
         self.request_bytes = Some(n);
     }
 
-    /// A counter of the request body bytes read from the client (see
-    /// [`UpstreamBody::count_sent`](crate::upstream::UpstreamBody::count_sent)), read when
-    /// the line is written.
-    pub fn count_request_bytes(&mut self, counter: Arc<AtomicU64>) {
+    /// The progress of the request body read from the client (see
+    /// [`UpstreamBody::track_upload`](crate::upstream::UpstreamBody::track_upload)), whose
+    /// byte count is read when the line is written.
+    pub fn count_request_bytes(&mut self, counter: Arc<UploadProgress>) {
         self.request_counter = Some(counter);
     }
 
@@ -184,11 +184,9 @@ impl AccessLog {
 impl AccessLog {
     fn record_metrics(&self, seconds: f64) {
         let port = self.port;
-        let request_bytes = self.request_bytes.unwrap_or_else(|| {
-            self.request_counter
-                .as_ref()
-                .map_or(0, |c| c.load(Ordering::Relaxed))
-        });
+        let request_bytes = self
+            .request_bytes
+            .unwrap_or_else(|| self.request_counter.as_ref().map_or(0, |c| c.bytes()));
         self.metrics.request_finished(
             ModeLabel::from(self.mode),
             self.status,

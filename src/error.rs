@@ -66,6 +66,12 @@ pub enum ProxyError {
     /// The client's request body failed while the proxy was reading it.
     #[error("reading the request body failed: {0}")]
     RequestBody(String),
+    /// The client stopped sending its request body part-way.
+    #[error("the request body stalled: no bytes arrived for {seconds} s")]
+    RequestBodyTimeout {
+        /// The rule's `timeoutSeconds`.
+        seconds: u64,
+    },
 }
 
 impl ProxyError {
@@ -102,6 +108,11 @@ impl ProxyError {
                 "invalid_request_error",
                 Value::from("request_too_large"),
             ),
+            ProxyError::RequestBodyTimeout { .. } => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Value::from("request_timeout"),
+            ),
         }
     }
 
@@ -115,7 +126,8 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::NotImplemented(_)
             | ProxyError::RequestTooLarge { .. }
-            | ProxyError::RequestBody(_) => None,
+            | ProxyError::RequestBody(_)
+            | ProxyError::RequestBodyTimeout { .. } => None,
         }
     }
 

@@ -14,6 +14,7 @@
 //! - [`convert`]: non-streaming → streaming conversion and aggregation.
 //! - [`sse`]: the Server-Sent Events parser.
 //! - [`websocket`]: WebSocket sessions, upstream handshake first.
+//! - [`upload`]: a streamed request body's progress, from which upstream silence counts.
 //! - [`pool`]: kept-alive HTTP/1.1 connections to plain-`http` upstreams.
 //! - [`upstream`]: the upstream URL and the pooled client (TLS, proxies, HTTP/2).
 //! - [`headers`]: the hop-by-hop header rules.
@@ -110,6 +111,7 @@ pub mod route;
 pub mod server;
 pub mod service;
 pub mod sse;
+pub mod upload;
 pub mod upstream;
 pub mod websocket;
 

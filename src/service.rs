@@ -8,7 +8,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -25,6 +24,7 @@ use crate::convert::Candidate;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::metrics::PortMetrics;
 use crate::route::{route, Mode, Route};
+use crate::upload::{head_within, Stalled, UploadProgress};
 use crate::upstream::{BoxError, UpstreamBody, UpstreamClient, UpstreamIncoming, UpstreamUrl};
 use crate::{convert, passthrough, request_id, websocket};
 
@@ -57,13 +57,21 @@ impl RuleContext {
     }
 
     /// Sends a request upstream and waits for the response head for at most
-    /// `timeoutSeconds` (D13); connection failures are 502, silence is 504.
+    /// `timeoutSeconds` (D13), counted from the last request body byte handed upstream;
+    /// connection failures are 502, silence is 504, a client that stops uploading 408.
     pub async fn send(
         &self,
         request: Request<UpstreamBody>,
     ) -> Result<Response<UpstreamIncoming>, ProxyError> {
         let sent = Instant::now();
-        match tokio::time::timeout(self.options.timeout, self.client.send(request)).await {
+        let limit = self.options.timeout;
+        let head = match request.body().upload().cloned() {
+            None => tokio::time::timeout(limit, self.client.send(request))
+                .await
+                .map_err(|_| Stalled::Upstream),
+            Some(upload) => head_within(self.client.send(request), limit, &upload).await,
+        };
+        match head {
             Ok(Ok(response)) => {
                 self.metrics.upstream_headers(sent.elapsed().as_secs_f64());
                 Ok(response)
@@ -77,9 +85,12 @@ impl RuleContext {
                 upstream: self.upstream.to_string(),
                 reason: error_chain(&*e),
             }),
-            Err(_) => Err(ProxyError::UpstreamTimeout {
+            Err(Stalled::Upstream) => Err(ProxyError::UpstreamTimeout {
                 upstream: self.upstream.to_string(),
-                seconds: self.options.timeout.as_secs(),
+                seconds: limit.as_secs(),
+            }),
+            Err(Stalled::Client) => Err(ProxyError::RequestBodyTimeout {
+                seconds: limit.as_secs(),
             }),
         }
     }
@@ -191,9 +202,9 @@ impl ProxyService {
         log.set_request_id(request_id);
         // Upload bytes as read, not as declared: a chunked upload declares no length.
         if !body.is_end_stream() {
-            let sent = Arc::new(AtomicU64::new(0));
-            body.count_sent(sent.clone());
-            log.count_request_bytes(sent);
+            let progress = Arc::new(UploadProgress::new());
+            body.track_upload(progress.clone());
+            log.count_request_bytes(progress);
         }
         let routed = route(
             &parts.method,

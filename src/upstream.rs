@@ -11,7 +11,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,6 +33,7 @@ use tower_service::Service;
 
 use crate::pool::Http1Pool;
 pub use crate::pool::UpstreamIncoming;
+use crate::upload::UploadProgress;
 
 /// Errors crossing body and connector boundaries.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -126,17 +126,17 @@ pin_project! {
     #[project = UpstreamBodyProj]
     pub enum UpstreamBody {
         /// `body` straight from the hyper server, streamed as it arrives; `sent`, when set
-        /// with [`UpstreamBody::count_sent`], counts the data bytes read from it.
+        /// with [`UpstreamBody::track_upload`], records its progress.
         // pin_project_lite accepts no attributes on enum fields, so they are described in
         // their variant's doc instead.
         #[allow(missing_docs)]
-        Incoming { #[pin] body: Incoming, sent: Option<Arc<AtomicU64>> },
+        Incoming { #[pin] body: Incoming, sent: Option<Arc<UploadProgress>> },
         /// A complete body in memory; `data` is `None` for an empty body and once sent.
         #[allow(missing_docs)]
         Full { data: Option<Bytes> },
         /// Any other `body`, boxed (tower / axum callers); `sent` as for `Incoming`.
         #[allow(missing_docs)]
-        Boxed { #[pin] body: UnsyncBoxBody<Bytes, BoxError>, sent: Option<Arc<AtomicU64>> },
+        Boxed { #[pin] body: UnsyncBoxBody<Bytes, BoxError>, sent: Option<Arc<UploadProgress>> },
     }
 }
 
@@ -163,30 +163,26 @@ impl UpstreamBody {
         UpstreamBody::Boxed { body, sent: None }
     }
 
-    /// Adds the data bytes read from this streamed body to `counter` as they are read, so
-    /// the bytes actually relayed are known whatever the framing (a chunked upload declares
-    /// no length). In-memory bodies have a known length and are not counted.
-    pub fn count_sent(&mut self, counter: Arc<AtomicU64>) {
+    /// Records this streamed body's progress in `progress` as it is read: the bytes
+    /// actually relayed whatever the framing (a chunked upload declares no length), and
+    /// when it last moved, from which the upstream's silence is counted. In-memory bodies
+    /// are not tracked: their length is known and they are handed over at once.
+    pub fn track_upload(&mut self, progress: Arc<UploadProgress>) {
         match self {
             UpstreamBody::Incoming { sent, .. } | UpstreamBody::Boxed { sent, .. } => {
-                *sent = Some(counter);
+                *sent = Some(progress);
             }
             UpstreamBody::Full { .. } => {}
         }
     }
-}
 
-/// Adds a data frame's length to `sent`.
-fn count(
-    polled: Poll<Option<Result<Frame<Bytes>, BoxError>>>,
-    sent: &Option<Arc<AtomicU64>>,
-) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-    if let (Some(sent), Poll::Ready(Some(Ok(frame)))) = (sent, &polled) {
-        if let Some(data) = frame.data_ref() {
-            sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+    /// The progress set with [`UpstreamBody::track_upload`].
+    pub fn upload(&self) -> Option<&Arc<UploadProgress>> {
+        match self {
+            UpstreamBody::Incoming { sent, .. } | UpstreamBody::Boxed { sent, .. } => sent.as_ref(),
+            UpstreamBody::Full { .. } => None,
         }
     }
-    polled
 }
 
 impl Body for UpstreamBody {
@@ -198,11 +194,21 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            UpstreamBodyProj::Incoming { body, sent } => {
-                count(body.poll_frame(cx).map_err(Into::into), sent)
+            UpstreamBodyProj::Incoming { mut body, sent } => {
+                let polled = body.as_mut().poll_frame(cx).map_err(Into::into);
+                if let Some(progress) = sent {
+                    progress.observe(&polled, body.is_end_stream());
+                }
+                polled
             }
             UpstreamBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            UpstreamBodyProj::Boxed { body, sent } => count(body.poll_frame(cx), sent),
+            UpstreamBodyProj::Boxed { mut body, sent } => {
+                let polled = body.as_mut().poll_frame(cx);
+                if let Some(progress) = sent {
+                    progress.observe(&polled, body.is_end_stream());
+                }
+                polled
+            }
         }
     }
 

@@ -347,6 +347,171 @@ async fn silent_upstream_is_504_after_timeout_seconds() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// An upstream that reads a chunked request body to its end, as slowly as it comes, then
+/// answers with the body's length on the wire, or never answers when `answer` is false.
+async fn upload_reader(answer: bool) -> RawUpstream {
+    RawUpstream::start(move |mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let mut body = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !body.ends_with(b"0\r\n\r\n") {
+            match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => body.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
+        }
+        if answer {
+            let text = format!("got {}", body.len());
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", text.len());
+            let _ = stream.write_all((head + &text).as_bytes()).await;
+        }
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+    })
+    .await
+}
+
+/// Uploads `pieces` chunks `gap` apart; returns the stream and when the last byte went.
+async fn slow_upload(
+    addr: std::net::SocketAddr,
+    pieces: usize,
+    gap: Duration,
+) -> (TcpStream, std::time::Instant) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"POST /v1/files HTTP/1.1\r\nHost: x\r\ncontent-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    for i in 0..pieces {
+        tokio::time::sleep(gap).await;
+        let data = format!("piece {i}");
+        let framed = format!("{:x}\r\n{data}\r\n", data.len());
+        stream.write_all(framed.as_bytes()).await.unwrap();
+    }
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    (stream, std::time::Instant::now())
+}
+
+/// Reads a response with a `content-length` body from a raw stream: (head, body).
+async fn read_sized_response(stream: &mut TcpStream) -> (String, String) {
+    let head = read_head(stream).await;
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    let mut body = vec![0u8; length];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut body))
+        .await
+        .expect("body timed out")
+        .unwrap();
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn an_upload_longer_than_the_timeout_is_not_cut_and_silence_counts_from_its_end() {
+    // Timeout 1 s; the client uploads 4 chunks 400 ms apart (1.6 s in all). The upstream
+    // is waiting for the body all that time, not silent.
+    let upstream = upload_reader(true).await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts.clone()).await;
+    let (mut stream, _) = slow_upload(proxy.addr, 4, Duration::from_millis(400)).await;
+    let (head, body) = read_sized_response(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let wire = 4 * "7\r\npiece 0\r\n".len() + "0\r\n\r\n".len();
+    assert_eq!(body, format!("got {wire}"));
+
+    // An upstream that then says nothing gets the whole timeout after the last byte.
+    let upstream = upload_reader(false).await;
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let (mut stream, last_byte) = slow_upload(proxy.addr, 4, Duration::from_millis(400)).await;
+    let (head, body) = read_sized_response(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert_eq!(envelope(body.as_bytes()).0, "upstream_timeout");
+    assert!(
+        last_byte.elapsed() >= Duration::from_secs(1),
+        "504 {:?} after the last byte",
+        last_byte.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_uploading_gets_408_in_every_mode() {
+    let upstream = upload_reader(true).await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    // Passthrough (streamed upstream as it comes) and a conversion candidate (read whole
+    // first): 10 of 100 declared bytes, then nothing.
+    for path in ["/v1/files", "/v1/chat/completions"] {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(b"{\"model\":1").await.unwrap();
+        let started = std::time::Instant::now();
+        let (head, body) = read_sized_response(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 408"), "{path}: {head}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["error"]["type"], "invalid_request_error",
+            "{path}: {body}"
+        );
+        assert_eq!(v["error"]["code"], "request_timeout", "{path}: {body}");
+        assert!(started.elapsed() >= Duration::from_secs(1), "{path}");
+    }
+    // The proxy serves on.
+    let (mut stream, _) = slow_upload(proxy.addr, 1, Duration::ZERO).await;
+    let (head, _) = read_sized_response(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+#[tokio::test]
+async fn an_upstream_that_stops_reading_an_upload_is_504() {
+    // The upstream takes the head and then reads nothing: once the socket buffers are
+    // full the body cannot move, which is the upstream's silence, not the client's.
+    let upstream = RawUpstream::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        tokio::time::sleep(WAIT).await;
+        drop(stream);
+    })
+    .await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    const TOTAL: usize = 256 << 20;
+    let upload = tokio::spawn(async move {
+        let head = format!("POST /v1/files HTTP/1.1\r\nHost: x\r\ncontent-length: {TOTAL}\r\n\r\n");
+        writer.write_all(head.as_bytes()).await?;
+        let block = vec![b'u'; 1 << 20];
+        for _ in 0..TOTAL >> 20 {
+            writer.write_all(&block).await?;
+        }
+        std::io::Result::Ok(())
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("}}") {
+        match tokio::time::timeout(WAIT, reader.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "no answer: {other:?} after {:?}",
+                String::from_utf8_lossy(&answer)
+            ),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("upstream_timeout"), "{answer}");
+    upload.abort();
+}
+
 #[tokio::test]
 async fn a_live_stream_longer_than_the_timeout_is_never_cut() {
     // Timeout 1 s; the upstream sends 5 chunks 400 ms apart (2 s in all).

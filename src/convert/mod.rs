@@ -96,7 +96,7 @@ pub async fn read_candidate(
     body: UpstreamBody,
 ) -> Result<Candidate, ProxyError> {
     let limit = rule.options.max_request_body_bytes;
-    let original = read_limited(body, &parts.headers, limit).await?;
+    let original = read_limited(body, &parts.headers, limit, rule.options.timeout).await?;
     match decide(api, &original) {
         BodyDecision::Convert { body } => Ok(Candidate::Convert {
             original,
@@ -217,11 +217,13 @@ async fn keep_alive(
 }
 
 /// Reads a request body whole, refusing more than `limit` bytes with 413 (early, from
-/// `content-length`, when the client declared it).
+/// `content-length`, when the client declared it), and a client silent for `silence`
+/// part-way with 408.
 async fn read_limited(
     body: UpstreamBody,
     headers: &HeaderMap,
     limit: u64,
+    silence: Duration,
 ) -> Result<Bytes, ProxyError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -232,7 +234,13 @@ async fn read_limited(
     }
     let mut body = std::pin::pin!(body);
     let mut collected = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
-    while let Some(frame) = body.frame().await {
+    let stalled = |_| ProxyError::RequestBodyTimeout {
+        seconds: silence.as_secs(),
+    };
+    while let Some(frame) = tokio::time::timeout(silence, body.frame())
+        .await
+        .map_err(stalled)?
+    {
         let frame = frame.map_err(|e| ProxyError::RequestBody(crate::service::error_chain(&*e)))?;
         if let Some(data) = frame.data_ref() {
             if collected.len() as u64 + data.len() as u64 > limit {
