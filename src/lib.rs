@@ -15,6 +15,7 @@
 //! - [`sse`]: the Server-Sent Events parser.
 //! - [`websocket`]: WebSocket sessions, upstream handshake first.
 //! - [`upload`]: a streamed request body's progress, from which upstream silence counts.
+//! - [`progress`]: when a transfer last moved, for stall limits.
 //! - [`pool`]: kept-alive HTTP/1.1 connections to plain-`http` upstreams.
 //! - [`upstream`]: the upstream URL and the pooled client (TLS, proxies, HTTP/2).
 //! - [`headers`]: the hop-by-hop header rules.
@@ -106,6 +107,7 @@ pub mod metrics;
 mod open_streams;
 pub mod passthrough;
 pub mod pool;
+pub mod progress;
 pub mod request_id;
 pub mod route;
 pub mod server;

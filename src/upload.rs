@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use bytes::Bytes;
 use http_body::Frame;
+use tokio::time::Instant;
+
+use crate::progress::ProgressClock;
 
 /// The body's last poll: what it is waiting for.
 const HANDED_ON: u8 = 0;
@@ -28,11 +29,8 @@ const FINISHED: u8 = 2;
 #[derive(Debug)]
 pub struct UploadProgress {
     bytes: AtomicU64,
-    /// When the tracking began.
-    origin: Instant,
-    /// When a frame was last handed on, in nanoseconds since `origin`: one atomic instead
-    /// of a lock around an `Instant`.
-    last_frame: AtomicU64,
+    /// When a frame was last handed on (or the tracking began).
+    moved: ProgressClock,
     state: AtomicU8,
 }
 
@@ -56,8 +54,7 @@ impl UploadProgress {
     pub fn new() -> Self {
         UploadProgress {
             bytes: AtomicU64::new(0),
-            origin: Instant::now(),
-            last_frame: AtomicU64::new(0),
+            moved: ProgressClock::new(),
             state: AtomicU8::new(HANDED_ON),
         }
     }
@@ -76,8 +73,7 @@ impl UploadProgress {
                 if let Some(data) = frame.data_ref() {
                     self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
-                let since = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                self.last_frame.store(since, Ordering::Relaxed);
+                self.moved.touch();
                 if ended {
                     FINISHED
                 } else {
@@ -88,11 +84,6 @@ impl UploadProgress {
             Poll::Ready(Some(Err(_))) | Poll::Ready(None) => FINISHED,
         };
         self.state.store(state, Ordering::Relaxed);
-    }
-
-    /// When the body last moved.
-    fn last_frame(&self) -> Instant {
-        self.origin + Duration::from_nanos(self.last_frame.load(Ordering::Relaxed))
     }
 
     fn stalled(&self) -> Stalled {
@@ -119,7 +110,7 @@ pub async fn head_within<F: Future>(
             biased;
             output = &mut head => return Ok(output),
             () = &mut silence => {
-                let deadline = upload.last_frame() + limit;
+                let deadline = upload.moved.last() + limit;
                 if deadline > Instant::now() {
                     silence.as_mut().reset(deadline);
                 } else {

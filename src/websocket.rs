@@ -13,6 +13,12 @@
 //! directions concurrently (rather than in one select loop) avoids the proxy deadlock where
 //! both peers block writing to each other while the proxy waits on one of them.
 //!
+//! Backpressure must not hold a session for ever, though: a peer that takes no byte of a
+//! message for `timeoutSeconds` has stopped reading, and ends the session (the other side
+//! is told why). Writes to each leg are clocked ([`WriteClock`]), so a slow reader that
+//! keeps taking bytes is never mistaken for a stalled one. An idle session, where nobody
+//! sends, has no deadline (D13).
+//!
 //! Sessions run in their own tasks once upgraded, outside the HTTP server's connection
 //! drain, so each service keeps a [`Sessions`] register: shutdown tells every open session
 //! to close with 1001 on both legs and waits for them within the drain limit.
@@ -41,6 +47,7 @@ use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::headers::{has_token, strip_hop_by_hop, WEBSOCKET_HANDSHAKE};
 use crate::metrics::{BytesLabels, Metrics, ModeLabel, PortLabels};
+use crate::progress::{ProgressClock, WriteClock};
 use crate::service::{error_chain, RuleContext};
 use crate::upstream::UpstreamBody;
 
@@ -52,6 +59,14 @@ const LINGER: Duration = Duration::from_secs(2);
 
 /// The close reason a client sees when the upstream vanished without a close frame.
 pub const ABNORMAL_UPSTREAM_REASON: &str = "upstream websocket disconnected abnormally";
+
+/// The close reason a client sees when the upstream took none of a message for
+/// `timeoutSeconds`.
+pub const STALLED_UPSTREAM_REASON: &str = "upstream stopped reading";
+
+/// The close reason the upstream sees when the client took none of a message for
+/// `timeoutSeconds`.
+pub const STALLED_CLIENT_REASON: &str = "client stopped reading";
 
 /// Handles an upgrade request: handshake upstream, then answer 101 and pump in the
 /// background, or relay the upstream's refusal.
@@ -152,8 +167,19 @@ pub async fn handle(
             }
             Ok(Ok(Handshake::Upgraded(headers, upgraded))) => (headers, upgraded),
         };
-    let upstream =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, Some(config)).await;
+    // Writes to either leg are clocked, so a side that stops reading is noticed (and one
+    // that reads slowly is not mistaken for it).
+    let stall = StallWatch {
+        client: Arc::new(ProgressClock::new()),
+        upstream: Arc::new(ProgressClock::new()),
+        limit: rule.options.timeout,
+    };
+    let upstream = WebSocketStream::from_raw_socket(
+        WriteClock::new(TokioIo::new(upgraded), stall.upstream.clone()),
+        Role::Client,
+        Some(config),
+    )
+    .await;
 
     let mut response = Response::new(ProxyBody::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -179,12 +205,13 @@ pub async fn handle(
         match on_upgrade.await {
             Ok(upgraded) => {
                 let mut client = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
+                    WriteClock::new(TokioIo::new(upgraded), stall.client.clone()),
                     Role::Server,
                     Some(config),
                 )
                 .await;
-                let report = pump_until(&mut client, upstream, session.going_away()).await;
+                let report =
+                    pump_until(&mut client, upstream, session.going_away(), Some(stall)).await;
                 // A client that answered the proxy's close has sent everything it will send,
                 // so only one that did not needs the linger.
                 if report.proxy_close.is_some() && report.client_close.is_none() {
@@ -370,6 +397,8 @@ pub struct SessionReport {
     /// Close code the proxy itself sent the client (1011 for an abnormal upstream end,
     /// 1009 for an oversized message, 1002 for a protocol error).
     pub proxy_close: Option<u16>,
+    /// The side that stopped reading (`client` or `upstream`), when that ended the session.
+    pub stalled: Option<&'static str>,
 }
 
 /// Why a direction stopped.
@@ -378,6 +407,8 @@ enum Ending {
     ReadFailed(WsError),
     Eof,
     WriteFailed,
+    /// The other side took no bytes of a message for the stall limit.
+    WriteStalled,
 }
 
 /// How a direction ended, and whether a message to the other side was still being sent
@@ -419,12 +450,23 @@ where
 /// the other side is stalled (otherwise nothing would read `rx` and the session would hang
 /// for as long as the reader stalls). A close read ahead is returned after the pending
 /// message has been handed to `tx`, so the order on the wire stays the sender's.
-async fn forward<R, T>(rx: &mut R, tx: &mut T, traffic: &mut Traffic) -> Stop
+///
+/// With `stall`, a message the other side takes no bytes of for the limit ends the
+/// direction (`WriteStalled`): progress on `tx`'s connection, however slow, keeps it alive.
+async fn forward<R, T>(
+    rx: &mut R,
+    tx: &mut T,
+    traffic: &mut Traffic,
+    stall: Option<(&ProgressClock, Duration)>,
+) -> Stop
 where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
     T: Sink<Message, Error = WsError> + Unpin,
 {
     let mut ahead: Option<Message> = None;
+    // Armed for each message; only polled (and so only registered) while a send waits.
+    let stalled = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(stalled);
     loop {
         let message = match ahead.take() {
             Some(message) => message,
@@ -440,6 +482,11 @@ where
         };
         traffic.frames += 1;
         traffic.bytes += message.len() as u64;
+        let started = stall.map(|(_, limit)| {
+            let now = tokio::time::Instant::now();
+            stalled.as_mut().reset(now + limit);
+            now
+        });
         let send = tx.send(message);
         tokio::pin!(send);
         loop {
@@ -457,6 +504,16 @@ where
                     Read::Forward(message) => ahead = Some(message),
                     Read::End(ending) => return Stop { ending, send_pending: true },
                 },
+                () = &mut stalled, if stall.is_some() => {
+                    if let (Some((clock, limit)), Some(started)) = (stall, started) {
+                        let deadline = clock.last().max(started) + limit;
+                        if deadline > tokio::time::Instant::now() {
+                            stalled.as_mut().reset(deadline);
+                            continue;
+                        }
+                    }
+                    return Stop { ending: Ending::WriteStalled, send_pending: true };
+                }
             }
         }
     }
@@ -469,15 +526,33 @@ where
     C: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
     U: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    pump_until(client, upstream, std::future::pending()).await
+    pump_until(client, upstream, std::future::pending(), None).await
+}
+
+/// How a session notices a side that stopped reading: each leg's [`WriteClock`] and the
+/// longest a message may wait without either taking a byte.
+#[derive(Debug, Clone)]
+pub struct StallWatch {
+    /// Touched by writes to the client's connection.
+    pub client: Arc<ProgressClock>,
+    /// Touched by writes to the upstream's connection.
+    pub upstream: Arc<ProgressClock>,
+    /// The rule's `timeoutSeconds`.
+    pub limit: Duration,
 }
 
 /// As [`pump`], but when `going_away` resolves (the proxy is shutting down) both legs are
 /// closed with 1001 and the session ends once both answered, or after [`CLOSE_GRACE`].
+///
+/// With `stall`, a side that takes no bytes of a message for its limit ends the session:
+/// it is dropped (a close frame cannot get past the queued data), and the other side is
+/// told why, the client with 1011 for a stalled upstream, the upstream with 1001 for a
+/// stalled client. Without it, backpressure holds the session for as long as the stall.
 pub async fn pump_until<C, U>(
     client: C,
     upstream: U,
     going_away: impl std::future::Future<Output = ()>,
+    stall: Option<StallWatch>,
 ) -> SessionReport
 where
     C: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
@@ -489,8 +564,18 @@ where
     let (mut up, mut down) = (Traffic::default(), Traffic::default());
 
     let ended = {
-        let to_upstream = forward(&mut client_rx, &mut upstream_tx, &mut up);
-        let to_client = forward(&mut upstream_rx, &mut client_tx, &mut down);
+        let to_upstream = forward(
+            &mut client_rx,
+            &mut upstream_tx,
+            &mut up,
+            stall.as_ref().map(|s| (&*s.upstream, s.limit)),
+        );
+        let to_client = forward(
+            &mut upstream_rx,
+            &mut client_tx,
+            &mut down,
+            stall.as_ref().map(|s| (&*s.client, s.limit)),
+        );
         tokio::pin!(to_upstream, to_client, going_away);
         tokio::select! {
             stop = &mut to_upstream => Side::Client(stop),
@@ -568,6 +653,29 @@ where
                 if send_close(&mut upstream_tx, away).await {
                     report.upstream_close = await_close(&mut upstream_rx).await;
                 }
+            }
+        }
+        // The client stopped reading: the upstream is told, the client dropped.
+        Side::Upstream(Stop {
+            ending: Ending::WriteStalled,
+            ..
+        }) => {
+            let away = close_frame(CloseCode::Away, STALLED_CLIENT_REASON);
+            report.stalled = Some("client");
+            if send_close(&mut upstream_tx, away).await {
+                report.upstream_close = await_close(&mut upstream_rx).await;
+            }
+        }
+        // The upstream stopped reading: the client is told, the upstream dropped.
+        Side::Client(Stop {
+            ending: Ending::WriteStalled,
+            ..
+        }) => {
+            report.proxy_close = Some(1011);
+            report.stalled = Some("upstream");
+            let stalled = close_frame(CloseCode::Error, STALLED_UPSTREAM_REASON);
+            if send_close(&mut client_tx, stalled).await {
+                report.client_close = await_close(&mut client_rx).await;
             }
         }
         Side::Upstream(Stop {
@@ -815,6 +923,7 @@ impl Session {
             client_close = report.client_close,
             upstream_close = report.upstream_close,
             proxy_close = report.proxy_close,
+            stalled = report.stalled,
             "websocket session"
         );
     }

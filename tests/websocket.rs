@@ -1367,6 +1367,120 @@ async fn a_client_vanishing_while_the_upstream_is_stalled_ends_the_session() {
     assert_eq!(received, Ok(0));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_reading_ends_the_session_with_1011_after_the_timeout() {
+    // The upstream never reads; the client sends until throttled, then waits, reading.
+    let (_resume, resume_rx) = watch::channel(false);
+    let (received_tx, _received) = mpsc::channel(4);
+    let upstream = stalled_upstream(resume_rx, received_tx).await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let (mut tx, mut rx) = connect(proxy.addr, "/v1/realtime").await.split();
+    let sender = tokio::spawn(async move {
+        for i in 0..100_000 {
+            if tx.send(numbered(i, 64 * 1024)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let close = loop {
+        match tokio::time::timeout(WAIT, rx.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no close from the proxy: {other:?}"),
+        }
+    };
+    assert_close(close, 1011, "upstream stopped reading");
+    tokio::time::timeout(WAIT, proxy.sessions.all_closed())
+        .await
+        .expect("the session is still open");
+    sender.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_gets_the_upstream_told_1001_after_the_timeout() {
+    // The upstream sends 64 KiB messages while it can and reports the close it gets.
+    let (closes_tx, mut closes) = mpsc::channel::<Option<CloseFrame>>(1);
+    let upstream = WsUpstream::start(None, move |ws| {
+        let closes = closes_tx.clone();
+        async move {
+            let (mut tx, mut rx) = ws.split();
+            let sender = tokio::spawn(async move {
+                for i in 0..100_000 {
+                    if tx.send(numbered(i, 64 * 1024)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            while let Some(Ok(message)) = rx.next().await {
+                if let Message::Close(frame) = message {
+                    let _ = closes.send(frame).await;
+                    break;
+                }
+            }
+            sender.abort();
+        }
+    })
+    .await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let _ws = connect(proxy.addr, "/v1/realtime").await; // never read
+    let close = tokio::time::timeout(WAIT, closes.recv())
+        .await
+        .expect("the upstream was never told")
+        .expect("the upstream session ended without a close");
+    assert_close(close, 1001, "client stopped reading");
+    tokio::time::timeout(WAIT, proxy.sessions.all_closed())
+        .await
+        .expect("the session is still open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_reader_is_never_taken_for_a_stalled_one() {
+    // One message bigger than the kernel can buffer, read by the upstream at most 4 MiB
+    // every 200 ms, with a 1 s timeout: the proxy's send waits longer than the timeout but
+    // moves every 200 ms, so it must go through whole.
+    let size = socket_buffer_ceiling() + (4 << 20);
+    let (read_tx, mut read_rx) = mpsc::channel::<usize>(1);
+    let upstream = WsUpstream::start(None, move |mut ws| {
+        let read_tx = read_tx.clone();
+        async move {
+            let mut total = 0usize;
+            let mut buf = vec![0u8; 4 << 20];
+            while total < size {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match tokio::time::timeout(WAIT, ws.get_mut().read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => total += n,
+                    _ => break,
+                }
+            }
+            let _ = read_tx.send(total).await;
+        }
+    })
+    .await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+    let started = Instant::now();
+    tokio::time::timeout(WAIT, ws.send(numbered(0, size)))
+        .await
+        .expect("the proxy did not take the client's message")
+        .unwrap();
+    let total = tokio::time::timeout(WAIT * 3, read_rx.recv())
+        .await
+        .expect("the upstream did not finish reading")
+        .unwrap();
+    eprintln!("{total} of {size} bytes arrived in {:?}", started.elapsed());
+    assert!(total >= size, "the upstream got {total} of {size} bytes");
+    assert!(
+        started.elapsed() > Duration::from_secs(1),
+        "the send never waited longer than the timeout, so this proved nothing"
+    );
+}
+
 #[tokio::test]
 async fn an_idle_session_outlives_the_timeout() {
     let (events, _rx) = mpsc::channel(64);
