@@ -542,7 +542,7 @@ pub struct StallWatch {
 }
 
 /// As [`pump`], but when `going_away` resolves (the proxy is shutting down) both legs are
-/// closed with 1001 and the session ends once both answered, or after [`CLOSE_GRACE`].
+/// closed with 1001 and the session ends once both answered, or after `CLOSE_GRACE` (5 s).
 ///
 /// With `stall`, a side that takes no bytes of a message for its limit ends the session:
 /// it is dropped (a close frame cannot get past the queued data), and the other side is

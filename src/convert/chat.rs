@@ -27,7 +27,7 @@
 //! logprob entries are moved into a `Vec`, repeated top-level values (`id`, `model`, `created`,
 //! …) are compared byte-wise and not re-allocated. Streams repeat the members before `choices`
 //! byte for byte in every chunk: an event that starts with the same ones as the chunk before is
-//! parsed without them ([`SharedPrefix`]). A message's members are found by a scan, not a hash.
+//! parsed without them (`SharedPrefix`). A message's members are found by a scan, not a hash.
 //! [`ChatAccumulator::finish`] writes the body member by member into one buffer, without
 //! building a map of it first; captured strings without escapes are copied as they are.
 
