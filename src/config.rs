@@ -61,7 +61,9 @@ pub struct Rule {
 /// Per-rule behaviour; every rule carries its own resolved copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleOptions {
-    /// D13: longest wait for response headers, and longest silence between upstream bytes.
+    /// D13: longest wait for response headers (counted from the request body's last frame),
+    /// longest silence between upstream bytes, longest pause in a client's upload, and
+    /// longest a WebSocket peer may take no byte of a message sent to it.
     pub timeout: Duration,
     /// Whether non-streaming Chat Completions / Responses calls are converted.
     pub convert: bool,

@@ -1,7 +1,7 @@
-//! When a transfer last moved. A writer stamps the clock as bytes go out; whoever decides
-//! that a peer stopped taking them (a stalled upload, a WebSocket peer that no longer
-//! reads) compares the stamp with its limit, so a slow but moving transfer is never taken
-//! for a stalled one.
+//! When a transfer last moved. The side that moves the bytes stamps the clock (a WebSocket
+//! leg's writes, an upload's frames as the upstream connection takes them); whoever decides
+//! that a peer stopped taking them compares the stamp with its limit, so a slow but moving
+//! transfer is never taken for a stalled one.
 
 use std::io;
 use std::pin::Pin;
@@ -135,7 +135,7 @@ mod tests {
         io.write_all(b"hello").await.unwrap();
         assert_eq!(clock.last() - started, Duration::from_secs(3));
         tokio::time::sleep(Duration::from_secs(2)).await;
-        io.write_all(b"").await.unwrap();
+        assert_eq!(io.write(b"").await.unwrap(), 0);
         io.flush().await.unwrap();
         assert_eq!(clock.last() - started, Duration::from_secs(3));
     }

@@ -3,9 +3,11 @@
 //!
 //! `timeoutSeconds` bounds the upstream's silence (D13). While a client is still uploading
 //! (a large file at a slow link), the upstream is not silent: it is waiting for us. So the
-//! wait for the response head is counted from the last body byte handed upstream, not from
-//! the start of the request; a 20-minute upload to a proxy with the 600 s default goes
-//! through. A body that makes no progress for `timeoutSeconds` still ends the wait, and the
+//! wait for the response head is counted from the last body frame handed to the upstream
+//! connection, not from the start of the request; a 20-minute upload to a proxy with the
+//! 600 s default goes through. (That frame may still sit in socket buffers for a moment: a
+//! `timeoutSeconds` shorter than the time a slow upstream link needs to drain them would
+//! count that time as silence.) A body that makes no progress for `timeoutSeconds` still ends the wait, and the
 //! progress says whose fault it was: a client that stopped sending gets 408, an upstream
 //! that stopped reading (or never answers) 504.
 
@@ -110,11 +112,11 @@ pub async fn head_within<F: Future>(
             biased;
             output = &mut head => return Ok(output),
             () = &mut silence => {
-                let deadline = upload.moved.last() + limit;
-                if deadline > Instant::now() {
-                    silence.as_mut().reset(deadline);
-                } else {
-                    return Err(upload.stalled());
+                match upload.moved.last().checked_add(limit) {
+                    // A limit too large to be a deadline: no deadline.
+                    None => return Ok(head.await),
+                    Some(deadline) if deadline > Instant::now() => silence.as_mut().reset(deadline),
+                    Some(_) => return Err(upload.stalled()),
                 }
             }
         }
@@ -166,6 +168,20 @@ mod tests {
         let got = head_within(head, limit, &progress).await;
         assert_eq!(got, Ok("head"));
         feeder.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_too_large_for_a_deadline_means_none() {
+        // tokio's sleep caps `Duration::MAX` at about 30 years; the head comes at 40.
+        let progress = UploadProgress::new();
+        let head = async {
+            tokio::time::sleep(Duration::from_secs(40 * 365 * 86_400)).await;
+            "head"
+        };
+        assert_eq!(
+            head_within(head, Duration::MAX, &progress).await,
+            Ok("head")
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,7 +23,9 @@
 //! drain, so each service keeps a [`Sessions`] register: shutdown tells every open session
 //! to close with 1001 on both legs and waits for them within the drain limit.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -464,7 +466,8 @@ where
     T: Sink<Message, Error = WsError> + Unpin,
 {
     let mut ahead: Option<Message> = None;
-    // Armed for each message; only polled (and so only registered) while a send waits.
+    // Armed only for a message whose send has to wait: most are taken at once, and a timer
+    // armed per message would cost a timer-wheel entry each.
     let stalled = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(stalled);
     loop {
@@ -482,17 +485,29 @@ where
         };
         traffic.frames += 1;
         traffic.bytes += message.len() as u64;
-        let started = stall.map(|(_, limit)| {
-            let now = tokio::time::Instant::now();
-            stalled.as_mut().reset(now + limit);
-            now
-        });
         let send = tx.send(message);
         tokio::pin!(send);
+        // The first poll hands the message to the sink, before anything is read ahead, so
+        // a close read ahead can never overtake it.
+        match std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
+            Poll::Ready(Ok(())) => continue,
+            Poll::Ready(Err(_)) => {
+                return Stop {
+                    ending: Ending::WriteFailed,
+                    send_pending: false,
+                }
+            }
+            Poll::Pending => {}
+        }
+        // `None`: no stall limit, or one too large to be a deadline.
+        let mut started = stall.and_then(|(_, limit)| {
+            let now = tokio::time::Instant::now();
+            let deadline = now.checked_add(limit)?;
+            stalled.as_mut().reset(deadline);
+            Some(now)
+        });
         loop {
             tokio::select! {
-                // Polled first: its first poll hands the message to the sink, so a close
-                // read ahead can never overtake it.
                 biased;
                 sent = &mut send => {
                     if sent.is_err() {
@@ -504,15 +519,20 @@ where
                     Read::Forward(message) => ahead = Some(message),
                     Read::End(ending) => return Stop { ending, send_pending: true },
                 },
-                () = &mut stalled, if stall.is_some() => {
-                    if let (Some((clock, limit)), Some(started)) = (stall, started) {
-                        let deadline = clock.last().max(started) + limit;
-                        if deadline > tokio::time::Instant::now() {
-                            stalled.as_mut().reset(deadline);
-                            continue;
+                () = &mut stalled, if started.is_some() => {
+                    let deadline = match (stall, started) {
+                        (Some((clock, limit)), Some(since)) => {
+                            clock.last().max(since).checked_add(limit)
                         }
+                        _ => None,
+                    };
+                    match deadline {
+                        Some(deadline) if deadline <= tokio::time::Instant::now() => {
+                            return Stop { ending: Ending::WriteStalled, send_pending: true };
+                        }
+                        Some(deadline) => stalled.as_mut().reset(deadline),
+                        None => started = None,
                     }
-                    return Stop { ending: Ending::WriteStalled, send_pending: true };
                 }
             }
         }
@@ -529,8 +549,8 @@ where
     pump_until(client, upstream, std::future::pending(), None).await
 }
 
-/// How a session notices a side that stopped reading: each leg's [`WriteClock`] and the
-/// longest a message may wait without either taking a byte.
+/// How a session notices a side that stopped reading: each leg's [`WriteClock`], and the
+/// longest a message to a leg may wait while that leg's connection takes no byte.
 #[derive(Debug, Clone)]
 pub struct StallWatch {
     /// Touched by writes to the client's connection.

@@ -1184,7 +1184,10 @@ async fn a_stalled_reader_throttles_the_upstream() {
         }
     })
     .await;
-    let proxy = start_proxy(&upstream.url(), options()).await;
+    // The stall is the point here: a stall limit far above it.
+    let mut opts = options();
+    opts.timeout = WAIT * 6;
+    let proxy = start_proxy(&upstream.url(), opts).await;
     let mut ws = connect(proxy.addr, "/v1/stream").await;
 
     // Do not read. The upstream is throttled once it has made no progress for a while.
@@ -1278,7 +1281,10 @@ async fn a_stalled_upstream_throttles_the_client() {
     let (resume_tx, resume_rx) = watch::channel(false);
     let (received_tx, mut received_rx) = mpsc::channel(4);
     let upstream = stalled_upstream(resume_rx, received_tx).await;
-    let proxy = start_proxy(&upstream.url(), options()).await;
+    // The stall is the point here: a stall limit far above it.
+    let mut opts = options();
+    opts.timeout = WAIT * 6;
+    let proxy = start_proxy(&upstream.url(), opts).await;
     let ws = connect(proxy.addr, "/v1/realtime").await;
 
     let (sent_tx, mut sent_rx) = watch::channel(0usize);
@@ -1377,6 +1383,7 @@ async fn an_upstream_that_stops_reading_ends_the_session_with_1011_after_the_tim
     opts.timeout = Duration::from_secs(1);
     let proxy = start_proxy(&upstream.url(), opts).await;
     let (mut tx, mut rx) = connect(proxy.addr, "/v1/realtime").await.split();
+    let started = Instant::now();
     let sender = tokio::spawn(async move {
         for i in 0..100_000 {
             if tx.send(numbered(i, 64 * 1024)).await.is_err() {
@@ -1384,13 +1391,24 @@ async fn an_upstream_that_stops_reading_ends_the_session_with_1011_after_the_tim
             }
         }
     });
-    let close = loop {
+    // The upstream sends nothing: the close is the first message, or close to it.
+    let mut close = None;
+    for _ in 0..16 {
         match tokio::time::timeout(WAIT, rx.next()).await {
-            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                close = Some(frame);
+                break;
+            }
             Ok(Some(Ok(_))) => continue,
             other => panic!("no close from the proxy: {other:?}"),
         }
-    };
+    }
+    let close = close.expect("no close among the first 16 messages");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "closed after {:?}, before the 1 s timeout",
+        started.elapsed()
+    );
     assert_close(close, 1011, "upstream stopped reading");
     tokio::time::timeout(WAIT, proxy.sessions.all_closed())
         .await
@@ -1427,10 +1445,16 @@ async fn a_client_that_stops_reading_gets_the_upstream_told_1001_after_the_timeo
     opts.timeout = Duration::from_secs(1);
     let proxy = start_proxy(&upstream.url(), opts).await;
     let _ws = connect(proxy.addr, "/v1/realtime").await; // never read
+    let started = Instant::now();
     let close = tokio::time::timeout(WAIT, closes.recv())
         .await
         .expect("the upstream was never told")
         .expect("the upstream session ended without a close");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "told after {:?}, before the 1 s timeout",
+        started.elapsed()
+    );
     assert_close(close, 1001, "client stopped reading");
     tokio::time::timeout(WAIT, proxy.sessions.all_closed())
         .await
@@ -1442,7 +1466,7 @@ async fn a_slow_but_steady_reader_is_never_taken_for_a_stalled_one() {
     // One message bigger than the kernel can buffer, read by the upstream at most 4 MiB
     // every 200 ms, with a 1 s timeout: the proxy's send waits longer than the timeout but
     // moves every 200 ms, so it must go through whole.
-    let size = socket_buffer_ceiling() + (4 << 20);
+    let size = (socket_buffer_ceiling() + (4 << 20)).min(60 << 20);
     let (read_tx, mut read_rx) = mpsc::channel::<usize>(1);
     let upstream = WsUpstream::start(None, move |mut ws| {
         let read_tx = read_tx.clone();

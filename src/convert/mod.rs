@@ -217,8 +217,8 @@ async fn keep_alive(
 }
 
 /// Reads a request body whole, refusing more than `limit` bytes with 413 (early, from
-/// `content-length`, when the client declared it), and a client silent for `silence`
-/// part-way with 408.
+/// `content-length`, when the client declared it), and a client that sends nothing for
+/// `silence` (before its first byte or part-way) with 408.
 async fn read_limited(
     body: UpstreamBody,
     headers: &HeaderMap,
