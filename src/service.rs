@@ -200,12 +200,6 @@ impl ProxyService {
             started,
         ));
         log.set_request_id(request_id);
-        // Upload bytes as read, not as declared: a chunked upload declares no length.
-        if !body.is_end_stream() {
-            let progress = Arc::new(UploadProgress::new());
-            body.track_upload(progress.clone());
-            log.count_request_bytes(progress);
-        }
         let routed = route(
             &parts.method,
             &parts.uri,
@@ -215,13 +209,23 @@ impl ProxyService {
         );
         let result = match routed {
             Err(e) => Err(e),
-            Ok(Route::Passthrough) => passthrough::forward(&rule, parts, body).await,
+            Ok(Route::Passthrough) => {
+                // A streamed upload: its bytes counted as read, not as declared (a chunked
+                // upload declares no length), and its progress moving the head deadline.
+                if !body.is_end_stream() {
+                    let progress = Arc::new(UploadProgress::new());
+                    body.track_upload(progress.clone());
+                    log.count_request_bytes(progress);
+                }
+                passthrough::forward(&rule, parts, body).await
+            }
             Ok(Route::ConvertCandidate(api)) => {
                 match convert::read_candidate(&rule, api, &parts, body).await {
                     Err(e) => Err(e),
                     // Not convertible (`"stream": true`, the common case): forwarded from
                     // here, without building the conversion's state machine.
                     Ok(Candidate::Passthrough(original)) => {
+                        log.set_request_bytes(original.len() as u64);
                         passthrough::forward(&rule, parts, UpstreamBody::full(original)).await
                     }
                     // Boxed: the conversion's state machine is large, and keeping it out of

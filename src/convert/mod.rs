@@ -23,12 +23,14 @@ pub mod responses;
 pub mod stream;
 
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Response, StatusCode};
+use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
@@ -233,23 +235,47 @@ async fn read_limited(
         return Err(ProxyError::RequestTooLarge { limit });
     }
     let mut body = std::pin::pin!(body);
-    let mut collected = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
-    let stalled = |_| ProxyError::RequestBodyTimeout {
-        seconds: silence.as_secs(),
-    };
-    while let Some(frame) = tokio::time::timeout(silence, body.frame())
-        .await
-        .map_err(stalled)?
-    {
+    // A body in one frame (the usual case: it came with the head) is kept as that frame,
+    // without a copy; a second frame starts a buffer.
+    let mut single: Option<Bytes> = None;
+    let mut collected = BytesMut::new();
+    let mut total = 0u64;
+    loop {
+        // The silence timer is only set up for a frame that has to be waited for.
+        let next = match std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await
+        {
+            Poll::Ready(next) => next,
+            Poll::Pending => tokio::time::timeout(silence, body.frame())
+                .await
+                .map_err(|_| ProxyError::RequestBodyTimeout {
+                    seconds: silence.as_secs(),
+                })?,
+        };
+        let Some(frame) = next else { break };
         let frame = frame.map_err(|e| ProxyError::RequestBody(crate::service::error_chain(&*e)))?;
-        if let Some(data) = frame.data_ref() {
-            if collected.len() as u64 + data.len() as u64 > limit {
-                return Err(ProxyError::RequestTooLarge { limit });
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: nothing to convert
+        };
+        if data.is_empty() {
+            continue;
+        }
+        total += data.len() as u64;
+        if total > limit {
+            return Err(ProxyError::RequestTooLarge { limit });
+        }
+        match single.take() {
+            None if collected.is_empty() => single = Some(data),
+            first => {
+                if let Some(first) = first {
+                    let expected = declared.unwrap_or(total).clamp(total, limit);
+                    collected.reserve(usize::try_from(expected).unwrap_or(0));
+                    collected.extend_from_slice(&first);
+                }
+                collected.extend_from_slice(&data);
             }
-            collected.extend_from_slice(data);
         }
     }
-    Ok(collected.freeze())
+    Ok(single.unwrap_or_else(|| collected.freeze()))
 }
 
 /// One conversion, owned so it can outlive the handler when keep-alive commits early.
@@ -887,6 +913,63 @@ fn mentions_word(text: &str, word: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::StreamExt;
+    use http_body::Frame;
+
+    /// A streamed body of these frames, with a wait before each `None` entry.
+    fn frames(parts: Vec<Option<Frame<Bytes>>>) -> UpstreamBody {
+        let stream = futures_util::stream::iter(parts).then(|part| async move {
+            match part {
+                Some(frame) => Ok::<_, BoxError>(frame),
+                None => {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok(Frame::data(Bytes::new()))
+                }
+            }
+        });
+        UpstreamBody::boxed(http_body_util::StreamBody::new(stream).boxed_unsync())
+    }
+
+    fn data(text: &'static str) -> Option<Frame<Bytes>> {
+        Some(Frame::data(Bytes::from_static(text.as_bytes())))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_is_read_whole_within_its_limit_and_its_silence() {
+        let none = HeaderMap::new();
+        let limit = 64;
+        let silence = Duration::from_secs(10);
+        // One frame: kept as it is, no copy.
+        let only = Bytes::from_static(b"{\"model\":\"m\"}");
+        let body = frames(vec![Some(Frame::data(only.clone()))]);
+        let read = read_limited(body, &none, limit, silence).await.unwrap();
+        assert_eq!(read, only);
+        assert_eq!(read.as_ptr(), only.as_ptr());
+        // Several frames, an empty one and trailers among them: joined in order.
+        let body = frames(vec![
+            data("{\"model\""),
+            data(""),
+            data(":\"m\""),
+            Some(Frame::trailers(HeaderMap::new())),
+            data("}"),
+        ]);
+        let read = read_limited(body, &none, limit, silence).await.unwrap();
+        assert_eq!(&read[..], b"{\"model\":\"m\"}");
+        // Over the limit across frames.
+        let body = frames((0..7).map(|_| data("0123456789")).collect());
+        let err = read_limited(body, &none, limit, silence).await.unwrap_err();
+        assert!(
+            matches!(err, ProxyError::RequestTooLarge { limit: 64 }),
+            "{err:?}"
+        );
+        // A wait longer than the silence limit, part-way.
+        let body = frames(vec![data("{"), None, data("}")]);
+        let err = read_limited(body, &none, limit, silence).await.unwrap_err();
+        assert!(
+            matches!(err, ProxyError::RequestBodyTimeout { seconds: 10 }),
+            "{err:?}"
+        );
+    }
 
     #[test]
     fn refusals_are_recognised_by_param_or_whole_word() {
