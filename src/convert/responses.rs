@@ -591,11 +591,16 @@ fn sub_index(raw: Option<&RawValue>) -> Option<u64> {
 
 /// Whether a `response` object's bytes may hold a `usage` that is not null, found without
 /// parsing them: lifecycle events carry the whole response (instructions, tools, …) and
-/// almost always `"usage":null`. Without a backslash in the bytes, a `usage` key can only be
-/// spelt `"usage"` followed by a colon (inside a string, a quote would need a backslash), so
-/// when every such occurrence is followed by `null` there is nothing to remember.
+/// almost always `"usage":null`.
+///
+/// Of JSON's escapes only `\uXXXX` can stand for a letter, so without `\u` in the bytes a
+/// `usage` key is spelt `"usage"`, followed by a colon. That spelling can also occur inside
+/// a string only next to an escaped quote (`say \"usage": 1` as a key, say), which at worst
+/// makes this answer "may" for nothing; a real key is never missed. So when every occurrence
+/// is followed by `null` there is nothing to remember. Instructions with line breaks (`\n`)
+/// are the common case this keeps cheap.
 fn may_carry_usage(response: &[u8]) -> bool {
-    if memchr::memchr(b'\\', response).is_some() {
+    if memchr::memmem::find(response, b"\\u").is_some() {
         return true;
     }
     memchr::memmem::find_iter(response, b"\"usage\"").any(|at| {
@@ -2012,9 +2017,26 @@ mod tests {
             (r#"{"id":"r","usage":{"input_tokens":1}}"#, true),
             (r#"{"id":"r","usage":null,"meta":{"usage":3}}"#, true),
             (r#"{"id":"r","usage": {}}"#, true),
-            // Escapes anywhere: the key could be spelt `"\u0075sage"`, so look.
+            // A `\u` escape anywhere: the key could be spelt `"\u0075sage"`, so look.
             (r#"{"id":"r","\u0075sage":{"input_tokens":1}}"#, true),
-            (r#"{"id":"r","instructions":"a\nb","usage":null}"#, true),
+            (r#"{"id":"r","instructions":"\u00e9","usage":null}"#, true),
+            // Other escapes cannot spell a letter.
+            (
+                r#"{"id":"r","instructions":"a\nb\t\"c\"\\","usage":null}"#,
+                false,
+            ),
+            (
+                r#"{"id":"r","instructions":"a\nb","usage":{"input_tokens":1}}"#,
+                true,
+            ),
+            // `"usage"` next to escaped quotes, inside strings: never taken for the key.
+            (
+                r#"{"id":"r","instructions":"say \"usage\": 1","usage":null}"#,
+                false,
+            ),
+            (r#"{"id":"r","note":"say \"usage","usage":null}"#, false),
+            // ... or taken for one whose value is not null: a look for nothing, never a miss.
+            (r#"{"id":"r","say \"usage":1,"usage":null}"#, true),
         ] {
             assert_eq!(may_carry_usage(response.as_bytes()), may, "{response}");
         }
