@@ -47,6 +47,21 @@ impl ProgressClock {
     pub fn last(&self) -> Instant {
         self.origin + Duration::from_nanos(self.last.load(Ordering::Relaxed))
     }
+
+    /// Resolves once the clock has not moved for `limit`, counted from `since` when it last
+    /// moved before that. The deadline moves with every touch; a limit too large to be a
+    /// deadline never resolves.
+    pub async fn still_for(&self, limit: Duration, since: Instant) {
+        loop {
+            let Some(deadline) = self.last().max(since).checked_add(limit) else {
+                return std::future::pending().await;
+            };
+            if deadline <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
 }
 
 pin_project! {

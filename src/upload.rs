@@ -104,22 +104,10 @@ pub async fn head_within<F: Future>(
     limit: Duration,
     upload: &UploadProgress,
 ) -> Result<F::Output, Stalled> {
-    tokio::pin!(head);
-    let silence = tokio::time::sleep(limit);
-    tokio::pin!(silence);
-    loop {
-        tokio::select! {
-            biased;
-            output = &mut head => return Ok(output),
-            () = &mut silence => {
-                match upload.moved.last().checked_add(limit) {
-                    // A limit too large to be a deadline: no deadline.
-                    None => return Ok(head.await),
-                    Some(deadline) if deadline > Instant::now() => silence.as_mut().reset(deadline),
-                    Some(_) => return Err(upload.stalled()),
-                }
-            }
-        }
+    tokio::select! {
+        biased;
+        output = head => Ok(output),
+        () = upload.moved.still_for(limit, Instant::now()) => Err(upload.stalled()),
     }
 }
 

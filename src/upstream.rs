@@ -185,6 +185,18 @@ impl UpstreamBody {
     }
 }
 
+/// Records a poll of a tracked body (`sent`) in its progress.
+fn observed(
+    polled: Poll<Option<Result<Frame<Bytes>, BoxError>>>,
+    sent: &Option<Arc<UploadProgress>>,
+    body: &impl Body,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    if let Some(progress) = sent {
+        progress.observe(&polled, body.is_end_stream());
+    }
+    polled
+}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -196,18 +208,12 @@ impl Body for UpstreamBody {
         match self.project() {
             UpstreamBodyProj::Incoming { mut body, sent } => {
                 let polled = body.as_mut().poll_frame(cx).map_err(Into::into);
-                if let Some(progress) = sent {
-                    progress.observe(&polled, body.is_end_stream());
-                }
-                polled
+                observed(polled, sent, &*body)
             }
             UpstreamBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             UpstreamBodyProj::Boxed { mut body, sent } => {
                 let polled = body.as_mut().poll_frame(cx);
-                if let Some(progress) = sent {
-                    progress.observe(&polled, body.is_end_stream());
-                }
-                polled
+                observed(polled, sent, &*body)
             }
         }
     }

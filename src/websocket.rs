@@ -466,10 +466,6 @@ where
     T: Sink<Message, Error = WsError> + Unpin,
 {
     let mut ahead: Option<Message> = None;
-    // Armed only for a message whose send has to wait: most are taken at once, and a timer
-    // armed per message would cost a timer-wheel entry each.
-    let stalled = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(stalled);
     loop {
         let message = match ahead.take() {
             Some(message) => message,
@@ -499,13 +495,15 @@ where
             }
             Poll::Pending => {}
         }
-        // `None`: no stall limit, or one too large to be a deadline.
-        let mut started = stall.and_then(|(_, limit)| {
-            let now = tokio::time::Instant::now();
-            let deadline = now.checked_add(limit)?;
-            stalled.as_mut().reset(deadline);
-            Some(now)
-        });
+        // Watched only for a message whose send has to wait: most are taken at once, and a
+        // timer per message would cost a timer-wheel entry each.
+        let stalled = async {
+            match stall {
+                Some((clock, limit)) => clock.still_for(limit, tokio::time::Instant::now()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stalled);
         loop {
             tokio::select! {
                 biased;
@@ -519,20 +517,8 @@ where
                     Read::Forward(message) => ahead = Some(message),
                     Read::End(ending) => return Stop { ending, send_pending: true },
                 },
-                () = &mut stalled, if started.is_some() => {
-                    let deadline = match (stall, started) {
-                        (Some((clock, limit)), Some(since)) => {
-                            clock.last().max(since).checked_add(limit)
-                        }
-                        _ => None,
-                    };
-                    match deadline {
-                        Some(deadline) if deadline <= tokio::time::Instant::now() => {
-                            return Stop { ending: Ending::WriteStalled, send_pending: true };
-                        }
-                        Some(deadline) => stalled.as_mut().reset(deadline),
-                        None => started = None,
-                    }
+                () = &mut stalled => {
+                    return Stop { ending: Ending::WriteStalled, send_pending: true };
                 }
             }
         }

@@ -324,14 +324,19 @@ async fn unreachable_upstream_is_502_with_the_upstream_named() {
     assert!(!message.contains("sk-secret"));
 }
 
-#[tokio::test]
-async fn silent_upstream_is_504_after_timeout_seconds() {
-    let upstream = RawUpstream::start(|mut stream| async move {
+/// An upstream that reads a request head and then says nothing, reading nothing more.
+async fn silent_upstream() -> RawUpstream {
+    RawUpstream::start(|mut stream| async move {
         let _ = read_head(&mut stream).await;
         tokio::time::sleep(WAIT).await;
         drop(stream);
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn silent_upstream_is_504_after_timeout_seconds() {
+    let upstream = silent_upstream().await;
     let mut opts = options();
     opts.timeout = Duration::from_secs(1);
     let proxy = start_proxy(&upstream.url(), opts).await;
@@ -475,12 +480,7 @@ async fn a_client_that_stops_uploading_gets_408_in_every_mode() {
 async fn an_upstream_that_stops_reading_an_upload_is_504() {
     // The upstream takes the head and then reads nothing: once the socket buffers are
     // full the body cannot move, which is the upstream's silence, not the client's.
-    let upstream = RawUpstream::start(|mut stream| async move {
-        let _ = read_head(&mut stream).await;
-        tokio::time::sleep(WAIT).await;
-        drop(stream);
-    })
-    .await;
+    let upstream = silent_upstream().await;
     let mut opts = options();
     opts.timeout = Duration::from_secs(1);
     let proxy = start_proxy(&upstream.url(), opts).await;

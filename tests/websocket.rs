@@ -1373,6 +1373,18 @@ async fn a_client_vanishing_while_the_upstream_is_stalled_ends_the_session() {
     assert_eq!(received, Ok(0));
 }
 
+/// Sends numbered 64 KiB messages on `tx` until it fails (at most 100 000).
+async fn flood<S>(mut tx: S)
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    for i in 0..100_000 {
+        if tx.send(numbered(i, 64 * 1024)).await.is_err() {
+            return;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_stops_reading_ends_the_session_with_1011_after_the_timeout() {
     // The upstream never reads; the client sends until throttled, then waits, reading.
@@ -1382,15 +1394,9 @@ async fn an_upstream_that_stops_reading_ends_the_session_with_1011_after_the_tim
     let mut opts = options();
     opts.timeout = Duration::from_secs(1);
     let proxy = start_proxy(&upstream.url(), opts).await;
-    let (mut tx, mut rx) = connect(proxy.addr, "/v1/realtime").await.split();
+    let (tx, mut rx) = connect(proxy.addr, "/v1/realtime").await.split();
     let started = Instant::now();
-    let sender = tokio::spawn(async move {
-        for i in 0..100_000 {
-            if tx.send(numbered(i, 64 * 1024)).await.is_err() {
-                return;
-            }
-        }
-    });
+    let sender = tokio::spawn(flood(tx));
     // The upstream sends nothing: the close is the first message, or close to it.
     let mut close = None;
     for _ in 0..16 {
@@ -1423,14 +1429,8 @@ async fn a_client_that_stops_reading_gets_the_upstream_told_1001_after_the_timeo
     let upstream = WsUpstream::start(None, move |ws| {
         let closes = closes_tx.clone();
         async move {
-            let (mut tx, mut rx) = ws.split();
-            let sender = tokio::spawn(async move {
-                for i in 0..100_000 {
-                    if tx.send(numbered(i, 64 * 1024)).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            let (tx, mut rx) = ws.split();
+            let sender = tokio::spawn(flood(tx));
             while let Some(Ok(message)) = rx.next().await {
                 if let Message::Close(frame) = message {
                     let _ = closes.send(frame).await;

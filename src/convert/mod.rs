@@ -263,17 +263,16 @@ async fn read_limited(
         if total > limit {
             return Err(ProxyError::RequestTooLarge { limit });
         }
-        match single.take() {
-            None if collected.is_empty() => single = Some(data),
-            first => {
-                if let Some(first) = first {
-                    let expected = declared.unwrap_or(total).clamp(total, limit);
-                    collected.reserve(usize::try_from(expected).unwrap_or(0));
-                    collected.extend_from_slice(&first);
-                }
-                collected.extend_from_slice(&data);
-            }
+        if single.is_none() && collected.is_empty() {
+            single = Some(data);
+            continue;
         }
+        if let Some(first) = single.take() {
+            let expected = declared.unwrap_or(total).clamp(total, limit);
+            collected.reserve(usize::try_from(expected).unwrap_or(0));
+            collected.extend_from_slice(&first);
+        }
+        collected.extend_from_slice(&data);
     }
     Ok(single.unwrap_or_else(|| collected.freeze()))
 }
