@@ -71,7 +71,7 @@ struct Shared {
 struct Idle {
     authority: Authority,
     host: HeaderValue,
-    /// Most recently used at the back: reuse takes from the back, expiry trims the front.
+    /// Most recently used at the back, where reuse takes from; the sweep drops expired ones.
     queue: VecDeque<Box<Pooled>>,
 }
 
@@ -275,26 +275,22 @@ impl Http1Pool {
 
     /// Returns a connection whose response was read to its end.
     fn checkin(&self, index: usize, mut pooled: Box<Pooled>) {
-        pooled.since = Instant::now();
         // The last reader's task waker would keep that finished task's memory alive.
         drop(pooled.signal.task.take());
-        if !pooled.can_take_a_request() {
+        if !pooled.sender.is_ready() {
             return;
         }
+        pooled.since = Instant::now();
         let mut idle = self.shared.idle.lock().unwrap_or_else(|p| p.into_inner());
-        // The entry exists: `send` checked out (and so created it) first.
+        // The entry exists: `send` checked out (and so created it) first. Expired
+        // connections are left to the sweep and to `checkout`, which never hands one out:
+        // trimming them here too would cost every request a clock read to save at most
+        // `SWEEP_EVERY` of an idle socket's life.
         let Some(entry) = idle.get_mut(index) else {
             return;
         };
-        let queue = &mut entry.queue;
-        while queue
-            .front()
-            .is_some_and(|oldest| oldest.since.elapsed() > IDLE_LIMIT)
-        {
-            queue.pop_front();
-        }
-        if queue.len() < MAX_IDLE_PER_AUTHORITY {
-            queue.push_back(pooled);
+        if entry.queue.len() < MAX_IDLE_PER_AUTHORITY {
+            entry.queue.push_back(pooled);
         }
         drop(idle);
         self.sweep_from_now_on();
