@@ -40,6 +40,13 @@ def us(v):
     return f"{v:.0f} µs"
 
 
+def us1(v):
+    """Microseconds with one decimal below 100 µs, where single microseconds matter."""
+    if v is None:
+        return "–"
+    return f"{v:.1f} µs" if abs(v) < 100 else us(v)
+
+
 def num(v, digits=0):
     if v is None:
         return "–"
@@ -547,6 +554,7 @@ class Report:
                             hop_note(h, d, "ttft_us", "p99"))
                 self.target("Added inter-frame latency ≤ 5 µs p99", us(add_ev), add_ev <= 5,
                             hop_note(h, d, "event_delay_us", "p99"))
+            self.residence()
             sweep = st.get("sweep", [])
             if sweep:
                 rows = []
@@ -575,6 +583,38 @@ class Report:
                 self.target("≥ 5000 concurrent paced streams without a stall",
                             f"{num(top)} sustained (tried {', '.join(num(x) for x in tried)})" if ok
                             else f"none of {', '.join(num(x) for x in tried)} sustained", top >= 5000)
+
+    def residence(self):
+        res = self.s.get("residence")
+        if not res:
+            return
+        self.add("**Time each relay holds a frame** (`bench/residence.py`): one more paced run of "
+                 "the same 100 streams per relay, with `perf record -e raw_syscalls:sys_enter,"
+                 "raw_syscalls:sys_exit` attached to it (perf itself on the other core). A frame is "
+                 "timed from the return of the read that takes it off the upstream socket to the start "
+                 "of the write that hands it to the client's socket: what the relay adds to each frame "
+                 "once the kernel has delivered it, free of the VM's wake-ups that dominate the event "
+                 "delay above. *own code* leaves out the time spent inside other syscalls meanwhile "
+                 "(a relay that reads every ready socket before writing any holds the first frame "
+                 "during the others' syscalls). Tracing every syscall slows each one, so these "
+                 "figures are upper bounds; the event delay column is that of the traced run.", "")
+        rows = []
+        for t in PROXIES + REFERENCES:
+            r = res.get(t)
+            if not r:
+                continue
+            w, u = r["read_to_write_us"], r["user_us"]
+            rows.append([NAMES[t], num(w["frames"]), us1(w["p50"]), us1(w["p90"]), us1(w["p99"]),
+                         us1(w["p999"]), us1(u["p50"]), us1(u["p99"]), us(r["event_delay_us"]["p99"])])
+        self.add(table(["relay", "frames", "read → write p50", "p90", "p99", "p99.9", "own code p50",
+                        "own code p99", "event delay p99 (traced)"], rows), "")
+        o = res.get("ours")
+        if o:
+            others = ", ".join(f"{NAMES[t]} {us1(res[t]['read_to_write_us']['p99'])}"
+                               for t in ["nginx", "haproxy", "floor"] if t in res)
+            p99 = o["read_to_write_us"]["p99"]
+            self.target("Added inter-frame latency ≤ 5 µs p99, inside the relay (read → write)",
+                        f"{us1(p99)} (p50 {us1(o['read_to_write_us']['p50'])})", p99 <= 5, others)
 
     def callgrind(self):
         rows = self.s.get("callgrind")

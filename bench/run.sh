@@ -31,6 +31,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
   command -v haproxy >/dev/null || need+=(haproxy)
   command -v wrk     >/dev/null || need+=(wrk)
   command -v taskset >/dev/null || need+=(util-linux)
+  command -v perf    >/dev/null || need+=(linux-perf)
   if [ "$QUICK" = 0 ]; then command -v valgrind >/dev/null || need+=(valgrind); fi
   if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"

@@ -9,5 +9,7 @@ bash scripts/lint-packaging.sh
 cargo test --locked --all-targets
 # `--all-targets` skips doctests: the crate-level embedding example is compiled here.
 cargo test --locked --doc
+# The benchmark suite's syscall-trace analysis (bench/residence.py) on a made-up trace.
+python3 bench/residence.py --self-test
 bash scripts/sdk-e2e.sh
 bash scripts/node-e2e.sh
