@@ -11,11 +11,12 @@
 //! removes, while the others keep serving; open WebSocket sessions are left running.
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -546,10 +547,33 @@ where
         }
     };
     tokio::pin!(connection);
-    let stopped = tokio::select! {
-        output = connection.as_mut() => return output,
-        _ = stop.wait_for(|stop| *stop) => true,
-        () = idle() => {
+    // Not a `select!`: that would poll the stop signal's wait (a `Notify` check, about 240
+    // instructions with the select) on every wake of the connection, that is on every
+    // relayed frame. The wait is polled once to register the task's waker, and again only
+    // when the signal has changed or the task is polled with another waker.
+    let probe = stop.clone();
+    let mut stop_wait = std::pin::pin!(stop.wait_for(|stop| *stop));
+    let mut registered: Option<Waker> = None;
+    let mut idle_wait = std::pin::pin!(idle());
+    let ended = poll_fn(|cx| {
+        if let Poll::Ready(output) = connection.as_mut().poll(cx) {
+            return Poll::Ready(Ended::Done(output));
+        }
+        let waker_known = registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        // A closed channel counts as a change: the wait then ends, as a stop does.
+        if !waker_known || probe.has_changed().unwrap_or(true) {
+            if stop_wait.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ended::Stopped);
+            }
+            registered = Some(cx.waker().clone());
+        }
+        idle_wait.as_mut().poll(cx).map(|()| Ended::Idle)
+    })
+    .await;
+    let stopped = match ended {
+        Ended::Done(output) => return output,
+        Ended::Stopped => true,
+        Ended::Idle => {
             tracing::debug!("HTTP/2 connection idle; closing it");
             false
         }
@@ -563,6 +587,13 @@ where
         output = connection.as_mut() => output,
         () = idle() => Ok(()),
     }
+}
+
+/// Why [`until_stopped`]'s first phase ended.
+enum Ended<T> {
+    Done(T),
+    Stopped,
+    Idle,
 }
 
 async fn accept_loop(

@@ -58,3 +58,75 @@ async fn client_request(url: &str) -> http::Response<hyper::body::Incoming> {
         .unwrap()
         .unwrap()
 }
+
+/// At shutdown an idle keep-alive connection is closed at once, while a response still in
+/// flight on another connection runs to its end; the server then stops without waiting for
+/// the drain limit.
+#[tokio::test]
+async fn idle_connections_close_at_once_and_in_flight_responses_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (tx, body) = channel_body();
+    let body = std::sync::Mutex::new(Some(body));
+    let upstream = MockUpstream::start(move |req| {
+        if req.uri.path() == "/slow" {
+            response(
+                200,
+                &[],
+                body.lock().unwrap().take().unwrap_or_else(|| full("")),
+            )
+        } else {
+            response(200, &[("content-length", "2")], full("ok"))
+        }
+    })
+    .await;
+    let client = openai_stream_proxy::UpstreamClient::new(openai_stream_proxy::ClientOptions {
+        proxy: None,
+        roots: std::sync::Arc::new(rustls::RootCertStore::empty()),
+        connect_timeout: None,
+    })
+    .unwrap();
+    let drain = Duration::from_secs(20);
+    let proxy = start_proxy_with_client(&upstream.url(), options(), client, drain).await;
+
+    // An idle keep-alive connection, after one complete exchange.
+    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    idle.write_all(b"GET /quick HTTP/1.1\r\nHost: proxy.local\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Bounded: each read waits at most WAIT, and the answer is a few hundred bytes.
+    while !seen.ends_with(b"\r\n\r\nok") {
+        let n = tokio::time::timeout(WAIT, idle.read(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // A response in flight on another connection.
+    let slow = client_request(&proxy.url("/slow")).await;
+    tx.send(Ok(Bytes::from_static(b"first "))).await.unwrap();
+
+    let started = Instant::now();
+    let stopping = tokio::spawn(proxy.shutdown());
+    let n = tokio::time::timeout(WAIT, idle.read(&mut buf))
+        .await
+        .expect("the idle connection was left open at shutdown")
+        .unwrap();
+    assert_eq!(n, 0, "unexpected bytes on the idle connection");
+    tx.send(Ok(Bytes::from_static(b"last"))).await.unwrap();
+    drop(tx);
+    let got = tokio::time::timeout(WAIT, slow.into_body().collect())
+        .await
+        .expect("in-flight body hanging")
+        .expect("the in-flight response was cut")
+        .to_bytes();
+    assert_eq!(&got[..], b"first last");
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("server still draining after its last response")
+        .unwrap();
+    assert!(started.elapsed() < drain / 2, "waited for the drain limit");
+}
