@@ -471,7 +471,7 @@ class Report:
     def gateway(self):
         c1 = self.s.get("c1")
         st = self.s.get("streaming")
-        if not (c1 or st):
+        if not (c1 or st or self.s.get("residence")):
             return
         self.add("## 6. Gateway methodology: added latency, time to first token, inter-frame latency, concurrent streams", "")
         if c1:
@@ -583,35 +583,45 @@ class Report:
                 self.target("≥ 5000 concurrent paced streams without a stall",
                             f"{num(top)} sustained (tried {', '.join(num(x) for x in tried)})" if ok
                             else f"none of {', '.join(num(x) for x in tried)} sustained", top >= 5000)
+        else:
+            self.residence()
 
     def residence(self):
         res = self.s.get("residence")
         if not res:
             return
-        self.add("**Time each relay holds a frame** (`bench/residence.py`): one more paced run of "
-                 "the same 100 streams per relay, with `perf record -e raw_syscalls:sys_enter,"
+        streams = next((r["streams"] for r in res.values() if "streams" in r), None)
+        self.add(f"**Time each relay holds a frame** (`bench/residence.py`): one more paced run of "
+                 f"{num(streams)} streams per relay, with `perf record -e raw_syscalls:sys_enter,"
                  "raw_syscalls:sys_exit` attached to it (perf itself on the other core). A frame is "
                  "timed from the return of the read that takes it off the upstream socket to the start "
                  "of the write that hands it to the client's socket: what the relay adds to each frame "
                  "once the kernel has delivered it, free of the VM's wake-ups that dominate the event "
-                 "delay above. *own code* leaves out the time spent inside other syscalls meanwhile "
-                 "(a relay that reads every ready socket before writing any holds the first frame "
-                 "during the others' syscalls). Tracing every syscall slows each one, so these "
-                 "figures are upper bounds; the event delay column is that of the traced run.", "")
+                 "delay above. Response heads are left out. *own code* leaves out the time spent inside "
+                 "other syscalls meanwhile (a relay that reads every ready socket before writing any "
+                 "holds the first frame during the others' syscalls). Tracing every syscall slows each "
+                 "one, so these figures are upper bounds; the event delay column is that of the traced "
+                 "run. *frames* below *events*: events that reached the relay in one read, or that it "
+                 "wrote in one.", "")
         rows = []
         for t in PROXIES + REFERENCES:
             r = res.get(t)
             if not r:
                 continue
+            if "error" in r:
+                rows.append([NAMES[t], "failed: " + r["error"][:120]] + [""] * 8)
+                continue
             w, u = r["read_to_write_us"], r["user_us"]
-            rows.append([NAMES[t], num(w["frames"]), us1(w["p50"]), us1(w["p90"]), us1(w["p99"]),
-                         us1(w["p999"]), us1(u["p50"]), us1(u["p99"]), us(r["event_delay_us"]["p99"])])
-        self.add(table(["relay", "frames", "read → write p50", "p90", "p99", "p99.9", "own code p50",
-                        "own code p99", "event delay p99 (traced)"], rows), "")
+            rows.append([NAMES[t], f"{num(w['frames'])} / {num(r.get('events'))}", us1(w["p50"]),
+                         us1(w["p90"]), us1(w["p99"]), us1(w["p999"]), us1(u.get("p50")), us1(u.get("p99")),
+                         num(r.get("lost")), us(r["event_delay_us"]["p99"])])
+        self.add(table(["relay", "frames / events", "read → write p50", "p90", "p99", "p99.9",
+                        "own code p50", "own code p99", "perf events lost", "event delay p99 (traced)"],
+                       rows), "")
         o = res.get("ours")
-        if o:
+        if o and "error" not in o:
             others = ", ".join(f"{NAMES[t]} {us1(res[t]['read_to_write_us']['p99'])}"
-                               for t in ["nginx", "haproxy", "floor"] if t in res)
+                               for t in ["nginx", "haproxy", "floor"] if t in res and "error" not in res[t])
             p99 = o["read_to_write_us"]["p99"]
             self.target("Added inter-frame latency ≤ 5 µs p99, inside the relay (read → write)",
                         f"{us1(p99)} (p50 {us1(o['read_to_write_us']['p50'])})", p99 <= 5, others)

@@ -245,9 +245,14 @@ impl IdleTimer {
             return Poll::Pending;
         }
         loop {
+            // A poll refused for the task's cooperative budget returns before the sleep has
+            // the waker (before it even has a timer, the first time): not armed then.
+            let budget = tokio::task::coop::has_budget_remaining();
             match this.sleep.as_mut().poll(cx) {
                 Poll::Pending => {
-                    if !armed {
+                    if !budget {
+                        *this.armed_for = None;
+                    } else if !armed {
                         *this.armed_for = Some(cx.waker().clone());
                     }
                     return Poll::Pending;
@@ -286,5 +291,30 @@ mod tests {
         let expired = tokio::time::timeout(Duration::from_secs(60), waited).await;
         assert_eq!(expired.ok(), Some(limit));
         assert_eq!(start.elapsed(), Duration::from_secs(16));
+    }
+
+    /// A first poll refused for the task's cooperative budget leaves the timer unarmed, so
+    /// the next poll arms it.
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_refused_for_budget_does_not_count_as_armed() {
+        let limit = Duration::from_secs(10);
+        let start = Instant::now();
+        let mut timer = pin!(IdleTimer::new(limit));
+        let refused = poll_fn(|cx| {
+            // Bounded: the budget is 128 units.
+            for _ in 0..1000 {
+                if pin!(tokio::task::consume_budget()).poll(cx).is_pending() {
+                    break;
+                }
+            }
+            let spent = !tokio::task::coop::has_budget_remaining();
+            Poll::Ready(spent && timer.as_mut().poll_expired(cx).is_pending())
+        })
+        .await;
+        assert!(refused);
+        let waited = poll_fn(|cx| timer.as_mut().poll_expired(cx));
+        let expired = tokio::time::timeout(Duration::from_secs(60), waited).await;
+        assert_eq!(expired.ok(), Some(limit));
+        assert_eq!(start.elapsed(), limit);
     }
 }

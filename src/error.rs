@@ -57,12 +57,6 @@ pub enum ProxyError {
     /// `chunked`).
     #[error("{0}")]
     NotImplemented(String),
-    /// An HTTP/1 request head over the limit every connection is held to.
-    #[error("the request head is larger than the limit of {limit} bytes")]
-    HeadTooLarge {
-        /// [`crate::route::MAX_HTTP1_HEAD_BYTES`].
-        limit: usize,
-    },
     /// A request body over the configured limit.
     #[error("request body is larger than the limit of {limit} bytes")]
     RequestTooLarge {
@@ -109,11 +103,6 @@ impl ProxyError {
                 "invalid_request_error",
                 Value::from("not_implemented"),
             ),
-            ProxyError::HeadTooLarge { .. } => (
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "invalid_request_error",
-                Value::from("request_header_fields_too_large"),
-            ),
             ProxyError::RequestTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
@@ -136,7 +125,6 @@ impl ProxyError {
             ProxyError::UpstreamReported(_) => Some("in_stream_error"),
             ProxyError::BadRequest(_)
             | ProxyError::NotImplemented(_)
-            | ProxyError::HeadTooLarge { .. }
             | ProxyError::RequestTooLarge { .. }
             | ProxyError::RequestBody(_)
             | ProxyError::RequestBodyTimeout { .. } => None,

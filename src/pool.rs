@@ -289,9 +289,11 @@ impl Http1Pool {
         let Some(entry) = idle.get_mut(index) else {
             return;
         };
-        if entry.queue.len() < MAX_IDLE_PER_AUTHORITY {
-            entry.queue.push_back(pooled);
+        // Full: the oldest makes room (it is the likeliest to have expired).
+        if entry.queue.len() >= MAX_IDLE_PER_AUTHORITY {
+            entry.queue.pop_front();
         }
+        entry.queue.push_back(pooled);
         drop(idle);
         self.sweep_from_now_on();
     }

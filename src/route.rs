@@ -11,15 +11,6 @@ use crate::convert::request::{conversion_candidate, Api};
 use crate::error::ProxyError;
 use crate::headers::has_token;
 
-/// Largest HTTP/1 request head accepted (nginx allows 8 KiB lines, HAProxy about 16 KiB);
-/// larger ones get 431. API requests carry a handful of headers, and every connection
-/// may hold this much while its head arrives.
-///
-/// Also hyper's read-buffer limit, but that one is not exact: a head is refused there only
-/// if it is still incomplete once the buffer holds this much, and one read can carry a head
-/// from below the limit to well past it. [`check_head_size`] measures every complete head.
-pub const MAX_HTTP1_HEAD_BYTES: usize = 64 * 1024;
-
 /// What the proxy does with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -89,34 +80,6 @@ pub fn route(
     Ok(Route::Passthrough)
 }
 
-/// Refuses an HTTP/1 request head over [`MAX_HTTP1_HEAD_BYTES`]. Called on the head as it
-/// arrived, before the proxy adds any header of its own.
-pub fn check_head_size(
-    method: &Method,
-    uri: &Uri,
-    version: Version,
-    headers: &HeaderMap,
-) -> Result<(), ProxyError> {
-    if version < Version::HTTP_2 && http1_head_len(method, uri, headers) > MAX_HTTP1_HEAD_BYTES {
-        return Err(ProxyError::HeadTooLarge {
-            limit: MAX_HTTP1_HEAD_BYTES,
-        });
-    }
-    Ok(())
-}
-
-/// The length of an HTTP/1 request head as sent (origin-form target), less any optional
-/// whitespace around header values, which the parser drops.
-fn http1_head_len(method: &Method, uri: &Uri, headers: &HeaderMap) -> usize {
-    let target = uri.path_and_query().map_or(1, |pq| pq.as_str().len());
-    let request_line = method.as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
-    headers
-        .iter()
-        .fold(request_line + "\r\n".len(), |len, (name, value)| {
-            len + name.as_str().len() + ": ".len() + value.len() + "\r\n".len()
-        })
-}
-
 /// HTTP/1 head checks that keep every hop agreeing on where this request ends.
 fn check_http1_framing(version: Version, headers: &HeaderMap) -> Result<(), ProxyError> {
     let hosts = headers.get_all(header::HOST).iter().count();
@@ -178,36 +141,6 @@ mod tests {
             HeaderValue::from_static("application/json"),
         );
         h
-    }
-
-    /// The head `POST /v1/x HTTP/1.1` + `host: proxy.local` + `x-pad: <pad>`, sized exactly.
-    fn head_of(pad: usize) -> (Uri, HeaderMap, usize) {
-        let uri: Uri = "/v1/x".parse().unwrap();
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("proxy.local"));
-        let value = "p".repeat(pad);
-        h.insert("x-pad", HeaderValue::from_str(&value).unwrap());
-        let text = format!("POST /v1/x HTTP/1.1\r\nhost: proxy.local\r\nx-pad: {value}\r\n\r\n");
-        (uri, h, text.len())
-    }
-
-    #[test]
-    fn http1_heads_over_the_limit_get_431_to_the_byte() {
-        let (uri, h, len) = head_of(1000);
-        assert_eq!(http1_head_len(&Method::POST, &uri, &h), len);
-        let pad = 1000 + MAX_HTTP1_HEAD_BYTES - len;
-        let (uri, h, len) = head_of(pad);
-        assert_eq!(len, MAX_HTTP1_HEAD_BYTES);
-        assert!(check_head_size(&Method::POST, &uri, Version::HTTP_11, &h).is_ok());
-        let (uri, h, _) = head_of(pad + 1);
-        let err = check_head_size(&Method::POST, &uri, Version::HTTP_11, &h).unwrap_err();
-        assert!(matches!(err, ProxyError::HeadTooLarge { limit } if limit == MAX_HTTP1_HEAD_BYTES));
-        assert_eq!(
-            err.status(),
-            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-        );
-        // HTTP/2 header blocks are bounded by the HTTP/2 settings, not by this.
-        assert!(check_head_size(&Method::POST, &uri, Version::HTTP_2, &h).is_ok());
     }
 
     #[test]

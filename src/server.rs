@@ -27,7 +27,6 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::{Config, Rule, DEFAULT_HEADER_READ_TIMEOUT_SECONDS};
 use crate::open_streams::{Counted, OpenStreams};
-use crate::route::MAX_HTTP1_HEAD_BYTES;
 use crate::service::ProxyService;
 use crate::upstream::UpstreamClient;
 
@@ -368,9 +367,13 @@ impl ConnectionSetup {
         http1
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
-            // Bounds what a connection may hold while its head arrives; `route` refuses
-            // every complete head over the same size.
-            .max_buf_size(MAX_HTTP1_HEAD_BYTES);
+            // A request head larger than this is refused with 431: API requests carry a
+            // handful of headers, and every connection may hold this much while its head
+            // arrives. The buffer cap alone refuses only heads still incomplete at the cap
+            // (one read can carry a head past it); the header-size limit also measures every
+            // complete head, to the byte.
+            .max_buf_size(MAX_HEAD_BYTES)
+            .max_header_size(MAX_HEAD_BYTES);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());
         ConnectionSetup {
@@ -380,6 +383,9 @@ impl ConnectionSetup {
         }
     }
 }
+
+/// Largest HTTP/1 request head accepted (nginx allows 8 KiB lines, HAProxy about 16 KiB).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// A served connection that can be asked to finish its in-flight requests and close.
 trait GracefulConnection: Future<Output = hyper::Result<()>> {
@@ -552,7 +558,9 @@ where
     // relayed frame. The wait is polled once to register the task's waker, and again only
     // when the signal has changed or the task is polled with another waker.
     let probe = stop.clone();
-    let mut stop_wait = std::pin::pin!(stop.wait_for(|stop| *stop));
+    // Unconstrained: a wait refused for the task's cooperative budget would return
+    // without registering the waker, and then never be polled again.
+    let mut stop_wait = std::pin::pin!(tokio::task::unconstrained(stop.wait_for(|stop| *stop)));
     let mut registered: Option<Waker> = None;
     let mut idle_wait = std::pin::pin!(idle());
     let ended = poll_fn(|cx| {

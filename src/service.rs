@@ -23,7 +23,7 @@ use crate::config::RuleOptions;
 use crate::convert::Candidate;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::metrics::PortMetrics;
-use crate::route::{check_head_size, route, Mode, Route};
+use crate::route::{route, Mode, Route};
 use crate::upload::{head_within, Stalled, UploadProgress};
 use crate::upstream::{BoxError, UpstreamBody, UpstreamClient, UpstreamIncoming, UpstreamUrl};
 use crate::{convert, passthrough, request_id, websocket};
@@ -185,7 +185,6 @@ impl ProxyService {
         let started = Instant::now();
         let rule = self.rule();
         let (mut parts, mut body) = request.into_parts();
-        let head_size = check_head_size(&parts.method, &parts.uri, parts.version, &parts.headers);
         // Injected headers (e.g. the upstream's credentials) replace the client's own.
         for (name, value) in &rule.options.headers {
             parts.headers.insert(name.clone(), value.clone());
@@ -201,15 +200,13 @@ impl ProxyService {
             started,
         ));
         log.set_request_id(request_id);
-        let routed = head_size.and_then(|()| {
-            route(
-                &parts.method,
-                &parts.uri,
-                parts.version,
-                &parts.headers,
-                rule.options.convert,
-            )
-        });
+        let routed = route(
+            &parts.method,
+            &parts.uri,
+            parts.version,
+            &parts.headers,
+            rule.options.convert,
+        );
         let result = match routed {
             Err(e) => Err(e),
             Ok(Route::Passthrough) => {
