@@ -136,7 +136,9 @@ def frame_times(lines, sockets):
             socks.add(ret)
         elif nr in READS and ret > 0 and fd in socks:
             if fd in clients[pid]:
-                requests[tid].append(fd)
+                # A request read in several pieces (head, then body) is still one request.
+                if fd not in requests[tid]:
+                    requests[tid].append(fd)
             else:
                 waiting[(pid, fd)].append((t, tid, in_syscalls[tid]))
     return whole, user, heads
@@ -165,6 +167,8 @@ def self_test():
  7/7 1.000003000:  raw_syscalls:sys_exit: NR 288 = 11
  7/7 1.000004000: raw_syscalls:sys_enter: NR 0 (a, 0, 2000)
  7/7 1.000005000:  raw_syscalls:sys_exit: NR 0 = 120
+ 7/7 1.000005500: raw_syscalls:sys_enter: NR 0 (a, 0, 2000)
+ 7/7 1.000005600:  raw_syscalls:sys_exit: NR 0 = 50
  7/7 1.000006000: raw_syscalls:sys_enter: NR 45 (b, 0, 2000)
  7/7 1.000007000:  raw_syscalls:sys_exit: NR 45 = 120
  7/7 1.000008000: raw_syscalls:sys_enter: NR 1 (4, 0, 8)
@@ -219,8 +223,8 @@ def self_test():
  7/7 1.000224000:  raw_syscalls:sys_exit: NR 20 = 300
 """
     # fd 4 is not a socket (an eventfd, say); c and d are upstream connections pooled
-    # before the trace began. Two requests (a's, then b's) are read before either goes
-    # upstream: a's goes to c, b's to d.
+    # before the trace began. Two requests (a's, in two reads, then b's) are read before
+    # either goes upstream: a's goes to c, b's to d.
     whole, user, heads = frame_times(trace.splitlines(), {7: {12, 13}})
     # Heads c -> a (51 -> 52) and d -> b (61 -> 62) are left out, as is the head on the
     # new connection e -> b (207 -> 208). Frames: c -> a, 101 -> 109, 4 µs of it inside
