@@ -6,11 +6,9 @@ mod support;
 #[path = "../examples/axum_mount.rs"]
 mod axum_mount;
 
-use std::sync::Arc;
-
 use http::Request;
 use http_body_util::Full;
-use openai_stream_proxy::{ClientOptions, UpstreamClient, UpstreamUrl};
+use openai_stream_proxy::UpstreamUrl;
 use support::*;
 
 #[tokio::test]
@@ -27,13 +25,10 @@ async fn axum_example_serves_its_routes_and_proxies_the_rest() {
         }
     })
     .await;
-    let client = UpstreamClient::new(ClientOptions {
-        proxy: None,
-        roots: Arc::new(rustls::RootCertStore::empty()),
-        connect_timeout: None,
-    })
-    .unwrap();
-    let app = axum_mount::app(UpstreamUrl::parse(&upstream.url()).unwrap(), client);
+    let app = axum_mount::app(
+        UpstreamUrl::parse(&upstream.url()).unwrap(),
+        direct_client(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });

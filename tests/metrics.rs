@@ -161,12 +161,7 @@ async fn healthz_is_503_before_serving_200_while_serving_and_503_while_draining(
     .await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let client = openai_stream_proxy::UpstreamClient::new(openai_stream_proxy::ClientOptions {
-        proxy: None,
-        roots: std::sync::Arc::new(rustls::RootCertStore::empty()),
-        connect_timeout: None,
-    })
-    .unwrap();
+    let client = direct_client();
     let service = ProxyService::new(
         UpstreamUrl::parse(&upstream.url()).unwrap(),
         options(),

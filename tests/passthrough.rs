@@ -289,16 +289,7 @@ async fn request_bodies_stream_upstream_before_the_client_finishes() {
         .unwrap();
     assert_eq!(&first[..], b"first");
     stream.write_all(b"4\r\nlast\r\n0\r\n\r\n").await.unwrap();
-    let mut buf = vec![0u8; 1024];
-    let mut got = Vec::new();
-    while !got.ends_with(b"last") {
-        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0);
-        got.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut stream, b"last").await;
 }
 
 #[tokio::test]

@@ -22,14 +22,13 @@ async fn connections_still_open_at_the_drain_limit_are_cut() {
         )
     })
     .await;
-    let client = openai_stream_proxy::UpstreamClient::new(openai_stream_proxy::ClientOptions {
-        proxy: None,
-        roots: std::sync::Arc::new(rustls::RootCertStore::empty()),
-        connect_timeout: None,
-    })
-    .unwrap();
-    let proxy =
-        start_proxy_with_client(&upstream.url(), options(), client, Duration::from_secs(1)).await;
+    let proxy = start_proxy_with_client(
+        &upstream.url(),
+        options(),
+        direct_client(),
+        Duration::from_secs(1),
+    )
+    .await;
     let response = client_request(&proxy.url("/stuck")).await;
     tx.send(Ok(Bytes::from_static(b"partial"))).await.unwrap();
 
@@ -80,37 +79,22 @@ async fn idle_connections_close_at_once_and_in_flight_responses_finish() {
         }
     })
     .await;
-    let client = openai_stream_proxy::UpstreamClient::new(openai_stream_proxy::ClientOptions {
-        proxy: None,
-        roots: std::sync::Arc::new(rustls::RootCertStore::empty()),
-        connect_timeout: None,
-    })
-    .unwrap();
     let drain = Duration::from_secs(20);
-    let proxy = start_proxy_with_client(&upstream.url(), options(), client, drain).await;
+    let proxy = start_proxy_with_client(&upstream.url(), options(), direct_client(), drain).await;
 
     // An idle keep-alive connection, after one complete exchange.
     let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     idle.write_all(b"GET /quick HTTP/1.1\r\nHost: proxy.local\r\n\r\n")
         .await
         .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    // Bounded: each read waits at most WAIT, and the answer is a few hundred bytes.
-    while !seen.ends_with(b"\r\n\r\nok") {
-        let n = tokio::time::timeout(WAIT, idle.read(&mut buf))
-            .await
-            .expect("no answer")
-            .unwrap();
-        assert!(n > 0, "closed before answering");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut idle, b"\r\n\r\nok").await;
     // A response in flight on another connection.
     let slow = client_request(&proxy.url("/slow")).await;
     tx.send(Ok(Bytes::from_static(b"first "))).await.unwrap();
 
     let started = Instant::now();
     let stopping = tokio::spawn(proxy.shutdown());
+    let mut buf = [0u8; 64];
     let n = tokio::time::timeout(WAIT, idle.read(&mut buf))
         .await
         .expect("the idle connection was left open at shutdown")

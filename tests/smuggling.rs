@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openai_stream_proxy::{ClientOptions, ProxyService, Server, UpstreamClient, UpstreamUrl};
+use openai_stream_proxy::{ProxyService, Server, UpstreamUrl};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1247,13 +1247,11 @@ async fn a_64_kib_header_line_gets_431() {
 async fn proxy_with_header_timeout(upstream: &str) -> (SocketAddr, oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let client = UpstreamClient::new(ClientOptions {
-        proxy: None,
-        roots: Arc::new(rustls::RootCertStore::empty()),
-        connect_timeout: None,
-    })
-    .unwrap();
-    let service = ProxyService::new(UpstreamUrl::parse(upstream).unwrap(), options(), client);
+    let service = ProxyService::new(
+        UpstreamUrl::parse(upstream).unwrap(),
+        options(),
+        direct_client(),
+    );
     let server = Server::from_listeners(vec![(listener, service)])
         .with_header_read_timeout(Duration::from_secs(1));
     let (stop, stopped) = oneshot::channel::<()>();
@@ -1335,16 +1333,7 @@ async fn slowloris_heads_and_idle_keep_alive_connections_are_closed_after_the_he
         .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !got.ends_with(b"GET /a 0") {
-        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed before the response");
-        got.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut stream, b"GET /a 0").await;
     let closed = time_to_close(&mut stream, b"", limit).await;
     assert!(
         closed.is_some_and(|d| d >= Duration::from_millis(900) && d < Duration::from_secs(3)),

@@ -323,15 +323,19 @@ fn next_port_label() -> u16 {
     (n % 1023) as u16 + 1
 }
 
-/// Starts the proxy in front of `upstream` with direct connections.
-pub async fn start_proxy(upstream: &str, options: RuleOptions) -> ProxyHandle {
-    let client = UpstreamClient::new(ClientOptions {
+/// An upstream client with direct connections (no HTTP proxy) and no trust roots.
+pub fn direct_client() -> UpstreamClient {
+    UpstreamClient::new(ClientOptions {
         proxy: None,
         roots: Arc::new(rustls::RootCertStore::empty()),
         connect_timeout: None,
     })
-    .unwrap();
-    start_proxy_with_client(upstream, options, client, Duration::from_secs(5)).await
+    .unwrap()
+}
+
+/// Starts the proxy in front of `upstream` with direct connections.
+pub async fn start_proxy(upstream: &str, options: RuleOptions) -> ProxyHandle {
+    start_proxy_with_client(upstream, options, direct_client(), Duration::from_secs(5)).await
 }
 
 pub async fn start_proxy_with_client(
@@ -423,6 +427,27 @@ pub fn fixtures_dir() -> Option<PathBuf> {
 }
 
 /// Raw HTTP/1.1 exchange: writes `request` bytes, reads until EOF or `WAIT`.
+/// Reads `stream` until what arrived ends with `end`, and returns it all. Panics if the
+/// peer closes first or a read waits longer than [`WAIT`]; bounded by that wait per read.
+pub async fn read_until(stream: &mut TcpStream, end: &[u8]) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(end) {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("nothing arrived within the wait")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before {:?} arrived: {:?}",
+            String::from_utf8_lossy(end),
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(request).await.unwrap();
