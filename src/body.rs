@@ -245,14 +245,12 @@ impl IdleTimer {
             return Poll::Pending;
         }
         loop {
-            // A poll refused for the task's cooperative budget returns before the sleep has
-            // the waker (before it even has a timer, the first time): not armed then.
-            let budget = tokio::task::coop::has_budget_remaining();
-            match this.sleep.as_mut().poll(cx) {
+            // Unconstrained, as the server's stop wait: a poll refused for the task's
+            // cooperative budget would return before the sleep has the waker (before it even
+            // has a timer, the first time), and the timer would count as armed.
+            match Pin::new(&mut tokio::task::unconstrained(this.sleep.as_mut())).poll(cx) {
                 Poll::Pending => {
-                    if !budget {
-                        *this.armed_for = None;
-                    } else if !armed {
+                    if !armed {
                         *this.armed_for = Some(cx.waker().clone());
                     }
                     return Poll::Pending;
@@ -293,8 +291,7 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(16));
     }
 
-    /// A first poll refused for the task's cooperative budget leaves the timer unarmed, so
-    /// the next poll arms it.
+    /// A first poll made once the task's cooperative budget is spent still arms the timer.
     #[tokio::test(start_paused = true)]
     async fn a_poll_refused_for_budget_does_not_count_as_armed() {
         let limit = Duration::from_secs(10);

@@ -7,9 +7,9 @@
 //! connection, not from the start of the request; a 20-minute upload to a proxy with the
 //! 600 s default goes through. (That frame may still sit in socket buffers for a moment: a
 //! `timeoutSeconds` shorter than the time a slow upstream link needs to drain them would
-//! count that time as silence.) A body that makes no progress for `timeoutSeconds` still ends the wait, and the
-//! progress says whose fault it was: a client that stopped sending gets 408, an upstream
-//! that stopped reading (or never answers) 504.
+//! count that time as silence.) A body that makes no progress for `timeoutSeconds` still
+//! ends the wait, and the progress says whose fault it was: a client that stopped sending
+//! gets 408, an upstream that stopped reading (or never answers) 504.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
