@@ -2,7 +2,7 @@
 //! on hyper's server and `client::conn::http1` does per request, with nothing of ours in
 //! between (no routing, no header policy, no timeouts, no metrics, no logs). The benchmark
 //! suite measures it beside the proxy so that the share of each request's cost that is
-//! hyper's own is a figure, not a guess.
+//! hyper's own is a figure, not a guess. Its runtime is chosen as the proxy's is.
 //!
 //! ```sh
 //! cargo build --profile profiling --example hyper_floor
@@ -13,6 +13,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -23,6 +24,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use openai_stream_proxy::runtime::Workers;
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Parser)]
@@ -31,9 +33,10 @@ struct Args {
     listen: SocketAddr,
     #[arg(long)]
     upstream: SocketAddr,
-    /// Worker threads (default: one per core).
+    /// Worker threads (default: as the proxy chooses them, from `TOKIO_WORKER_THREADS` or
+    /// the CPUs available).
     #[arg(long)]
-    threads: Option<usize>,
+    threads: Option<NonZeroUsize>,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -103,11 +106,16 @@ async fn relay(
 
 fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = args.threads {
-        runtime.worker_threads(threads);
-    }
-    runtime.enable_all().build()?.block_on(async move {
+    // The proxy's own runtime choice (one CPU: the current-thread scheduler), so that the
+    // floor and the proxy are compared on the same scheduler.
+    let workers = match args.threads {
+        Some(threads) => Workers {
+            threads,
+            from_env: false,
+        },
+        None => Workers::from_env().map_err(std::io::Error::other)?,
+    };
+    workers.build()?.block_on(async move {
         let listener = TcpListener::bind(args.listen).await?;
         println!("listening on {}", listener.local_addr()?);
         let pool = Arc::new(Pool::default());

@@ -110,6 +110,7 @@ pub mod pool;
 pub mod progress;
 pub mod request_id;
 pub mod route;
+pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod sse;

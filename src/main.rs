@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::OnceLock;
 
 use clap::{Parser, ValueEnum};
+use openai_stream_proxy::runtime::{Workers, WORKER_THREADS_VAR};
 use openai_stream_proxy::server::{Control, DEFAULT_DRAIN};
 use openai_stream_proxy::{admin, ClientOptions, Config, Server, UpstreamClient};
 use tokio::sync::mpsc;
@@ -59,16 +60,30 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = match Workers::from_env() {
+        Ok(workers) => workers,
+        Err(e) => {
+            fail(e);
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match workers.build() {
         Ok(runtime) => runtime,
         Err(e) => {
             fail(format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
+    tracing::info!(
+        threads = workers.threads,
+        scheduler = workers.scheduler(),
+        source = if workers.from_env {
+            WORKER_THREADS_VAR
+        } else {
+            "available CPUs"
+        },
+        "async runtime"
+    );
     runtime.block_on(run(config, args.config_file))
 }
 

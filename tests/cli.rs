@@ -605,6 +605,90 @@ async fn one_request_line_per_request_without_secrets() {
     }
 }
 
+/// A three-chunk chat stream, as the mock upstream answers every request.
+const CHAT_STREAM: &str = concat!(
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",",
+    "\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n",
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",",
+    "\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n",
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",",
+    "\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    "data: [DONE]\n\n",
+);
+
+/// Each worker count the runtime can be given serves a conversion and a streaming
+/// passthrough, and stops on SIGTERM; the start-up line says which scheduler runs.
+#[tokio::test]
+async fn tokio_worker_threads_chooses_the_scheduler_and_both_serve() {
+    let upstream = MockUpstream::start(|_| {
+        response(
+            200,
+            &[("content-type", "text/event-stream")],
+            full(CHAT_STREAM),
+        )
+    })
+    .await;
+    for (threads, scheduler) in [("1", "\"current-thread\""), ("2", "\"multi-thread\"")] {
+        let dir = TempDir::new("workers");
+        let port = free_port();
+        let path = dir.write("config.json", &config(&[rule(port, &upstream.url())]));
+        let mut cmd = proxy_command(dir.path(), &["-c", path.to_str().unwrap()]);
+        cmd.env("TOKIO_WORKER_THREADS", threads);
+        let mut daemon = start_command(cmd, 1).await;
+        let line = daemon
+            .wait_for("the runtime line", |l| l.contains("async runtime"))
+            .await;
+        assert!(has_field(&line, "threads", threads), "{line}");
+        assert!(has_field(&line, "scheduler", scheduler), "{line}");
+        assert!(
+            has_field(&line, "source", "\"TOKIO_WORKER_THREADS\""),
+            "{line}"
+        );
+
+        let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+        let (parts, body) = send(post_json(&url, r#"{"model":"m","messages":[]}"#)).await;
+        assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&body));
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(answer["object"], "chat.completion", "{answer}");
+        assert_eq!(answer["choices"][0]["message"]["content"], "Hi", "{answer}");
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+
+        let (parts, body) = send(post_json(
+            &url,
+            r#"{"model":"m","messages":[],"stream":true}"#,
+        ))
+        .await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(&body[..], CHAT_STREAM.as_bytes());
+        daemon.stop().await;
+    }
+}
+
+/// A worker count that is not a positive whole number is refused by name before any port
+/// is bound, instead of tokio's panic.
+#[tokio::test]
+async fn a_bad_tokio_worker_threads_is_refused() {
+    for bad in ["0", "two"] {
+        let dir = TempDir::new("bad-workers");
+        let port = free_port();
+        let path = dir.write("config.json", &config(&[rule(port, "http://127.0.0.1:9")]));
+        let mut cmd = proxy_command(dir.path(), &["-c", path.to_str().unwrap()]);
+        cmd.env("TOKIO_WORKER_THREADS", bad);
+        let mut daemon = Daemon::spawn(cmd);
+        let status = daemon.wait_exit(WAIT).await;
+        assert_eq!(status.code(), Some(1), "{}", daemon.dump());
+        let expected = format!(
+            "TOKIO_WORKER_THREADS must be a whole number of threads, 1 or more; got \"{bad}\""
+        );
+        assert!(
+            daemon.seen.iter().any(|l| l.contains(&expected)),
+            "{}",
+            daemon.dump()
+        );
+        assert!(connect_refused(port).await, "port {port} must not be bound");
+    }
+}
+
 #[tokio::test]
 async fn log_level_warn_suppresses_info_lines() {
     let upstream = echo_upstream("quiet").await;

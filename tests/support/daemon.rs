@@ -141,6 +141,7 @@ pub fn proxy_command(cwd: &Path, args: &[&str]) -> Command {
         "all_proxy",
         "NO_PROXY",
         "no_proxy",
+        "TOKIO_WORKER_THREADS",
     ] {
         cmd.env_remove(var);
     }
