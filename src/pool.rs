@@ -452,7 +452,10 @@ impl Body for UpstreamIncoming {
             }
             _ => {}
         }
-        polled
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(detached(frame)))),
+            polled => polled,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -461,6 +464,25 @@ impl Body for UpstreamIncoming {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// Data frames up to this size are copied out of the connection's read buffer.
+const DETACH_UP_TO: usize = 1024;
+
+/// A small data frame in its own allocation instead of a view into the connection's read
+/// buffer.
+///
+/// The frame is still queued in the server's write buffer when the connection reads again,
+/// and hyper reserves its next read space then: a view keeps the read buffer shared, so that
+/// reserve allocates a fresh 8 KiB buffer, and the old one is freed once the frame is
+/// written, a malloc/free pair on glibc's slow path for every relayed SSE event. A copy of
+/// an event (a few hundred bytes) comes from the allocator's per-thread cache, and the read
+/// buffer, unshared, is reused in place.
+fn detached(frame: Frame<Bytes>) -> Frame<Bytes> {
+    match frame.data_ref() {
+        Some(data) if data.len() <= DETACH_UP_TO => Frame::data(Bytes::copy_from_slice(data)),
+        _ => frame,
     }
 }
 
@@ -527,4 +549,98 @@ async fn connect(authority: &Authority) -> Result<Box<Pooled>, BoxError> {
         waker: Waker::from(signal.clone()),
         signal,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    /// An upstream that answers one request with a chunked body, writing each chunk only
+    /// when told, so that every chunk arrives in a read of its own.
+    async fn paced_upstream(
+        chunks: Vec<Vec<u8>>,
+    ) -> (
+        std::net::SocketAddr,
+        mpsc::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (next, mut told) = mpsc::channel::<()>(1);
+        let task = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request head did not arrive");
+                head.extend_from_slice(&buf[..n]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            for chunk in chunks {
+                if told.recv().await.is_none() {
+                    return;
+                }
+                let mut out = format!("{:x}\r\n", chunk.len()).into_bytes();
+                out.extend_from_slice(&chunk);
+                out.extend_from_slice(b"\r\n");
+                stream.write_all(&out).await.unwrap();
+            }
+            let _ = told.recv().await;
+            stream.write_all(b"0\r\n\r\n").await.unwrap();
+        });
+        (addr, next, task)
+    }
+
+    #[tokio::test]
+    async fn small_frames_do_not_hold_the_connections_read_buffer() {
+        let small = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n".to_vec();
+        let large = vec![b'x'; 4096];
+        let (addr, next, upstream) = paced_upstream(vec![small.clone(), large.clone()]).await;
+        let pool = Http1Pool::default();
+        let request = Request::get(format!("http://{addr}/v1/stream"))
+            .body(UpstreamBody::empty())
+            .unwrap();
+        let response = pool.send(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let wait = Duration::from_secs(10);
+
+        next.send(()).await.unwrap();
+        let frame = tokio::time::timeout(wait, body.frame()).await.unwrap();
+        let data = frame.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&data[..], &small[..]);
+        // A view into the read buffer would share it with the connection.
+        assert!(data.is_unique(), "a small frame must own its bytes");
+
+        next.send(()).await.unwrap();
+        let mut got = Vec::new();
+        let mut frames = Vec::new();
+        while got.len() < large.len() {
+            let frame = tokio::time::timeout(wait, body.frame()).await.unwrap();
+            let data = frame.unwrap().unwrap().into_data().unwrap();
+            got.extend_from_slice(&data);
+            frames.push(data);
+        }
+        assert_eq!(got, large);
+        // Large frames are relayed without a copy.
+        assert!(
+            frames
+                .iter()
+                .any(|data| data.len() > DETACH_UP_TO && !data.is_unique()),
+            "a large frame should stay a view into the read buffer"
+        );
+        drop(frames);
+
+        next.send(()).await.unwrap();
+        let end = tokio::time::timeout(wait, body.frame()).await.unwrap();
+        assert!(end.is_none(), "the body must end after the last chunk");
+        upstream.await.unwrap();
+    }
 }
