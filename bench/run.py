@@ -7,7 +7,7 @@ bench/report.py turns that into BENCHMARKS.md and bench/charts/*.svg.
 
 Layout on the 2-core machine: the load generator (wrk or bench_load) and the mock upstream
 are pinned to CPU 0, the proxy under test to CPU 1. Every proxy gets that one core: ours
-(tokio then starts one worker thread), nginx with `worker_processes 1`, HAProxy with
+(one CPU, so tokio's current-thread scheduler), nginx with `worker_processes 1`, HAProxy with
 `nbthread 1`. "direct" means the load generator talks to the mock itself.
 """
 
