@@ -4,9 +4,15 @@
 //! other worker to steal from or to wake, yet every task poll still pays for the
 //! work-stealing queues and the scheduler's poll-time statistics. Measured with callgrind on
 //! the benchmark's one-core layout, the current-thread scheduler runs a 20-event streaming
-//! passthrough request in 5 % fewer instructions (50.3 k → 47.7 k) and relays a paced SSE
-//! frame in 12 % fewer (654 k → 572 k per 64-frame request). One CPU is the common case for
-//! a container with a CPU limit of 1 or less, which `available_parallelism` reports.
+//! passthrough request in 4 % fewer instructions (50.3 k → 48.3 k) and relays a paced SSE
+//! frame in about 1 k fewer, a tenth of its cost (654 k → 591 k per 64-frame request). One
+//! CPU is the common case for a container with a CPU limit of 1 or less, which
+//! `available_parallelism` reports.
+//!
+//! The current-thread scheduler has no LIFO slot: a task woken by the running one waits its
+//! turn behind the other ready tasks. The pooled plain-HTTP path does not hand frames between
+//! tasks (the serving task polls its upstream connection itself); over an HTTPS upstream,
+//! whose connection tasks do, CPU per request and paced event delay measured level.
 
 use std::ffi::OsString;
 use std::num::NonZeroUsize;
