@@ -107,7 +107,7 @@ fn main() -> std::io::Result<()> {
     // Always the multi-thread scheduler, even on one core where the proxy itself runs on the
     // current-thread one: this relay's connection task hands each response to the serving
     // task through a channel, and only the multi-thread scheduler's LIFO slot runs the woken
-    // task at once. On the current-thread scheduler the serving task waits its turn behind
+    // task next. On the current-thread scheduler the serving task waits its turn behind
     // every other ready task, writes a response in pieces (10-13 TCP segments per 20-event
     // request instead of 6) and spends 40 % more CPU per request.
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

@@ -91,7 +91,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Upstream {
                 prefix: (!prefix.is_empty()).then_some(prefix),
-                body,
+                body: body.relayed(),
                 idle: Box::pin(IdleTimer::new(idle)),
             },
             log: None,

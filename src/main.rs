@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::OnceLock;
 
 use clap::{Parser, ValueEnum};
-use openai_stream_proxy::runtime::{Workers, WORKER_THREADS_VAR};
+use openai_stream_proxy::runtime::{self, Workers, WORKER_THREADS_VAR};
 use openai_stream_proxy::server::{Control, DEFAULT_DRAIN};
 use openai_stream_proxy::{admin, ClientOptions, Config, Server, UpstreamClient};
 use tokio::sync::mpsc;
@@ -55,11 +55,7 @@ fn main() -> ExitCode {
         }
     };
     warn_about(&config);
-    if args.check {
-        print_resolved(&config);
-        return ExitCode::SUCCESS;
-    }
-
+    // Before `--check`, so that a check that passes means the daemon starts.
     let workers = match Workers::from_env() {
         Ok(workers) => workers,
         Err(e) => {
@@ -67,6 +63,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.check {
+        print_resolved(&config);
+        return ExitCode::SUCCESS;
+    }
+
     let runtime = match workers.build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -76,7 +77,7 @@ fn main() -> ExitCode {
     };
     tracing::info!(
         threads = workers.threads,
-        scheduler = workers.scheduler(),
+        scheduler = runtime::scheduler(&runtime),
         source = if workers.from_env {
             WORKER_THREADS_VAR
         } else {
@@ -149,7 +150,17 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
     let admin_listen = config.admin_listen;
     let reloader = tokio::spawn(async move {
         while reload.next().await {
-            match Config::load(&path) {
+            // Read off the runtime's threads: with one worker, a slow file system would
+            // otherwise stall every connection while the file is read.
+            let file = path.clone();
+            let loaded = match tokio::task::spawn_blocking(move || Config::load(&file)).await {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "config reload failed; the running config keeps serving");
+                    continue;
+                }
+            };
+            match loaded {
                 Ok(config) => {
                     warn_about(&config);
                     if config.admin_listen != admin_listen {

@@ -223,9 +223,8 @@ impl Http1Pool {
                         index,
                     });
                     return Ok(response.map(|body| UpstreamIncoming {
-                        body,
                         lease,
-                        failed: None,
+                        ..UpstreamIncoming::from(body)
                     }));
                 }
                 Err(mut failed) => match failed.take_message() {
@@ -345,6 +344,10 @@ pub struct UpstreamIncoming {
     lease: Option<Lease>,
     /// An error held back for one poll (see `poll_frame`).
     failed: Option<hyper::Error>,
+    /// Set by [`UpstreamIncoming::relayed`]: small frames that follow a wait are detached.
+    relayed: bool,
+    /// The last poll returned `Pending`.
+    waited: bool,
 }
 
 impl std::fmt::Debug for Lease {
@@ -360,11 +363,22 @@ impl From<Incoming> for UpstreamIncoming {
             body,
             lease: None,
             failed: None,
+            relayed: false,
+            waited: false,
         }
     }
 }
 
 impl UpstreamIncoming {
+    /// Marks the body as relayed to a client frame by frame (passthrough): each frame then
+    /// waits in the server's write queue while the connection reads again, the case
+    /// [`detached`] is for. Readers that consume each frame before the next poll (the
+    /// conversions) gain nothing from a copy.
+    pub fn relayed(mut self) -> Self {
+        self.relayed = true;
+        self
+    }
+
     /// For a reader that stops at a terminal event (`[DONE]`, `response.completed`) one
     /// chunk before the body's end: reads the rest, so that the connection can serve again
     /// rather than be closed with the body. What has already arrived is read at once;
@@ -427,6 +441,7 @@ impl Body for UpstreamIncoming {
         if let Some(failed) = this.failed.take() {
             return Poll::Ready(Some(Err(failed)));
         }
+        let pooled = this.lease.is_some();
         let polled = match this.lease.as_mut() {
             None => Pin::new(&mut this.body).poll_frame(cx),
             Some(lease) => {
@@ -453,8 +468,19 @@ impl Body for UpstreamIncoming {
             _ => {}
         }
         match polled {
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(detached(frame)))),
-            polled => polled,
+            Poll::Pending => {
+                this.waited = true;
+                Poll::Pending
+            }
+            Poll::Ready(Some(Ok(frame)))
+                if this.relayed && pooled && std::mem::take(&mut this.waited) =>
+            {
+                Poll::Ready(Some(Ok(detached(frame))))
+            }
+            polled => {
+                this.waited = false;
+                polled
+            }
         }
     }
 
@@ -467,18 +493,22 @@ impl Body for UpstreamIncoming {
     }
 }
 
-/// Data frames up to this size are copied out of the connection's read buffer.
+/// Data frames up to this size are copied out of the connection's read buffer: an SSE event
+/// is a few hundred bytes, and glibc serves requests up to about 1 KiB from its per-thread
+/// cache, the cheap path that makes the copy pay.
 const DETACH_UP_TO: usize = 1024;
 
-/// A small data frame in its own allocation instead of a view into the connection's read
-/// buffer.
+/// A small data frame in its own allocation instead of a view into the pooled connection's
+/// read buffer, for a relayed frame that follows a wait (one event of a paced stream).
 ///
 /// The frame is still queued in the server's write buffer when the connection reads again,
 /// and hyper reserves its next read space then: a view keeps the read buffer shared, so that
 /// reserve allocates a fresh 8 KiB buffer, and the old one is freed once the frame is
 /// written, a malloc/free pair on glibc's slow path for every relayed SSE event. A copy of
-/// an event (a few hundred bytes) comes from the allocator's per-thread cache, and the read
-/// buffer, unshared, is reused in place.
+/// an event comes from the allocator's per-thread cache, and the read buffer, unshared, is
+/// reused in place. Frames decoded from one read without a wait in between share that
+/// read's buffer with one another anyway: copying each would cost more than the one
+/// allocation it could save, so only the first is copied.
 fn detached(frame: Frame<Bytes>) -> Frame<Bytes> {
     match frame.data_ref() {
         Some(data) if data.len() <= DETACH_UP_TO => Frame::data(Bytes::copy_from_slice(data)),
@@ -558,10 +588,12 @@ mod tests {
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
 
-    /// An upstream that answers one request with a chunked body, writing each chunk only
-    /// when told, so that every chunk arrives in a read of its own.
-    async fn paced_upstream(
-        chunks: Vec<Vec<u8>>,
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// An upstream that answers one request with a chunked body in steps: each step's chunks
+    /// go out in one write, only once the test says so, so the proxy side waits before each.
+    async fn stepped_upstream(
+        steps: Vec<Vec<Vec<u8>>>,
     ) -> (
         std::net::SocketAddr,
         mpsc::Sender<()>,
@@ -583,13 +615,16 @@ mod tests {
                 .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
                 .await
                 .unwrap();
-            for chunk in chunks {
+            for step in steps {
                 if told.recv().await.is_none() {
                     return;
                 }
-                let mut out = format!("{:x}\r\n", chunk.len()).into_bytes();
-                out.extend_from_slice(&chunk);
-                out.extend_from_slice(b"\r\n");
+                let mut out = Vec::new();
+                for chunk in step {
+                    out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                    out.extend_from_slice(&chunk);
+                    out.extend_from_slice(b"\r\n");
+                }
                 stream.write_all(&out).await.unwrap();
             }
             let _ = told.recv().await;
@@ -598,38 +633,87 @@ mod tests {
         (addr, next, task)
     }
 
-    #[tokio::test]
-    async fn small_frames_do_not_hold_the_connections_read_buffer() {
-        let small = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n".to_vec();
-        let large = vec![b'x'; 4096];
-        let (addr, next, upstream) = paced_upstream(vec![small.clone(), large.clone()]).await;
-        let pool = Http1Pool::default();
+    async fn body_from(pool: &Http1Pool, addr: std::net::SocketAddr) -> UpstreamIncoming {
         let request = Request::get(format!("http://{addr}/v1/stream"))
             .body(UpstreamBody::empty())
             .unwrap();
-        let response = pool.send(request).await.unwrap();
+        let response = tokio::time::timeout(WAIT, pool.send(request))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(response.status(), 200);
-        let mut body = response.into_body();
-        let wait = Duration::from_secs(10);
+        response.into_body()
+    }
 
+    async fn next_data(body: &mut UpstreamIncoming) -> Bytes {
+        let frame = tokio::time::timeout(WAIT, body.frame()).await.unwrap();
+        frame.unwrap().unwrap().into_data().unwrap()
+    }
+
+    async fn expect_end(body: &mut UpstreamIncoming) {
+        let end = tokio::time::timeout(WAIT, body.frame()).await.unwrap();
+        assert!(end.is_none(), "the body must end after the last chunk");
+    }
+
+    fn event(n: u8) -> Vec<u8> {
+        format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{n}\"}}}}]}}\n\n").into_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_relayed_small_frame_after_a_wait_owns_its_bytes() {
+        let large = vec![b'x'; 4096];
+        let steps = vec![
+            vec![event(1)],
+            vec![event(2), event(3), event(4)],
+            vec![large.clone()],
+        ];
+        let (addr, next, upstream) = stepped_upstream(steps).await;
+        let pool = Http1Pool::default();
+        let mut body = body_from(&pool, addr).await.relayed();
+
+        // One event after a wait: a view would share the read buffer with the connection.
         next.send(()).await.unwrap();
-        let frame = tokio::time::timeout(wait, body.frame()).await.unwrap();
-        let data = frame.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(&data[..], &small[..]);
-        // A view into the read buffer would share it with the connection.
-        assert!(data.is_unique(), "a small frame must own its bytes");
+        let alone = next_data(&mut body).await;
+        assert_eq!(&alone[..], &event(1)[..]);
+        assert!(
+            alone.is_unique(),
+            "a small frame after a wait must own its bytes"
+        );
 
+        // Three events from one read: the first follows the wait and is copied; the others
+        // stay views into the read buffer they share.
+        next.send(()).await.unwrap();
+        let burst = [
+            next_data(&mut body).await,
+            next_data(&mut body).await,
+            next_data(&mut body).await,
+        ];
+        for (data, n) in burst.iter().zip(2..) {
+            assert_eq!(&data[..], &event(n)[..]);
+        }
+        assert!(
+            burst[0].is_unique(),
+            "the first frame after a wait is copied"
+        );
+        assert!(
+            !burst[1].is_unique() && !burst[2].is_unique(),
+            "frames decoded from the same read are not copied"
+        );
+        drop(burst);
+
+        // Large frames are relayed without a copy.
         next.send(()).await.unwrap();
         let mut got = Vec::new();
         let mut frames = Vec::new();
-        while got.len() < large.len() {
-            let frame = tokio::time::timeout(wait, body.frame()).await.unwrap();
-            let data = frame.unwrap().unwrap().into_data().unwrap();
+        for _ in 0..8 {
+            if got.len() >= large.len() {
+                break;
+            }
+            let data = next_data(&mut body).await;
             got.extend_from_slice(&data);
             frames.push(data);
         }
         assert_eq!(got, large);
-        // Large frames are relayed without a copy.
         assert!(
             frames
                 .iter()
@@ -639,8 +723,22 @@ mod tests {
         drop(frames);
 
         next.send(()).await.unwrap();
-        let end = tokio::time::timeout(wait, body.frame()).await.unwrap();
-        assert!(end.is_none(), "the body must end after the last chunk");
-        upstream.await.unwrap();
+        expect_end(&mut body).await;
+        tokio::time::timeout(WAIT, upstream).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_relayed_is_never_copied() {
+        let (addr, next, upstream) = stepped_upstream(vec![vec![event(1)]]).await;
+        let pool = Http1Pool::default();
+        let mut body = body_from(&pool, addr).await;
+        next.send(()).await.unwrap();
+        let data = next_data(&mut body).await;
+        assert_eq!(&data[..], &event(1)[..]);
+        assert!(!data.is_unique(), "a conversion reads the view itself");
+        drop(data);
+        next.send(()).await.unwrap();
+        expect_end(&mut body).await;
+        tokio::time::timeout(WAIT, upstream).await.unwrap().unwrap();
     }
 }

@@ -17,7 +17,7 @@
 use std::ffi::OsString;
 use std::num::NonZeroUsize;
 
-use tokio::runtime::{Builder, Runtime};
+use tokio::runtime::{Builder, Runtime, RuntimeFlavor};
 
 /// The environment variable tokio itself reads for its worker count; honoured here so that
 /// the usual knob keeps working, and checked so that a bad value is refused by name instead
@@ -66,15 +66,6 @@ impl Workers {
             })
     }
 
-    /// `"current-thread"` or `"multi-thread"`, as logged.
-    pub fn scheduler(self) -> &'static str {
-        if self.threads.get() == 1 {
-            "current-thread"
-        } else {
-            "multi-thread"
-        }
-    }
-
     /// The runtime, with I/O and timers enabled.
     pub fn build(self) -> std::io::Result<Runtime> {
         let mut builder = if self.threads.get() == 1 {
@@ -85,6 +76,15 @@ impl Workers {
             builder
         };
         builder.enable_all().build()
+    }
+}
+
+/// `"current-thread"` or `"multi-thread"`: the scheduler `runtime` was built with, for the
+/// start-up log, read from the runtime itself so that the log cannot disagree with it.
+pub fn scheduler(runtime: &Runtime) -> &'static str {
+    match runtime.handle().runtime_flavor() {
+        RuntimeFlavor::CurrentThread => "current-thread",
+        _ => "multi-thread",
     }
 }
 
@@ -106,9 +106,8 @@ mod tests {
                 from_env: false
             }
         );
-        assert_eq!(workers.scheduler(), "multi-thread");
         let one = Workers::choose(None, || n(1)).unwrap();
-        assert_eq!(one.scheduler(), "current-thread");
+        assert_eq!(one.threads, n(1));
     }
 
     #[test]
@@ -137,13 +136,19 @@ mod tests {
     }
 
     #[test]
-    fn both_schedulers_run_tasks_and_timers() {
-        for threads in [1, 2] {
+    fn one_thread_builds_the_current_thread_scheduler_and_both_run_tasks_and_timers() {
+        for (threads, flavor, name) in [
+            (1, RuntimeFlavor::CurrentThread, "current-thread"),
+            (2, RuntimeFlavor::MultiThread, "multi-thread"),
+        ] {
             let workers = Workers {
                 threads: n(threads),
                 from_env: true,
             };
             let runtime = workers.build().unwrap();
+            assert_eq!(runtime.handle().runtime_flavor(), flavor);
+            assert_eq!(runtime.metrics().num_workers(), threads);
+            assert_eq!(scheduler(&runtime), name);
             let sum = runtime.block_on(async {
                 let task = tokio::spawn(async {
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;

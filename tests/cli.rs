@@ -665,7 +665,7 @@ async fn tokio_worker_threads_chooses_the_scheduler_and_both_serve() {
 }
 
 /// A worker count that is not a positive whole number is refused by name before any port
-/// is bound, instead of tokio's panic.
+/// is bound, instead of tokio's panic, and by `--check` as well.
 #[tokio::test]
 async fn a_bad_tokio_worker_threads_is_refused() {
     for bad in ["0", "two"] {
@@ -685,7 +685,22 @@ async fn a_bad_tokio_worker_threads_is_refused() {
             "{}",
             daemon.dump()
         );
-        assert!(connect_refused(port).await, "port {port} must not be bound");
+        assert!(
+            !daemon.seen.iter().any(|l| l.contains("proxy rule")),
+            "nothing may be served: {}",
+            daemon.dump()
+        );
+        // `--check` refuses it too: a check that passes means the daemon starts.
+        let mut cmd = proxy_command(dir.path(), &["-c", path.to_str().unwrap(), "--check"]);
+        cmd.env("TOKIO_WORKER_THREADS", bad);
+        let mut check = Daemon::spawn(cmd);
+        let status = check.wait_exit(WAIT).await;
+        assert_eq!(status.code(), Some(1), "{}", check.dump());
+        assert!(
+            check.seen.iter().any(|l| l.contains(&expected)),
+            "{}",
+            check.dump()
+        );
     }
 }
 
