@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 /// Converts non-streaming OpenAI Chat Completions and Responses calls into upstream
 /// streams and answers with one JSON body; passes everything else through unchanged.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = ENVIRONMENT)]
 struct Args {
     /// The configuration file.
     #[arg(
@@ -34,6 +34,20 @@ struct Args {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
+
+/// The environment the daemon reads, listed under `--help`: none of it is in the config file.
+const ENVIRONMENT: &str = "\
+Environment:
+  RUST_LOG              log level or filter (default info; LOG_LEVEL when unset)
+  TOKIO_WORKER_THREADS  worker threads (default: the CPUs available; 1 runs the
+                        current-thread scheduler)
+  HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY
+                        proxy for upstream requests (never for loopback upstreams)
+  SSL_CERT_FILE, SSL_CERT_DIR
+                        trust store for HTTPS upstreams (default: the system's)
+
+Signals: SIGTERM/SIGINT drain in-flight requests (up to 30 s) and exit 0; SIGHUP re-reads
+the config file.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {

@@ -74,7 +74,7 @@ async fn expect_config_error(
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn help_exits_zero_and_documents_the_config_flag() {
+async fn help_exits_zero_and_documents_the_config_flag_and_the_environment() {
     let dir = TempDir::new("help");
     for flag in ["--help", "-h"] {
         let mut daemon = Daemon::spawn(proxy_command(dir.path(), &[flag]));
@@ -87,6 +87,16 @@ async fn help_exits_zero_and_documents_the_config_flag() {
             out.contains("config.json"),
             "{flag} shows the default: {out}"
         );
+        for variable in [
+            "RUST_LOG",
+            "TOKIO_WORKER_THREADS",
+            "HTTPS_PROXY",
+            "NO_PROXY",
+            "SSL_CERT_FILE",
+            "SIGHUP",
+        ] {
+            assert!(out.contains(variable), "{flag} lists {variable}: {out}");
+        }
     }
 }
 
