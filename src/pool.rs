@@ -344,7 +344,8 @@ pub struct UpstreamIncoming {
     lease: Option<Lease>,
     /// An error held back for one poll (see `poll_frame`).
     failed: Option<hyper::Error>,
-    /// Set by [`UpstreamIncoming::relayed`]: small frames that follow a wait are detached.
+    /// Set by [`UpstreamIncoming::relayed`] on the pool's own connections: small frames that
+    /// follow a wait are detached.
     relayed: bool,
     /// The last poll returned `Pending`.
     waited: bool,
@@ -373,9 +374,10 @@ impl UpstreamIncoming {
     /// Marks the body as relayed to a client frame by frame (passthrough): each frame then
     /// waits in the server's write queue while the connection reads again, the case
     /// [`detached`] is for. Readers that consume each frame before the next poll (the
-    /// conversions) gain nothing from a copy.
+    /// conversions) gain nothing from a copy, nor do bodies whose connection runs in a task
+    /// of its own, which reserves its next read before the frame reaches the relay.
     pub fn relayed(mut self) -> Self {
-        self.relayed = true;
+        self.relayed = self.lease.is_some();
         self
     }
 
@@ -441,7 +443,6 @@ impl Body for UpstreamIncoming {
         if let Some(failed) = this.failed.take() {
             return Poll::Ready(Some(Err(failed)));
         }
-        let pooled = this.lease.is_some();
         let polled = match this.lease.as_mut() {
             None => Pin::new(&mut this.body).poll_frame(cx),
             Some(lease) => {
@@ -472,9 +473,7 @@ impl Body for UpstreamIncoming {
                 this.waited = true;
                 Poll::Pending
             }
-            Poll::Ready(Some(Ok(frame)))
-                if this.relayed && pooled && std::mem::take(&mut this.waited) =>
-            {
+            Poll::Ready(Some(Ok(frame))) if this.relayed && std::mem::take(&mut this.waited) => {
                 Poll::Ready(Some(Ok(detached(frame))))
             }
             polled => {
