@@ -27,7 +27,10 @@
 //! logprob entries are moved into a `Vec`, repeated top-level values (`id`, `model`, `created`,
 //! …) are compared byte-wise and not re-allocated. Streams repeat the members before `choices`
 //! byte for byte in every chunk: an event that starts with the same ones as the chunk before is
-//! parsed without them (`SharedPrefix`). A message's members are found by a scan, not a hash.
+//! parsed without them (`SharedPrefix`). A chunk that repeats the last one parsed byte for
+//! byte but for its text (and `obfuscation`) is not parsed at all: its text is appended where
+//! the last one's went (`Repeat`, `EventTemplate`); most chunks of a text or tool-argument
+//! stream are such repeats. A message's members are found by a scan, not a hash.
 //! [`ChatAccumulator::finish`] writes the body member by member into one buffer, without
 //! building a map of it first; captured strings without escapes are copied as they are.
 
@@ -43,6 +46,7 @@ use super::outcome::{
     parse_event_data, status_for_error_code, Aggregate, AggregateError, Flow, Terminal, TokenUsage,
     UpstreamStreamError,
 };
+use super::template::EventTemplate;
 
 /// Aggregates one Chat Completions stream. Feed every SSE event to [`push`](Self::push) until it
 /// returns [`Flow::Finished`] (or the stream ends cleanly), then call [`finish`](Self::finish).
@@ -59,6 +63,8 @@ pub struct ChatAccumulator {
     done: bool,
     /// The leading members the last chunk shares with the next ones, skipped when they repeat.
     prefix: SharedPrefix,
+    /// The last chunk parsed, when the chunks that repeat it with other text need no parse.
+    repeat: Repeat,
 }
 
 /// The top-level members a chunk starts with, up to the last one before `choices`
@@ -105,6 +111,14 @@ impl ChatAccumulator {
             self.done = true;
             return Ok(Flow::Finished);
         }
+        if let Some(text) = self.repeat.template.text_of(data) {
+            if self.repeat.append(&mut self.choices, &text) {
+                self.chunks += 1;
+                return Ok(Flow::Continue);
+            }
+        }
+        // Learned again below when this chunk repeats too.
+        self.repeat.template.clear();
         if let Some(flow) = self.push_after_prefix(data)? {
             return Ok(flow);
         }
@@ -118,11 +132,13 @@ impl ChatAccumulator {
             }
         })?;
         let prefix = SharedPrefix::of(data, &chunk);
+        let candidate = RepeatCandidate::of(&chunk, data, 0);
         let counted = self.apply_chunk(chunk, false)?;
         if counted {
             let scratch = std::mem::take(&mut self.prefix.scratch);
             self.prefix = prefix;
             self.prefix.scratch = scratch;
+            self.learn(data, candidate);
         }
         Ok(Flow::Continue)
     }
@@ -156,9 +172,14 @@ impl ChatAccumulator {
                     .fields
                     .iter()
                     .any(|(key, ..)| self.prefix.keys.iter().any(|k| k == key.as_str()));
+                // `scratch` is `{` and what follows the prefix in `data`.
+                let candidate = RepeatCandidate::of(&chunk, scratch.as_bytes(), skip - 1);
                 let applied = self.apply_chunk(chunk, true);
                 if repeats {
                     self.prefix.bytes.clear();
+                }
+                if let Ok(true) = applied {
+                    self.learn(data, candidate);
                 }
                 Some(applied)
             }
@@ -168,6 +189,53 @@ impl ChatAccumulator {
         match applied {
             Some(applied) => applied.map(|_| Some(Flow::Continue)),
             None => Ok(None),
+        }
+    }
+
+    /// Learns `data`, a chunk just applied, as the template of the chunks that repeat it with
+    /// other text, when `candidate` found its one text and the text's slot is a string.
+    fn learn(&mut self, data: &[u8], candidate: Option<RepeatCandidate<'_>>) {
+        #[cfg(test)]
+        if self.repeat.never_learn {
+            return;
+        }
+        let Some(candidate) = candidate else {
+            return;
+        };
+        let Some(state) = self.choices.get(&candidate.choice) else {
+            return;
+        };
+        let target = match &candidate.goes_to {
+            GoesTo::Member(key) => state
+                .message
+                .0
+                .iter()
+                .position(|(k, _)| k == key)
+                .filter(|&position| state.message.0[position].1.is_string())
+                .map(|position| TextTarget::Member {
+                    choice: candidate.choice,
+                    position,
+                }),
+            GoesTo::ToolArguments => state
+                .tool_calls
+                .last
+                .filter(|&call| {
+                    state.tool_calls.calls[call]
+                        .fields
+                        .get("function")
+                        .and_then(|function| function.get("arguments"))
+                        .is_some_and(Value::is_string)
+                })
+                .map(|call| TextTarget::ToolArguments {
+                    choice: candidate.choice,
+                    call,
+                }),
+        };
+        if let Some(target) = target {
+            self.repeat
+                .template
+                .learn(data, candidate.text, &candidate.padding);
+            self.repeat.target = target;
         }
     }
 
@@ -343,6 +411,165 @@ impl ChatAccumulator {
         }
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunks that repeat the one before with other text
+// ---------------------------------------------------------------------------------------------
+
+/// A text stream is a run of chunks equal byte for byte but for the text they carry (and
+/// `obfuscation` padding). Such a chunk, applied again, would change nothing but by appending
+/// its text: every other member of it keeps its last value, is set once, or is replaced by
+/// the same value. So a chunk that matches the template of the last one parsed needs no
+/// parse: its text is appended where the learned chunk's went.
+#[derive(Default)]
+struct Repeat {
+    /// Empty unless the last chunk parsed was learned.
+    template: EventTemplate,
+    /// Where the learned chunk's text went; meaningful only while the template is not empty.
+    target: TextTarget,
+    /// Tests compare the accumulator with and without templates.
+    #[cfg(test)]
+    never_learn: bool,
+    /// Chunks taken through the template.
+    #[cfg(test)]
+    appended: u64,
+}
+
+#[derive(Default, Clone, Copy)]
+enum TextTarget {
+    /// Never used: the template is empty then.
+    #[default]
+    Unknown,
+    /// A member of a choice's message (`content`, `refusal`, `reasoning_content`, …), by its
+    /// position in the [`MemberList`].
+    Member { choice: u64, position: usize },
+    /// `function.arguments` of a tool call, by its position in [`ToolCalls::calls`].
+    ToolArguments { choice: u64, call: usize },
+}
+
+impl Repeat {
+    /// Appends a repeated chunk's text; `false` when the target is gone (it never is: the
+    /// state only changes through chunks parsed whole, which learn a template or clear it).
+    fn append(&mut self, choices: &mut BTreeMap<u64, ChoiceState>, text: &str) -> bool {
+        let slot = match self.target {
+            TextTarget::Unknown => None,
+            TextTarget::Member { choice, position } => choices
+                .get_mut(&choice)
+                .and_then(|state| state.message.0.get_mut(position))
+                .map(|(_, value)| value),
+            TextTarget::ToolArguments { choice, call } => choices
+                .get_mut(&choice)
+                .and_then(|state| state.tool_calls.calls.get_mut(call))
+                .and_then(|call| call.fields.get_mut("function"))
+                .and_then(|function| function.get_mut("arguments")),
+        };
+        let Some(Value::String(acc)) = slot else {
+            return false;
+        };
+        acc.push_str(text);
+        #[cfg(test)]
+        {
+            self.appended += 1;
+        }
+        true
+    }
+}
+
+/// Where a parsed chunk's one appended text lies and where it goes, when the chunk qualifies
+/// as a template: one choice without logprobs whose delta has exactly one text (a string
+/// member other than the identity keys, or the `arguments` of a single tool-call fragment
+/// with an `index` and no `id`) and otherwise only nulls, identity keys, numbers and booleans.
+struct RepeatCandidate<'a> {
+    choice: u64,
+    goes_to: GoesTo<'a>,
+    /// The text's string token in the event's data.
+    text: std::ops::Range<usize>,
+    /// The `obfuscation` string tokens in the event's data.
+    padding: Vec<std::ops::Range<usize>>,
+}
+
+enum GoesTo<'a> {
+    Member(Cow<'a, str>),
+    ToolArguments,
+}
+
+impl<'a> RepeatCandidate<'a> {
+    /// `parsed`: the text `chunk` was parsed from, which starts `shift` bytes into the event's
+    /// data.
+    fn of(chunk: &ChunkDe<'a>, parsed: &[u8], shift: usize) -> Option<Self> {
+        let range = |raw: &RawValue| {
+            let start = raw.get().as_ptr() as usize - parsed.as_ptr() as usize + shift;
+            start..start + raw.get().len()
+        };
+        let [choice] = chunk.choices.as_deref()? else {
+            return None;
+        };
+        if choice.logprobs.is_some() {
+            return None;
+        }
+        let index = choice.index.and_then(parse_index)?;
+        let mut found = None;
+        for (key, value) in &choice.delta.as_ref()?.0 {
+            let s = value.get();
+            if s == "null" || is_identity(key.as_str()) {
+                continue;
+            }
+            let text = match (key.as_str(), s.as_bytes()[0]) {
+                ("tool_calls", b'[') => (tool_arguments(value)?, GoesTo::ToolArguments),
+                ("tool_calls", _) => return None,
+                // Borrowed from the event unless the key has escapes.
+                (_, b'"') => (*value, GoesTo::Member(key.0.clone())),
+                (_, b'-' | b'0'..=b'9' | b't' | b'f') => continue,
+                _ => return None,
+            };
+            if found.replace(text).is_some() {
+                return None;
+            }
+        }
+        let (text, goes_to) = found?;
+        Some(RepeatCandidate {
+            choice: index,
+            goes_to,
+            text: range(text),
+            padding: chunk
+                .padding
+                .iter()
+                .filter(|raw| raw.get().starts_with('"'))
+                .map(|raw| range(raw))
+                .collect(),
+        })
+    }
+}
+
+/// The `arguments` string of a tool-call list that is a single fragment with an `index` and
+/// a `function` holding only `arguments`: the shape argument streams repeat.
+fn tool_arguments(list: &RawValue) -> Option<&RawValue> {
+    let fragments: Vec<&RawValue> = sub(list).ok()?;
+    let [fragment] = fragments[..] else {
+        return None;
+    };
+    let members: Members<'_> = sub(fragment).ok()?;
+    let mut indexed = None;
+    let mut arguments = None;
+    for (key, value) in members.0 {
+        match key.as_str() {
+            // A repeated key is merged twice (`function`) or read once (`index`): no template.
+            "index" if indexed.is_none() => indexed = Some(parse_index(value).is_some()),
+            "function" if arguments.is_none() => {
+                let function: Members<'_> = sub(value).ok()?;
+                let [(key, value)] = &function.0[..] else {
+                    return None;
+                };
+                if key.as_str() != "arguments" || !value.get().starts_with('"') {
+                    return None;
+                }
+                arguments = Some(*value);
+            }
+            _ => return None,
+        }
+    }
+    arguments.filter(|_| indexed == Some(true))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1089,6 +1316,8 @@ struct ChunkDe<'a> {
     object: Option<&'a RawValue>,
     /// `object` came more than once.
     objects_repeat: bool,
+    /// The `obfuscation` values.
+    padding: Vec<&'a RawValue>,
     /// Other members: `(key, value, came after the `choices` key)`.
     fields: Vec<(Text<'a>, &'a RawValue, bool)>,
 }
@@ -1108,6 +1337,7 @@ impl<'de> Deserialize<'de> for ChunkDe<'de> {
                     is_chunk_object: false,
                     object: None,
                     objects_repeat: false,
+                    padding: Vec::new(),
                     fields: Vec::new(),
                 };
                 let mut seen_choices = false;
@@ -1124,11 +1354,10 @@ impl<'de> Deserialize<'de> for ChunkDe<'de> {
                             chunk.objects_repeat |= chunk.object.is_some();
                             chunk.object = Some(object);
                         }
-                        // Chunk-only padding (D7). Captured rather than skipped so that its
-                        // bytes are still validated (D27).
-                        "obfuscation" => {
-                            map.next_value::<&'de RawValue>()?;
-                        }
+                        // Chunk-only padding (D7), left out of the body. Captured rather than
+                        // skipped so that its bytes are still validated (D27), and so that an
+                        // event template knows where it lies.
+                        "obfuscation" => chunk.padding.push(map.next_value()?),
                         _ => {
                             let value = map.next_value()?;
                             chunk.fields.push((key, value, seen_choices));
@@ -1661,12 +1890,8 @@ mod tests {
             acc.push(b"", first.as_bytes()).unwrap();
             assert_eq!(acc.prefix.bytes, br#"{"id":"c1","#);
             let got = acc.push(b"", bad.as_bytes()).unwrap_err().to_string();
-            let whole = ChatAccumulator::new()
-                .push(b"", bad.as_bytes())
-                .unwrap_err()
-                .to_string();
             // The same error, at the same position in the event.
-            assert_eq!(got, whole, "{bad}");
+            assert_eq!(got, error_parsed_whole(bad.as_bytes()), "{bad}");
         }
     }
 
@@ -1951,5 +2176,274 @@ mod tests {
         assert_eq!(acc.push(b"", b"[DONE]").unwrap(), Flow::Finished);
         assert_eq!(acc.push(b"", b"garbage").unwrap(), Flow::Finished);
         assert_eq!(acc.finish().unwrap().terminal, Terminal::Done);
+    }
+
+    // ----- chunks that repeat the one before --------------------------------------------------
+
+    /// The outcome of `events` aggregated as the proxy does and with templates never learned
+    /// (errors as text), and how many chunks the templates took.
+    fn with_and_without_templates(events: &[String]) -> (String, String, u64) {
+        let run = |never_learn: bool| {
+            let mut acc = ChatAccumulator::new();
+            acc.repeat.never_learn = never_learn;
+            let mut outcome = Ok(());
+            for e in events {
+                if let Err(e) = acc.push(b"", e.as_bytes()) {
+                    outcome = Err(e.to_string());
+                    break;
+                }
+            }
+            let appended = acc.repeat.appended;
+            let outcome = outcome.and_then(|()| {
+                acc.finish()
+                    .map(|agg| String::from_utf8(agg.body).unwrap())
+                    .map_err(|e| e.to_string())
+            });
+            (outcome.unwrap_or_else(|e| format!("error: {e}")), appended)
+        };
+        let (taken, appended) = run(false);
+        let (parsed, never) = run(true);
+        assert_eq!(never, 0);
+        (taken, parsed, appended)
+    }
+
+    const HEAD: &str = r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","#;
+
+    fn chunk(choices: &str, after: &str) -> String {
+        format!(r#"{HEAD}"choices":[{choices}]{after}}}"#)
+    }
+
+    fn text_chunk(key: &str, text: &str, padding: &str) -> String {
+        let text = serde_json::to_string(text).unwrap();
+        chunk(
+            &format!(
+                r#"{{"index":0,"delta":{{"content":null,"{key}":{text}}},"logprobs":null,"finish_reason":null}}"#
+            ),
+            &format!(r#","usage":null,"obfuscation":"{padding}""#),
+        )
+    }
+
+    fn arguments_chunk(index: u32, text: &str) -> String {
+        let text = serde_json::to_string(text).unwrap();
+        chunk(
+            &format!(
+                r#"{{"index":0,"delta":{{"tool_calls":[{{"index":{index},"function":{{"arguments":{text}}}}}]}}}}"#
+            ),
+            "",
+        )
+    }
+
+    #[test]
+    fn repeated_chunks_take_the_template_and_change_nothing() {
+        let events = vec![
+            chunk(
+                r#"{"index":0,"delta":{"role":"assistant","content":"","refusal":null}}"#,
+                "",
+            ),
+            text_chunk("reasoning_content", "Let me", "ab"),
+            text_chunk("reasoning_content", " think: \"quotes\"\n", "abcd"),
+            text_chunk("reasoning_content", " é 😀 \u{1}", ""),
+            text_chunk("content", "The", "x"),
+            text_chunk("content", "", "xy"),
+            text_chunk("content", " fox", "xyz"),
+            text_chunk("refusal", "No", "x"),
+            text_chunk("refusal", "pe", "x"),
+            chunk(
+                r#"{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":""}}]}}"#,
+                "",
+            ),
+            arguments_chunk(0, "{\"a\""),
+            arguments_chunk(0, ":1}"),
+            chunk(
+                r#"{"index":0,"delta":{"tool_calls":[{"index":1,"id":"call_2","type":"function","function":{"name":"g","arguments":""}}]}}"#,
+                "",
+            ),
+            arguments_chunk(1, "{}"),
+            arguments_chunk(1, ""),
+            // Index 0 again: parsed, learned, then taken.
+            arguments_chunk(0, " "),
+            arguments_chunk(0, " "),
+            // A second choice, interleaved: every chunk is parsed.
+            chunk(r#"{"index":1,"delta":{"content":"b"}}"#, ""),
+            chunk(r#"{"index":0,"delta":{"content":"a"}}"#, ""),
+            chunk(r#"{"index":1,"delta":{"content":"b"}}"#, ""),
+            chunk(r#"{"index":0,"delta":{"content":"a"}}"#, ""),
+            chunk(r#"{"index":0,"delta":{},"finish_reason":"stop"}"#, ""),
+            chunk(r#"{"index":1,"delta":{},"finish_reason":"stop"}"#, ""),
+            chunk("", r#","usage":{"total_tokens":3}"#),
+            "[DONE]".to_owned(),
+        ];
+        let (taken, parsed, appended) = with_and_without_templates(&events);
+        assert_eq!(taken, parsed);
+        assert_eq!(appended, 8);
+        let body: Value = serde_json::from_str(&taken).unwrap();
+        let message = msg(&body, 0);
+        assert_eq!(
+            message["reasoning_content"],
+            "Let me think: \"quotes\"\n é 😀 \u{1}"
+        );
+        assert_eq!(message["content"], "The foxaa");
+        assert_eq!(message["refusal"], "Nope");
+        assert_eq!(
+            message["tool_calls"][0]["function"]["arguments"],
+            "{\"a\":1}  "
+        );
+        assert_eq!(message["tool_calls"][1]["function"]["arguments"], "{}");
+    }
+
+    #[test]
+    fn chunks_whose_other_members_would_change_again_are_not_learned() {
+        for choices in [
+            // Two texts, logprobs, an object or an array in the delta, two choices, a
+            // fragment with an id or a name, two fragments.
+            r#"{"index":0,"delta":{"content":"a","reasoning_content":"b"}}"#,
+            r#"{"index":0,"delta":{"content":"a"},"logprobs":{"content":[{"token":"a"}]}}"#,
+            r#"{"index":0,"delta":{"content":"a","audio":{"data":"x"}}}"#,
+            r#"{"index":0,"delta":{"content":"a","annotations":[{"t":1}]}}"#,
+            r#"{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"a"}}"#,
+            r#"{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c","function":{"arguments":"a"}}]}}"#,
+            r#"{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":"a"}}]}}"#,
+            r#"{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"a"}},{"index":1,"function":{"arguments":"a"}}]}}"#,
+            r#"{"index":0,"delta":{"tool_calls":[{"function":{"arguments":"a"}}]}}"#,
+            r#"{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"a"},"function":{"arguments":"b"}}]}}"#,
+            r#"{"index":0,"delta":{"tool_calls":[{"index":0,"index":0,"function":{"arguments":"a"}}]}}"#,
+        ] {
+            let second = chunk(choices, "");
+            let events = [second.clone(), second.clone(), second, "[DONE]".to_owned()];
+            let (taken, parsed, appended) = with_and_without_templates(&events);
+            assert_eq!(taken, parsed);
+            assert_eq!(appended, 0, "{}", events[0]);
+        }
+        // Nulls, identity keys, numbers and booleans beside the text are fine.
+        let events = [
+            chunk(
+                r#"{"index":0,"delta":{"role":"assistant","content":"a","n":1,"b":true,"x":null},"x":2}"#,
+                "",
+            ),
+            chunk(
+                r#"{"index":0,"delta":{"role":"assistant","content":"b","n":1,"b":true,"x":null},"x":2}"#,
+                "",
+            ),
+            "[DONE]".to_owned(),
+        ];
+        let (taken, parsed, appended) = with_and_without_templates(&events);
+        assert_eq!((taken, appended), (parsed, 1));
+    }
+
+    #[test]
+    fn an_invalid_repeated_chunk_fails_as_it_would_parsed_whole() {
+        let learned = text_chunk("content", "The", "x");
+        for bad in [
+            learned.replace("The", "a\u{1}b"),
+            learned.replace("The", r"a\qb"),
+            learned.replace("The", r"\ud83d"),
+            learned.replace("The", r"a\"),
+        ] {
+            let mut acc = ChatAccumulator::new();
+            acc.push(b"", learned.as_bytes()).unwrap();
+            acc.push(b"", learned.as_bytes()).unwrap();
+            assert_eq!(acc.repeat.appended, 1);
+            let got = acc.push(b"", bad.as_bytes()).unwrap_err().to_string();
+            assert_eq!(got, error_parsed_whole(bad.as_bytes()), "{bad}");
+        }
+        let mut bad = learned.clone().into_bytes();
+        let at = learned.find("The").unwrap();
+        bad[at] = 0xff;
+        let mut acc = ChatAccumulator::new();
+        acc.push(b"", learned.as_bytes()).unwrap();
+        let got = acc.push(b"", &bad).unwrap_err().to_string();
+        assert_eq!(got, error_parsed_whole(&bad));
+    }
+
+    /// What an accumulator that has seen nothing says of `bad`.
+    fn error_parsed_whole(bad: &[u8]) -> String {
+        ChatAccumulator::new()
+            .push(b"", bad)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn fixture_text_streams_take_the_template() {
+        let root = Path::new(FIXTURES).join("captured");
+        if !root.is_dir() {
+            println!("skipped: ../shared/fixtures not found (third-party fixtures are not part of this repository)");
+            return;
+        }
+        for (name, least) in [
+            ("chat_real_plain_usage.sse", 10),
+            ("chat_real_tool_obfuscation.sse", 4),
+            ("chat_real_deepseek_reasoning.sse", 10),
+        ] {
+            let body = std::fs::read_to_string(root.join(name)).unwrap();
+            let events: Vec<String> = split_events(&body).into_iter().map(|(_, d)| d).collect();
+            let (taken, parsed, appended) = with_and_without_templates(&events);
+            assert_eq!(taken, parsed, "{name}");
+            assert!(appended >= least, "{name}: {appended} chunks taken");
+        }
+    }
+
+    /// A string as JSON, each character written as itself or as a `\u` escape (surrogate
+    /// pairs beyond the BMP), as `escape` says.
+    fn json_string(text: &str, escape: &[bool]) -> String {
+        let mut out = String::from("\"");
+        for (i, c) in text.chars().enumerate() {
+            let plain = serde_json::to_string(&c.to_string()).unwrap();
+            if escape.get(i).copied().unwrap_or(false) {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            } else {
+                out.push_str(&plain[1..plain.len() - 1]);
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 128, ..Default::default() })]
+
+        /// Whatever the texts, their escapes and the order of the kinds of chunk, the body is
+        /// the one the parse of every chunk gives.
+        #[test]
+        fn templates_never_change_the_body(
+            steps in proptest::collection::vec(
+                (0u8..6, ".{0,6}", proptest::collection::vec(proptest::bool::ANY, 6), "[a-z]{0,3}"),
+                1..40,
+            )
+        ) {
+            let mut events = vec![chunk(
+                r#"{"index":0,"delta":{"role":"assistant","content":""}}"#,
+                "",
+            )];
+            for (kind, text, escape, padding) in &steps {
+                let text = json_string(text, escape);
+                events.push(match kind {
+                    0 | 1 => chunk(
+                        &format!(r#"{{"index":0,"delta":{{"content":{text}}},"finish_reason":null}}"#),
+                        &format!(r#","obfuscation":"{padding}""#),
+                    ),
+                    2 => chunk(&format!(r#"{{"index":0,"delta":{{"reasoning":{text}}}}}"#), ""),
+                    3 => chunk(
+                        &format!(r#"{{"index":0,"delta":{{"tool_calls":[{{"index":0,"function":{{"arguments":{text}}}}}]}}}}"#),
+                        "",
+                    ),
+                    4 => chunk(
+                        &format!(r#"{{"index":1,"delta":{{"content":{text}}}}}"#),
+                        "",
+                    ),
+                    _ => chunk(
+                        &format!(r#"{{"index":0,"delta":{{"tool_calls":[{{"index":0,"id":"call_{padding}","function":{{"name":"f","arguments":{text}}}}}]}}}}"#),
+                        "",
+                    ),
+                });
+            }
+            events.push(chunk(r#"{"index":0,"delta":{},"finish_reason":"stop"}"#, ""));
+            events.push("[DONE]".to_owned());
+            let (taken, parsed, _) = with_and_without_templates(&events);
+            proptest::prop_assert_eq!(taken, parsed);
+        }
     }
 }

@@ -21,6 +21,7 @@ pub mod outcome;
 pub mod request;
 pub mod responses;
 pub mod stream;
+mod template;
 
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;

@@ -25,9 +25,10 @@ use crate::upstream::UpstreamIncoming;
 
 /// Either accumulator behind one interface.
 pub enum Accumulator {
-    /// A Chat Completions stream.
-    Chat(ChatAccumulator),
-    /// A Responses stream; boxed because its accumulator is much larger than the chat one.
+    /// A Chat Completions stream. Both are boxed: the future that aggregates holds this
+    /// across awaits, and a pointer keeps that future small whichever API it serves.
+    Chat(Box<ChatAccumulator>),
+    /// A Responses stream.
     Responses(Box<ResponsesAccumulator>),
 }
 
@@ -35,7 +36,7 @@ impl Accumulator {
     /// A fresh accumulator for `api`'s stream format.
     pub fn new(api: Api) -> Self {
         match api {
-            Api::ChatCompletions => Accumulator::Chat(ChatAccumulator::new()),
+            Api::ChatCompletions => Accumulator::Chat(Box::default()),
             Api::Responses => Accumulator::Responses(Box::default()),
         }
     }
@@ -51,7 +52,7 @@ impl Accumulator {
     /// Builds the body after the terminal event or a clean end of stream.
     pub fn finish(self) -> Result<Aggregate, AggregateError> {
         match self {
-            Accumulator::Chat(a) => a.finish(),
+            Accumulator::Chat(a) => (*a).finish(),
             Accumulator::Responses(a) => a.finish(),
         }
     }
