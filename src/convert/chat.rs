@@ -65,6 +65,10 @@ pub struct ChatAccumulator {
     prefix: SharedPrefix,
     /// The last chunk parsed, when the chunks that repeat it with other text need no parse.
     repeat: Repeat,
+    /// Tests compare the accumulator with and without its shortcuts (the shared prefix and
+    /// the templates).
+    #[cfg(test)]
+    parse_every_chunk_whole: bool,
 }
 
 /// The top-level members a chunk starts with, up to the last one before `choices`
@@ -117,7 +121,7 @@ impl ChatAccumulator {
                 return Ok(Flow::Continue);
             }
         }
-        // Learned again below when this chunk repeats too.
+        // Learned again below when this chunk qualifies as a template.
         self.repeat.template.clear();
         if let Some(flow) = self.push_after_prefix(data)? {
             return Ok(flow);
@@ -149,6 +153,10 @@ impl ChatAccumulator {
     fn push_after_prefix(&mut self, data: &[u8]) -> Result<Option<Flow>, AggregateError> {
         let skip = self.prefix.bytes.len();
         if skip == 0 || !data.starts_with(&self.prefix.bytes) {
+            return Ok(None);
+        }
+        #[cfg(test)]
+        if self.parse_every_chunk_whole {
             return Ok(None);
         }
         // The prefix ends with an ASCII comma, so the rest is UTF-8 if the event is. A member
@@ -196,7 +204,7 @@ impl ChatAccumulator {
     /// other text, when `candidate` found its one text and the text's slot is a string.
     fn learn(&mut self, data: &[u8], candidate: Option<RepeatCandidate<'_>>) {
         #[cfg(test)]
-        if self.repeat.never_learn {
+        if self.parse_every_chunk_whole {
             return;
         }
         let Some(candidate) = candidate else {
@@ -232,10 +240,13 @@ impl ChatAccumulator {
                 }),
         };
         if let Some(target) = target {
-            self.repeat
+            if self
+                .repeat
                 .template
-                .learn(data, candidate.text, &candidate.padding);
-            self.repeat.target = target;
+                .learn(data, candidate.text, &candidate.padding)
+            {
+                self.repeat.target = target;
+            }
         }
     }
 
@@ -428,9 +439,6 @@ struct Repeat {
     template: EventTemplate,
     /// Where the learned chunk's text went; meaningful only while the template is not empty.
     target: TextTarget,
-    /// Tests compare the accumulator with and without templates.
-    #[cfg(test)]
-    never_learn: bool,
     /// Chunks taken through the template.
     #[cfg(test)]
     appended: u64,
@@ -438,7 +446,7 @@ struct Repeat {
 
 #[derive(Default, Clone, Copy)]
 enum TextTarget {
-    /// Never used: the template is empty then.
+    /// Before anything is learned: the template is empty then, so it is never used.
     #[default]
     Unknown,
     /// A member of a choice's message (`content`, `refusal`, `reasoning_content`, …), by its
@@ -479,7 +487,9 @@ impl Repeat {
 /// Where a parsed chunk's one appended text lies and where it goes, when the chunk qualifies
 /// as a template: one choice without logprobs whose delta has exactly one text (a string
 /// member other than the identity keys, or the `arguments` of a single tool-call fragment
-/// with an `index` and no `id`) and otherwise only nulls, identity keys, numbers and booleans.
+/// made of an `index` and a `function` with only `arguments`) and otherwise only nulls,
+/// identity keys, numbers and booleans. The choice's other members and the top-level ones
+/// may be anything: each keeps its last value, so applying it again changes nothing.
 struct RepeatCandidate<'a> {
     choice: u64,
     goes_to: GoesTo<'a>,
@@ -632,10 +642,12 @@ impl LastNonNull {
 impl SharedPrefix {
     /// The prefix `chunk`, parsed whole from `data`, shares with the chunks after it: its
     /// bytes up to the last field before `choices` and the comma after it. None (empty) when
-    /// there is no such field or a key repeats within the chunk.
+    /// there is no such field, a key repeats within the chunk, or an `error` comes before
+    /// `choices`: this chunk's later `error` may hide it (the last one decides), but a chunk
+    /// that repeats only the prefix's must report it, so it must be parsed.
     fn of(data: &[u8], chunk: &ChunkDe<'_>) -> Self {
         let none = SharedPrefix::default();
-        if chunk.choices.is_none() || chunk.objects_repeat {
+        if chunk.choices.is_none() || chunk.objects_repeat || chunk.error_before_choices {
             return none;
         }
         let before: Vec<&(Text<'_>, &RawValue, bool)> =
@@ -1309,7 +1321,10 @@ impl<'de> Deserialize<'de> for Members<'de> {
 struct ChunkDe<'a> {
     /// `None` when absent or null.
     choices: Option<Vec<ChoiceDe<'a>>>,
+    /// The last `error` member's value.
     error: Option<&'a RawValue>,
+    /// An `error` member came before `choices`.
+    error_before_choices: bool,
     /// `object == "chat.completion.chunk"`.
     is_chunk_object: bool,
     /// The last `object` member's value, for where it lies in the event.
@@ -1334,6 +1349,7 @@ impl<'de> Deserialize<'de> for ChunkDe<'de> {
                 let mut chunk = ChunkDe {
                     choices: None,
                     error: None,
+                    error_before_choices: false,
                     is_chunk_object: false,
                     object: None,
                     objects_repeat: false,
@@ -1347,7 +1363,10 @@ impl<'de> Deserialize<'de> for ChunkDe<'de> {
                             chunk.choices = map.next_value()?;
                             seen_choices = true;
                         }
-                        "error" => chunk.error = Some(map.next_value()?),
+                        "error" => {
+                            chunk.error = Some(map.next_value()?);
+                            chunk.error_before_choices |= !seen_choices;
+                        }
                         "object" => {
                             let object: &RawValue = map.next_value()?;
                             chunk.is_chunk_object = object.get() == "\"chat.completion.chunk\"";
@@ -1896,6 +1915,23 @@ mod tests {
     }
 
     #[test]
+    fn an_error_before_choices_is_never_skipped() {
+        let mut acc = ChatAccumulator::new();
+        // The last `error` decides: this chunk has none that counts.
+        acc.push(
+            b"",
+            br#"{"id":"a","error":{"message":"boom"},"model":"m","choices":[{"index":0,"delta":{"content":"x"}}],"error":null}"#,
+        )
+        .unwrap();
+        assert!(acc.prefix.bytes.is_empty());
+        // This one does.
+        let bad = br#"{"id":"a","error":{"message":"boom"},"model":"m","choices":[{"index":0,"delta":{"content":"y"}}]}"#;
+        let got = acc.push(b"", bad).unwrap_err().to_string();
+        assert_eq!(got, error_parsed_whole(bad));
+        assert!(got.contains("boom"), "{got}");
+    }
+
+    #[test]
     fn a_repeated_object_key_gives_no_prefix() {
         // The last `object` decides whether a chunk without `choices` counts.
         let (skipping, whole, prefix) = with_and_without_prefix(&[
@@ -2180,12 +2216,12 @@ mod tests {
 
     // ----- chunks that repeat the one before --------------------------------------------------
 
-    /// The outcome of `events` aggregated as the proxy does and with templates never learned
+    /// The outcome of `events` aggregated as the proxy does and with every chunk parsed whole
     /// (errors as text), and how many chunks the templates took.
     fn with_and_without_templates(events: &[String]) -> (String, String, u64) {
-        let run = |never_learn: bool| {
+        let run = |whole: bool| {
             let mut acc = ChatAccumulator::new();
-            acc.repeat.never_learn = never_learn;
+            acc.parse_every_chunk_whole = whole;
             let mut outcome = Ok(());
             for e in events {
                 if let Err(e) = acc.push(b"", e.as_bytes()) {
@@ -2403,14 +2439,14 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig { cases: 128, ..Default::default() })]
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 1000, ..Default::default() })]
 
         /// Whatever the texts, their escapes and the order of the kinds of chunk, the body is
         /// the one the parse of every chunk gives.
         #[test]
         fn templates_never_change_the_body(
             steps in proptest::collection::vec(
-                (0u8..6, ".{0,6}", proptest::collection::vec(proptest::bool::ANY, 6), "[a-z]{0,3}"),
+                (0u8..8, ".{0,6}", proptest::collection::vec(proptest::bool::ANY, 6), "[a-z]{0,3}"),
                 1..40,
             )
         ) {
@@ -2433,6 +2469,19 @@ mod tests {
                     4 => chunk(
                         &format!(r#"{{"index":1,"delta":{{"content":{text}}}}}"#),
                         "",
+                    ),
+                    // An error where the shared prefix lies, which a later `error: null`
+                    // may hide, and padding after `choices`.
+                    5 => {
+                        let error = if padding.is_empty() { "null" } else { r#"{"message":"boom"}"# };
+                        let hidden = if escape[0] { r#","error":null"# } else { "" };
+                        format!(
+                            r#"{{"id":"c1","error":{error},"model":"m","choices":[{{"index":0,"delta":{{"content":{text}}}}}]{hidden},"obfuscation":"{padding}"}}"#
+                        )
+                    }
+                    // Padding where the shared prefix lies.
+                    6 => format!(
+                        r#"{HEAD}"obfuscation":"{padding}","choices":[{{"index":0,"delta":{{"content":{text}}}}}]}}"#
                     ),
                     _ => chunk(
                         &format!(r#"{{"index":0,"delta":{{"tool_calls":[{{"index":0,"id":"call_{padding}","function":{{"name":"f","arguments":{text}}}}}]}}}}"#),

@@ -10,8 +10,11 @@
 //! Soundness rests on JSON's grammar: a string token can be swapped for any other valid string
 //! token without changing how the rest of the document parses. So an event made of the learned
 //! event's bytes with other valid string tokens in the holes parses to the same members as the
-//! learned one, except for the holes' values, and it is valid JSON exactly when those tokens
-//! are valid strings (D27). Which values may vary, and what the accumulator does with them,
+//! learned one, except for the holes' values, and it is valid JSON when those tokens are valid
+//! strings (D27). A token is taken only when serde_json decodes it; one it would not decode
+//! (an invalid escape, a lone surrogate) makes the event go through the full parse, which
+//! reports the error or, in a hole whose value is dropped and never decoded, accepts it.
+//! Which values may vary, and what the accumulator does with them,
 //! is the accumulator's business: it learns a template only from an event whose effect,
 //! applied again, would change nothing but through the text hole.
 
@@ -21,7 +24,7 @@ use std::ops::Range;
 /// The bytes of an event, with the string tokens that may differ in the next events.
 #[derive(Default)]
 pub(crate) struct EventTemplate {
-    /// The learned event's bytes; reused from one learned event to the next.
+    /// The learned event's bytes. Both vectors are reused from one learned event to the next.
     bytes: Vec<u8>,
     /// String tokens in `bytes`, in order and disjoint. Empty when nothing is learned.
     holes: Vec<Hole>,
@@ -41,40 +44,48 @@ impl EventTemplate {
     }
 
     /// Learns `data`, whose string token at `text` carries the value later events deliver and
-    /// whose string tokens at `ignored` may differ too. Learns nothing when a range is not a
-    /// string token in `data` or the ranges overlap.
-    pub(crate) fn learn(&mut self, data: &[u8], text: Range<usize>, ignored: &[Range<usize>]) {
-        self.clear();
-        let mut holes: Vec<Hole> = std::iter::once(Hole {
+    /// whose string tokens at `ignored` may differ too. Learns nothing, and says so, when a
+    /// range is not a string token in `data` or the ranges overlap.
+    pub(crate) fn learn(
+        &mut self,
+        data: &[u8],
+        text: Range<usize>,
+        ignored: &[Range<usize>],
+    ) -> bool {
+        self.holes.clear();
+        self.holes.push(Hole {
             token: text,
             text: true,
-        })
-        .chain(ignored.iter().map(|token| Hole {
+        });
+        self.holes.extend(ignored.iter().map(|token| Hole {
             token: token.clone(),
             text: false,
-        }))
-        .collect();
-        holes.sort_by_key(|hole| hole.token.start);
+        }));
+        self.holes.sort_by_key(|hole| hole.token.start);
         let mut end = 0;
-        for hole in &holes {
+        for hole in &self.holes {
             let is_token = hole.token.start >= end
                 && data
                     .get(hole.token.clone())
                     .and_then(string_token)
                     .is_some_and(|(len, _)| len == hole.token.len());
             if !is_token {
-                return;
+                self.holes.clear();
+                return false;
             }
             end = hole.token.end;
         }
         self.bytes.clear();
         self.bytes.extend_from_slice(data);
-        self.holes = holes;
+        true
     }
 
     /// The text hole's value when `data` is the learned event with valid string tokens in
     /// its holes; `None` otherwise, and when nothing is learned.
     pub(crate) fn text_of<'a>(&self, data: &'a [u8]) -> Option<Cow<'a, str>> {
+        if self.holes.is_empty() {
+            return None;
+        }
         let mut text = None;
         let mut learned_at = 0;
         let mut at = 0;
@@ -99,8 +110,8 @@ impl EventTemplate {
 }
 
 /// The JSON string token `data` starts with: its length and its value. `None` when `data`
-/// does not start with a valid one (unterminated, a control character, invalid UTF-8, a bad
-/// escape); the caller then parses the event whole, which reports the error.
+/// does not start with one serde_json decodes (unterminated, a control character, invalid
+/// UTF-8, a bad escape, a lone surrogate); the caller then parses the event whole.
 fn string_token(data: &[u8]) -> Option<(usize, Cow<'_, str>)> {
     if data.first() != Some(&b'"') {
         return None;
@@ -147,11 +158,11 @@ mod tests {
 
     fn learned() -> EventTemplate {
         let mut template = EventTemplate::default();
-        template.learn(
+        assert!(template.learn(
             LEARNED,
             token(LEARNED, r#""The""#),
             &[token(LEARNED, r#""abc""#)],
-        );
+        ));
         template
     }
 
@@ -225,10 +236,10 @@ mod tests {
                 }],
             ),
         ] {
-            template.learn(LEARNED, text, &ignored);
+            assert!(!template.learn(LEARNED, text, &ignored));
             assert_eq!(template.text_of(LEARNED), None);
         }
-        template.learn(LEARNED, id, &[]);
+        assert!(template.learn(LEARNED, id, &[]));
         assert_eq!(template.text_of(LEARNED).as_deref(), Some("x"));
         template.clear();
         assert_eq!(template.text_of(LEARNED), None);
