@@ -42,6 +42,7 @@ use super::outcome::{
     parse_event_data, status_for_error_code, Aggregate, AggregateError, Flow, Terminal, TokenUsage,
     UpstreamStreamError,
 };
+use super::template::EventTemplate;
 
 /// What [`AggregateError::Truncated`] says when the stream ends without a terminal event.
 const TERMINAL_EXPECTED: &str = "a terminal response event";
@@ -96,6 +97,28 @@ pub struct ResponsesAccumulator {
     unplaced_item: Option<String>,
     /// A delta/part event could not be placed; matters only if some item must be rebuilt.
     unplaced_delta: bool,
+    /// The last event parsed, when it is a text delta that the next ones repeat but for
+    /// their text: those need no parse.
+    repeat: Repeat,
+    /// Tests compare the accumulator with and without its templates.
+    #[cfg(test)]
+    parse_every_event_whole: bool,
+}
+
+/// A message's text streams as `response.output_text.delta` events equal byte for byte but
+/// for their `delta`, `sequence_number` and `obfuscation`. Such an event, applied again,
+/// changes nothing but by appending its text (its item and part exist, its kinds are set
+/// once, and it has no logprobs to append), so one that matches the template of the last
+/// event parsed has its text appended to the same part, unparsed.
+#[derive(Debug, Default)]
+struct Repeat {
+    /// Empty unless the last event parsed was learned.
+    template: EventTemplate,
+    /// The `output_index` and `content_index` of the part the learned delta extended.
+    target: (u64, u64),
+    /// Events taken through the template.
+    #[cfg(test)]
+    appended: u64,
 }
 
 #[derive(Debug)]
@@ -133,6 +156,15 @@ impl ResponsesAccumulator {
             self.done_marker = true;
             return Ok(Flow::Finished);
         }
+        // The untrimmed bytes, as the parse below reads them: `trim_ascii` also strips form
+        // feeds, which JSON does not count as whitespace.
+        if let Some(text) = self.repeat.template.text_of(data) {
+            if self.append_repeated(&text) {
+                return Ok(Flow::Continue);
+            }
+        }
+        // Learned again below when this event qualifies as a template.
+        self.repeat.template.clear();
         let event = parse_event(data)?;
         let name = std::str::from_utf8(name).unwrap_or("").trim();
         // D8: the JSON `type` decides; the SSE `event:` name is only a fallback.
@@ -162,6 +194,11 @@ impl ResponsesAccumulator {
                     self.note_lifecycle_usage(&event);
                 }
                 self.item_event(ty, &event);
+                // Only by the JSON `type`: the template does not compare the `event:` name, which
+                // decides when there is none.
+                if json_type == Some("response.output_text.delta") {
+                    self.learn(data, &event);
+                }
                 Ok(Flow::Continue)
             }
         }
@@ -501,17 +538,21 @@ impl ResponsesAccumulator {
         }
     }
 
-    /// The slot an item event belongs to, or `None` when the event cannot be placed or its
-    /// item is already done (then the event cannot change the answer).
-    fn slot(&mut self, event: &Event<'_>, kind: &'static str) -> Option<&mut ItemSlot> {
-        let index = match event.output_index {
+    /// The `output_index` of the item an event is about: its own, or its `item_id`'s.
+    fn output_index(&self, event: &Event<'_>) -> Option<u64> {
+        match event.output_index {
             Some(raw) => raw.get().parse::<u64>().ok(),
             None => event
                 .item_id
                 .as_deref()
                 .and_then(|id| self.ids.get(id).copied()),
-        };
-        let Some(index) = index else {
+        }
+    }
+
+    /// The slot an item event belongs to, or `None` when the event cannot be placed or its
+    /// item is already done (then the event cannot change the answer).
+    fn slot(&mut self, event: &Event<'_>, kind: &'static str) -> Option<&mut ItemSlot> {
+        let Some(index) = self.output_index(event) else {
             self.unplaced_delta = true;
             return None;
         };
@@ -524,6 +565,86 @@ impl ResponsesAccumulator {
             slot.id = event.item_id.as_deref().map(str::to_owned);
         }
         Some(slot)
+    }
+
+    /// Appends a repeated delta's text to the learned part; `false` when that part is gone or
+    /// done (it never is: the state only changes through events parsed whole, which learn a
+    /// template or clear it).
+    fn append_repeated(&mut self, text: &str) -> bool {
+        let (item, part) = self.repeat.target;
+        let Some(acc) = self
+            .items
+            .get_mut(&item)
+            .filter(|slot| slot.done.is_none())
+            .and_then(|slot| slot.content.get_mut(&part))
+            .filter(|part| part.done.is_none())
+            .and_then(|part| part.text.as_mut())
+        else {
+            return false;
+        };
+        acc.push_str(text);
+        #[cfg(test)]
+        {
+            self.repeat.appended += 1;
+        }
+        true
+    }
+
+    /// Learns `data`, an `output_text.delta` event just applied, as the template of the
+    /// deltas that repeat it with other text: when it has neither logprobs to append nor a
+    /// `response`, its text has no escapes (so its token's place in `data` is known), and the
+    /// text went to a part that is not done. `sequence_number` and `obfuscation` may differ.
+    fn learn(&mut self, data: &[u8], event: &Event<'_>) {
+        #[cfg(test)]
+        if self.parse_every_event_whole {
+            return;
+        }
+        if event.response.is_some()
+            || event
+                .logprobs
+                .is_some_and(|raw| !is_null_or_empty_array(raw))
+        {
+            return;
+        }
+        let Some(Cow::Borrowed(text)) = &event.delta else {
+            return;
+        };
+        let base = data.as_ptr() as usize;
+        let Some(start) = (text.as_ptr() as usize).checked_sub(base + 1) else {
+            return;
+        };
+        let token = start..start + text.len() + 2;
+        let place = |raw: &RawValue| {
+            let start = raw.get().as_ptr() as usize - base;
+            start..start + raw.get().len()
+        };
+        let mut ignored = [0..0, 0..0];
+        let mut holes = 0;
+        for raw in [event.sequence_number, event.obfuscation]
+            .into_iter()
+            .flatten()
+        {
+            if raw
+                .get()
+                .starts_with(['"', '-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'])
+            {
+                ignored[holes] = place(raw);
+                holes += 1;
+            }
+        }
+        let (Some(item), Some(part)) = (self.output_index(event), sub_index(event.content_index))
+        else {
+            return;
+        };
+        let extended = self
+            .items
+            .get(&item)
+            .filter(|slot| slot.done.is_none())
+            .and_then(|slot| slot.content.get(&part))
+            .is_some_and(|part| part.done.is_none() && part.text.is_some());
+        if extended && self.repeat.template.learn(data, token, &ignored[..holes]) {
+            self.repeat.target = (item, part);
+        }
     }
 
     fn with_part(
@@ -1048,6 +1169,9 @@ struct Event<'a> {
     param: Option<&'a RawValue>,
     error: Option<&'a RawValue>,
     logprobs: Option<&'a RawValue>,
+    /// Read only for where they lie, by the event templates.
+    sequence_number: Option<&'a RawValue>,
+    obfuscation: Option<&'a RawValue>,
 }
 
 enum Field {
@@ -1071,6 +1195,8 @@ enum Field {
     Param,
     Error,
     Logprobs,
+    SequenceNumber,
+    Obfuscation,
     Other,
 }
 
@@ -1104,6 +1230,8 @@ impl<'de> Deserialize<'de> for Field {
                     "param" => Field::Param,
                     "error" => Field::Error,
                     "logprobs" => Field::Logprobs,
+                    "sequence_number" => Field::SequenceNumber,
+                    "obfuscation" => Field::Obfuscation,
                     _ => Field::Other,
                 })
             }
@@ -1144,6 +1272,8 @@ impl<'de> Deserialize<'de> for Event<'de> {
                         Field::Param => ev.param = map.next_value()?,
                         Field::Error => ev.error = map.next_value()?,
                         Field::Logprobs => ev.logprobs = map.next_value()?,
+                        Field::SequenceNumber => ev.sequence_number = map.next_value()?,
+                        Field::Obfuscation => ev.obfuscation = map.next_value()?,
                         Field::Other => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -2206,5 +2336,306 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    // --- deltas that repeat the one before ----------------------------------------------
+
+    /// The outcome of `events` aggregated as the proxy does and with every event parsed whole
+    /// (errors as text), and how many events the templates took.
+    fn with_and_without_templates(events: &[(String, String)]) -> (String, String, u64) {
+        let outcome = |whole: bool| {
+            let mut acc = ResponsesAccumulator::new();
+            acc.parse_every_event_whole = whole;
+            let mut failed = None;
+            for (name, data) in events {
+                match acc.push(name.as_bytes(), data.as_bytes()) {
+                    Ok(Flow::Finished) => break,
+                    Ok(Flow::Continue) => {}
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            let appended = acc.repeat.appended;
+            let text = match failed {
+                Some(e) => format!("error: {e}"),
+                None => match acc.finish() {
+                    Ok(agg) => String::from_utf8(agg.body).unwrap(),
+                    Err(e) => format!("error: {e}"),
+                },
+            };
+            (text, appended)
+        };
+        let (taken, appended) = outcome(false);
+        let (parsed, never) = outcome(true);
+        assert_eq!(never, 0);
+        (taken, parsed, appended)
+    }
+
+    /// An `output_text.delta` event as OpenAI writes them; `text` is JSON already.
+    fn text_delta(output: u32, content: u32, sequence: &str, text: &str, tail: &str) -> String {
+        format!(
+            r#"{{"type":"response.output_text.delta","sequence_number":{sequence},"item_id":"msg_{output}","output_index":{output},"content_index":{content},"delta":{text}{tail}}}"#
+        )
+    }
+
+    fn completed_without_output() -> (String, String) {
+        (
+            "response.completed".to_owned(),
+            json!({"type": "response.completed", "sequence_number": 99,
+                   "response": response("completed", json!([]), Value::Null)})
+            .to_string(),
+        )
+    }
+
+    fn named(data: Vec<String>) -> Vec<(String, String)> {
+        data.into_iter()
+            .map(|d| ("response.output_text.delta".to_owned(), d))
+            .collect()
+    }
+
+    #[test]
+    fn repeated_text_deltas_take_the_template_and_change_nothing() {
+        let mut events = named(vec![
+            text_delta(
+                0,
+                0,
+                "1",
+                r#""The""#,
+                r#","logprobs":[],"obfuscation":"ab""#,
+            ),
+            text_delta(
+                0,
+                0,
+                "2",
+                r#"" quick""#,
+                r#","logprobs":[],"obfuscation":"abcd""#,
+            ),
+            text_delta(0, 0, "30", r#""""#, r#","logprobs":[],"obfuscation":"""#),
+            text_delta(
+                0,
+                0,
+                "-4e2",
+                r#"" \"fox\"""#,
+                r#","logprobs":[],"obfuscation":"x""#,
+            ),
+            text_delta(
+                0,
+                0,
+                "5",
+                r#"" \"jumps\"""#,
+                r#","logprobs":[],"obfuscation":"x""#,
+            ),
+            text_delta(
+                0,
+                0,
+                "6",
+                r#"" over""#,
+                r#","logprobs":[],"obfuscation":"x""#,
+            ),
+            // Logprobs to append: parsed, and not a template.
+            text_delta(0, 0, "7", r#"" the""#, r#","logprobs":[{"token":" the"}]"#),
+            text_delta(0, 0, "8", r#"" the""#, r#","logprobs":[{"token":" the"}]"#),
+            // Escaped text parsed whole: not a template (its token's place is unknown).
+            text_delta(0, 0, "8", r#""\u0020""#, ""),
+            text_delta(0, 0, "8", r#""\u0020""#, ""),
+            // Another part, then another item.
+            text_delta(0, 1, "9", r#""b""#, ""),
+            text_delta(0, 1, "10", r#""c""#, ""),
+            text_delta(1, 0, "11", r#""d""#, ""),
+            text_delta(1, 0, "12", r#""e""#, ""),
+            text_delta(0, 0, "13", r#"" dog""#, ""),
+            text_delta(0, 0, "14", r#""!""#, ""),
+        ]);
+        events.push(completed_without_output());
+        let (taken, parsed, appended) = with_and_without_templates(&events);
+        assert_eq!(taken, parsed);
+        assert_eq!(appended, 8);
+        let body: Value = serde_json::from_str(&taken).unwrap();
+        assert_eq!(
+            body["output"][0]["content"][0]["text"],
+            "The quick \"fox\" \"jumps\" over the the   dog!"
+        );
+        assert_eq!(body["output"][0]["content"][1]["text"], "bc");
+        assert_eq!(body["output"][1]["content"][0]["text"], "de");
+    }
+
+    #[test]
+    fn a_delta_after_its_part_is_done_is_not_taken() {
+        let part_done =
+            json!({"type": "response.content_part.done", "output_index": 0, "content_index": 0,
+                               "part": {"type": "output_text", "text": "final", "annotations": []}})
+            .to_string();
+        let item_done = json!({"type": "response.output_item.done", "output_index": 0,
+                               "item": message_item("msg_0", "done text")})
+        .to_string();
+        for done in [part_done, item_done] {
+            let delta = |n: &str| text_delta(0, 0, n, r#""a""#, "");
+            let mut events = named(vec![
+                delta("1"),
+                delta("2"),
+                done.clone(),
+                delta("3"),
+                delta("4"),
+            ]);
+            events.push(completed_without_output());
+            let (taken, parsed, appended) = with_and_without_templates(&events);
+            assert_eq!(taken, parsed);
+            assert_eq!(appended, 1, "{done}");
+            // Nor is one learned: it would only be refused at every repeat.
+            let mut acc = ResponsesAccumulator::new();
+            for (name, data) in &events[..4] {
+                acc.push(name.as_bytes(), data.as_bytes()).unwrap();
+            }
+            assert!(acc
+                .repeat
+                .template
+                .text_of(events[4].1.as_bytes())
+                .is_none());
+        }
+    }
+
+    #[test]
+    fn an_invalid_repeated_delta_fails_as_it_would_parsed_whole() {
+        let learned = text_delta(0, 0, "1", r#""The""#, r#","obfuscation":"ab""#);
+        for bad in [
+            learned.replace("The", "a\u{1}b"),
+            learned.replace("The", r"a\qb"),
+            learned.replace("The", r"\ud83d"),
+            learned.replace(r#""sequence_number":1"#, r#""sequence_number":01"#),
+            learned.replace(r#""sequence_number":1"#, r#""sequence_number":1."#),
+            learned.replace(r#""ab""#, r#""a\qb""#),
+        ] {
+            let mut events = named(vec![learned.clone(), learned.clone(), bad.clone()]);
+            events.push(completed_without_output());
+            let (taken, parsed, appended) = with_and_without_templates(&events);
+            assert_eq!(appended, 1, "{bad}");
+            assert_eq!(taken, parsed, "{bad}");
+            assert!(taken.starts_with("error: "), "{bad}: {taken}");
+        }
+    }
+
+    #[test]
+    fn captured_text_streams_take_the_template() {
+        let Some(dir) = fixtures() else { return };
+        let mut taken_in_all = 0;
+        for sse in captured_streams(&dir) {
+            let mut events = split_sse(&std::fs::read_to_string(&sse).unwrap());
+            // Without the events that replace streamed text, the body is built from deltas.
+            events.retain(|(_, d)| {
+                ["content_part.done", "output_text.done", "output_item.done"]
+                    .iter()
+                    .all(|ty| !d.contains(&format!("\"response.{ty}\"")))
+            });
+            with_empty_terminal_output(&mut events);
+            let (taken, parsed, appended) = with_and_without_templates(&events);
+            assert_eq!(taken, parsed, "{sse:?}");
+            taken_in_all += appended;
+        }
+        assert!(taken_in_all >= 20, "{taken_in_all} deltas taken");
+    }
+
+    #[test]
+    fn a_delta_typed_by_its_event_name_alone_is_not_learned() {
+        let data =
+            |text: &str| format!(r#"{{"output_index":0,"content_index":0,"delta":"{text}"}}"#);
+        for second in [
+            "error",
+            "response.completed",
+            "keepalive",
+            "response.refusal.delta",
+            "",
+        ] {
+            let mut events = vec![
+                ("response.output_text.delta".to_owned(), data("a")),
+                ("response.output_text.delta".to_owned(), data("b")),
+                (second.to_owned(), data("c")),
+            ];
+            events.push(completed_without_output());
+            let (taken, parsed, appended) = with_and_without_templates(&events);
+            assert_eq!(taken, parsed, "{second}");
+            assert_eq!(appended, 0, "{second}");
+        }
+    }
+
+    #[test]
+    fn a_form_feed_around_a_repeated_delta_is_invalid_as_whole() {
+        let learned = text_delta(0, 0, "1", r#""a""#, "");
+        for bad in [format!("{learned}\u{c}"), format!("\u{c}{learned}")] {
+            let mut events = named(vec![learned.clone(), bad]);
+            events.push(completed_without_output());
+            let (taken, parsed, _) = with_and_without_templates(&events);
+            assert_eq!(taken, parsed);
+            assert!(taken.starts_with("error: "), "{taken}");
+        }
+    }
+
+    #[test]
+    fn padding_and_sequence_numbers_must_be_json() {
+        // Captured to know where they lie, they are validated as a parser reads them: not
+        // UTF-8 is not JSON (RFC 8259 §8.1), as in a chat chunk's `obfuscation`.
+        let mut event = text_delta(0, 0, "1", r#""a""#, r#","obfuscation":"xx""#).into_bytes();
+        let at = event.len() - 3;
+        event[at] = 0xff;
+        let mut acc = ResponsesAccumulator::new();
+        assert!(matches!(
+            acc.push(b"", &event),
+            Err(AggregateError::InvalidJson(_))
+        ));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 500, ..Default::default() })]
+
+        /// Whatever the texts, numbers, padding and the order of the events, the body is the
+        /// one the parse of every event gives.
+        #[test]
+        fn templates_never_change_the_body(
+            steps in proptest::collection::vec(
+                (0u8..9, ".{0,4}", 0u8..6, "[a-z]{0,3}", 0u8..5, 0u8..8),
+                1..40,
+            )
+        ) {
+            // Item 0 is announced, so that events placed by `item_id` alone find it.
+            let mut events = vec![(
+                String::new(),
+                json!({"type": "response.output_item.added", "output_index": 0,
+                       "item": {"type": "message", "id": "msg_0", "role": "assistant", "content": []}})
+                .to_string(),
+            )];
+            for (kind, text, number, padding, name, edge) in &steps {
+                let text = serde_json::to_string(text).unwrap();
+                let sequence = ["7", "-0", "12.5", "1e3", "-2.5E-3", "123456789012345678901234567890"]
+                    [usize::from(*number)];
+                let tail = format!(r#","logprobs":[],"obfuscation":"{padding}""#);
+                let data = match kind {
+                    0..=2 => text_delta(0, 0, sequence, &text, &tail),
+                    3 => text_delta(0, 1, sequence, &text, ""),
+                    4 => text_delta(1, 0, sequence, &text, &tail),
+                    5 => text_delta(0, 0, sequence, &text, r#","logprobs":[{"token":"x"}]"#),
+                    6 => json!({"type": "response.content_part.done", "output_index": 1, "content_index": 0,
+                                "part": {"type": "output_text", "text": padding, "annotations": []}})
+                    .to_string(),
+                    7 => format!(
+                        r#"{{"type":"response.output_text.delta","item_id":"msg_0","content_index":0,"delta":{text}}}"#
+                    ),
+                    // Typed by the event name alone.
+                    _ => format!(r#"{{"output_index":0,"content_index":0,"delta":{text}}}"#),
+                };
+                // Rarely, so that most streams run to their end.
+                let edge = match edge {
+                    7 => "\u{c}",
+                    6 => " ",
+                    _ => "",
+                };
+                let name = ["", "response.output_text.delta", "error", "keepalive", "response.refusal.delta"]
+                    [usize::from(*name)];
+                events.push((name.to_owned(), format!("{data}{edge}")));
+            }
+            events.push(completed_without_output());
+            let (taken, parsed, _) = with_and_without_templates(&events);
+            proptest::prop_assert_eq!(taken, parsed);
+        }
     }
 }

@@ -1,19 +1,21 @@
 //! Recognises an event that repeats the event before it byte for byte except inside a few JSON
-//! string tokens, so that its one changing value is taken without parsing the event.
+//! string or number tokens, so that its one changing text is taken without parsing the event.
 //!
 //! Upstreams stream text as a run of chunks that differ only in the text they carry (and in
-//! per-chunk padding such as OpenAI's `obfuscation`): `{"id":"…","object":"…",…,"choices":
+//! per-chunk padding such as OpenAI's `obfuscation`, or a Responses event's `sequence_number`):
+//! `{"id":"…","object":"…",…,"choices":
 //! [{"index":0,"delta":{"content":" fox"},"logprobs":null,"finish_reason":null}]}`. Parsing
 //! such a chunk costs serde_json about 3 k instructions; comparing it with the one before and
 //! scanning the changed string costs a few hundred.
 //!
 //! Soundness rests on JSON's grammar: a string token can be swapped for any other valid string
-//! token without changing how the rest of the document parses. So an event made of the learned
-//! event's bytes with other valid string tokens in the holes parses to the same members as the
-//! learned one, except for the holes' values, and it is valid JSON when those tokens are valid
-//! strings (D27). A token is taken only when serde_json decodes it; one it would not decode
-//! (an invalid escape, a lone surrogate) makes the event go through the full parse, which
-//! reports the error or, in a hole whose value is dropped and never decoded, accepts it.
+//! token, and a number token for any other valid number token, without changing how the rest
+//! of the document parses. So an event made of the learned event's bytes with other valid
+//! tokens of the same kind in the holes parses to the same members as the learned one, except
+//! for the holes' values, and it is valid JSON when those tokens are valid (D27). A string is
+//! taken only when serde_json decodes it; one it would not decode (an invalid escape, a lone
+//! surrogate) makes the event go through the full parse, which reports the error or, in a
+//! hole whose value is dropped and never decoded, accepts it.
 //! Which values may vary, and what the accumulator does with them,
 //! is the accumulator's business: it learns a template only from an event whose effect,
 //! applied again, would change nothing but through the text hole.
@@ -21,20 +23,30 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-/// The bytes of an event, with the string tokens that may differ in the next events.
-#[derive(Default)]
+/// The bytes of an event, with the tokens that may differ in the next events.
+#[derive(Debug, Default)]
 pub(crate) struct EventTemplate {
     /// The learned event's bytes. Both vectors are reused from one learned event to the next.
     bytes: Vec<u8>,
-    /// String tokens in `bytes`, in order and disjoint. Empty when nothing is learned.
+    /// Tokens in `bytes`, in order and disjoint. Empty when nothing is learned.
     holes: Vec<Hole>,
 }
 
+#[derive(Debug)]
 struct Hole {
     /// The token, quotes included.
     token: Range<usize>,
-    /// Its value is what a matching event delivers; the others' values are dropped.
-    text: bool,
+    kind: HoleKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum HoleKind {
+    /// A string whose value a matching event delivers.
+    Text,
+    /// A string whose value is dropped.
+    DroppedString,
+    /// A number whose value is dropped.
+    DroppedNumber,
 }
 
 impl EventTemplate {
@@ -44,8 +56,8 @@ impl EventTemplate {
     }
 
     /// Learns `data`, whose string token at `text` carries the value later events deliver and
-    /// whose string tokens at `ignored` may differ too. Learns nothing, and says so, when a
-    /// range is not a string token in `data` or the ranges overlap.
+    /// whose string or number tokens at `ignored` may differ too. Learns nothing, and says so,
+    /// when a range is not such a token in `data` or the ranges overlap.
     pub(crate) fn learn(
         &mut self,
         data: &[u8],
@@ -55,19 +67,22 @@ impl EventTemplate {
         self.holes.clear();
         self.holes.push(Hole {
             token: text,
-            text: true,
+            kind: HoleKind::Text,
         });
         self.holes.extend(ignored.iter().map(|token| Hole {
             token: token.clone(),
-            text: false,
+            kind: match data.get(token.start) {
+                Some(b'"') => HoleKind::DroppedString,
+                _ => HoleKind::DroppedNumber,
+            },
         }));
         self.holes.sort_by_key(|hole| hole.token.start);
         let mut end = 0;
         for hole in &self.holes {
             let is_token = hole.token.start >= end
                 && data
-                    .get(hole.token.clone())
-                    .and_then(string_token)
+                    .get(hole.token.start..)
+                    .and_then(|from| hole.kind.scan(from))
                     .is_some_and(|(len, _)| len == hole.token.len());
             if !is_token {
                 self.holes.clear();
@@ -80,8 +95,8 @@ impl EventTemplate {
         true
     }
 
-    /// The text hole's value when `data` is the learned event with valid string tokens in
-    /// its holes; `None` otherwise, and when nothing is learned.
+    /// The text hole's value when `data` is the learned event with valid tokens of each
+    /// hole's kind in its holes; `None` otherwise, and when nothing is learned.
     pub(crate) fn text_of<'a>(&self, data: &'a [u8]) -> Option<Cow<'a, str>> {
         if self.holes.is_empty() {
             return None;
@@ -95,10 +110,10 @@ impl EventTemplate {
                 return None;
             }
             at += same.len();
-            let (len, value) = string_token(&data[at..])?;
+            let (len, value) = hole.kind.scan(&data[at..])?;
             at += len;
-            if hole.text {
-                text = Some(value);
+            if hole.kind == HoleKind::Text {
+                text = value;
             }
             learned_at = hole.token.end;
         }
@@ -107,6 +122,56 @@ impl EventTemplate {
         }
         text
     }
+}
+
+impl HoleKind {
+    /// The length of the token of this kind `data` starts with, and a text hole's value.
+    fn scan(self, data: &[u8]) -> Option<(usize, Option<Cow<'_, str>>)> {
+        match self {
+            HoleKind::Text => string_token(data).map(|(len, value)| (len, Some(value))),
+            HoleKind::DroppedString => string_token(data).map(|(len, _)| (len, None)),
+            HoleKind::DroppedNumber => number_token(data).map(|len| (len, None)),
+        }
+    }
+}
+
+/// The length of the JSON number token `data` starts with (RFC 8259:
+/// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`), read as far as it goes, as a
+/// parser does. `None` when `data` does not start with one, or when a fraction or exponent is
+/// begun and not finished (`1.`, `1e`). What follows the token is the caller's to check: a
+/// learned number is followed by whitespace, `,`, `}` or `]`, which the matching event must
+/// repeat, so `01` (`0`, then `1`) is no match.
+fn number_token(data: &[u8]) -> Option<usize> {
+    let digits = |from: usize| {
+        from + data.get(from..).map_or(0, |rest| {
+            rest.iter().take_while(|b| b.is_ascii_digit()).count()
+        })
+    };
+    let mut at = usize::from(data.first() == Some(&b'-'));
+    at = match data.get(at)? {
+        b'0' => at + 1,
+        b'1'..=b'9' => digits(at + 1),
+        _ => return None,
+    };
+    if data.get(at) == Some(&b'.') {
+        let end = digits(at + 1);
+        if end == at + 1 {
+            return None;
+        }
+        at = end;
+    }
+    if matches!(data.get(at), Some(b'e' | b'E')) {
+        at += 1;
+        if matches!(data.get(at), Some(b'+' | b'-')) {
+            at += 1;
+        }
+        let end = digits(at);
+        if end == at {
+            return None;
+        }
+        at = end;
+    }
+    Some(at)
 }
 
 /// The JSON string token `data` starts with: its length and its value. `None` when `data`
@@ -214,6 +279,47 @@ mod tests {
             assert_eq!(
                 template.text_of(data),
                 None,
+                "{}",
+                String::from_utf8_lossy(data)
+            );
+        }
+    }
+
+    #[test]
+    fn number_holes_take_any_number_and_only_numbers() {
+        let data = br#"{"type":"d","sequence_number":12,"delta":"a","n":-1.5e3}"#;
+        let mut template = EventTemplate::default();
+        assert!(!template.learn(data, token(data, r#""a""#), &[token(data, "12,")]));
+        assert!(!template.learn(data, token(data, r#""a""#), &[token(data, "1")]));
+        assert!(template.learn(
+            data,
+            token(data, r#""a""#),
+            &[token(data, "12"), token(data, "-1.5e3")]
+        ));
+        for (data, text) in [
+            (
+                &br#"{"type":"d","sequence_number":0,"delta":"bc","n":7}"#[..],
+                Some("bc"),
+            ),
+            (
+                br#"{"type":"d","sequence_number":123456789012345678901234567890,"delta":"","n":-0.25E+10}"#,
+                Some(""),
+            ),
+            (br#"{"type":"d","sequence_number":01,"delta":"b","n":1}"#, None),
+            (br#"{"type":"d","sequence_number":1.,"delta":"b","n":1}"#, None),
+            (br#"{"type":"d","sequence_number":.5,"delta":"b","n":1}"#, None),
+            (br#"{"type":"d","sequence_number":-,"delta":"b","n":1}"#, None),
+            (br#"{"type":"d","sequence_number":1e,"delta":"b","n":1}"#, None),
+            (br#"{"type":"d","sequence_number":1e+,"delta":"b","n":1}"#, None),
+            (br#"{"type":"d","sequence_number":+1,"delta":"b","n":1}"#, None),
+            (br#"{"type":"d","sequence_number":"1","delta":"b","n":1}"#, None),
+            (br#"{"type":"d","sequence_number":null,"delta":"b","n":1}"#, None),
+            (br#"{"type":"d","sequence_number":1,"delta":"b","n":1"#, None),
+            (br#"{"type":"d","sequence_number":1,"delta":"b","n":1}x"#, None),
+        ] {
+            assert_eq!(
+                template.text_of(data).as_deref(),
+                text,
                 "{}",
                 String::from_utf8_lossy(data)
             );
