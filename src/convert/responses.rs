@@ -22,7 +22,9 @@
 //! Cost model (the accumulator sits on the hot path of every converted Responses call): each
 //! event's data is parsed once by a hand-written visitor that keeps only the handful of fields
 //! this module reads, as borrowed strings or borrowed [`RawValue`] slices; everything else is
-//! skipped without building a `Value` tree. Delta text is appended to owned `String`s (amortised
+//! skipped without building a `Value` tree. A text delta that repeats the last one parsed byte
+//! for byte but for its text, `sequence_number` and `obfuscation` is not parsed at all (`Repeat`,
+//! `EventTemplate`). Delta text is appended to owned `String`s (amortised
 //! O(n)) and dropped as soon as the item's authoritative `output_item.done` arrives. Items are
 //! kept in a `BTreeMap` keyed by `output_index`, so an absurd index from the upstream costs one
 //! map entry, never an allocation sized by the index. `finish` serialises at most once.
