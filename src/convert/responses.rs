@@ -107,17 +107,18 @@ pub struct ResponsesAccumulator {
     parse_every_event_whole: bool,
 }
 
-/// A message's text streams as `response.output_text.delta` events equal byte for byte but
-/// for their `delta`, `sequence_number` and `obfuscation`. Such an event, applied again,
-/// changes nothing but by appending its text (its item and part exist, its kinds are set
-/// once, and it has no logprobs to append), so one that matches the template of the last
-/// event parsed has its text appended to the same part, unparsed.
+/// Text streams as `*.delta` events (message text, reasoning text and summaries, tool-call
+/// arguments and input) equal byte for byte but for their `delta`, `sequence_number` and
+/// `obfuscation`. Such an event, applied again, changes nothing but by appending its text
+/// (its item and part exist, its kinds are set once, and it has no logprobs to append), so
+/// one that matches the template of the last event parsed has its text appended to the same
+/// place, unparsed.
 #[derive(Debug, Default)]
 struct Repeat {
     /// Empty unless the last event parsed was learned.
     template: EventTemplate,
-    /// The `output_index` and `content_index` of the part the learned delta extended.
-    target: (u64, u64),
+    /// Where the learned delta's text went; `None` only before anything is learned.
+    target: Option<DeltaTarget>,
     /// Events taken through the template.
     #[cfg(test)]
     appended: u64,
@@ -198,8 +199,8 @@ impl ResponsesAccumulator {
                 self.item_event(ty, &event);
                 // Only by the JSON `type`: the template does not compare the `event:` name, which
                 // decides when there is none.
-                if json_type == Some("response.output_text.delta") {
-                    self.learn(data, &event);
+                if let Some(ty) = json_type.filter(|ty| ty.ends_with(".delta")) {
+                    self.learn(data, ty, &event);
                 }
                 Ok(Flow::Continue)
             }
@@ -573,15 +574,10 @@ impl ResponsesAccumulator {
     /// done (it never is: the state only changes through events parsed whole, which learn a
     /// template or clear it).
     fn append_repeated(&mut self, text: &str) -> bool {
-        let (item, part) = self.repeat.target;
-        let Some(acc) = self
-            .items
-            .get_mut(&item)
-            .filter(|slot| slot.done.is_none())
-            .and_then(|slot| slot.content.get_mut(&part))
-            .filter(|part| part.done.is_none())
-            .and_then(|part| part.text.as_mut())
-        else {
+        let Some(target) = self.repeat.target else {
+            return false;
+        };
+        let Some(acc) = self.delta_text(target) else {
             return false;
         };
         acc.push_str(text);
@@ -592,11 +588,41 @@ impl ResponsesAccumulator {
         true
     }
 
-    /// Learns `data`, an `output_text.delta` event just applied, as the template of the
-    /// deltas that repeat it with other text: when it has neither logprobs to append nor a
+    /// The accumulated text a delta went to, while its item and part are not done.
+    fn delta_text(&mut self, target: DeltaTarget) -> Option<&mut String> {
+        match target {
+            DeltaTarget::Part { item, parts, part } => {
+                let slot = self
+                    .items
+                    .get_mut(&item)
+                    .filter(|slot| slot.done.is_none())?;
+                let map = match parts {
+                    Parts::Content => &mut slot.content,
+                    Parts::Summary => &mut slot.summary,
+                };
+                map.get_mut(&part)
+                    .filter(|part| part.done.is_none())?
+                    .text
+                    .as_mut()
+            }
+            DeltaTarget::ItemText { item, field } => self
+                .items
+                .get_mut(&item)
+                .filter(|slot| slot.done.is_none())?
+                .texts
+                .get_mut(field),
+        }
+    }
+
+    /// Learns `data`, a text delta of type `ty` just applied, as the template of the deltas
+    /// that repeat it with other text: when it has neither logprobs to append nor a
     /// `response`, its text has no escapes (so its token's place in `data` is known), and the
-    /// text went to a part that is not done. `sequence_number` and `obfuscation` may differ.
-    fn learn(&mut self, data: &[u8], event: &Event<'_>) {
+    /// text went to an item and part that are not done. `sequence_number` and `obfuscation`
+    /// may differ.
+    fn learn(&mut self, data: &[u8], ty: &str, event: &Event<'_>) {
+        let Some(goes_to) = DeltaPlace::of(ty) else {
+            return;
+        };
         #[cfg(test)]
         if self.parse_every_event_whole {
             return;
@@ -634,18 +660,26 @@ impl ResponsesAccumulator {
                 holes += 1;
             }
         }
-        let (Some(item), Some(part)) = (self.output_index(event), sub_index(event.content_index))
-        else {
+        let Some(item) = self.output_index(event) else {
             return;
         };
-        let extended = self
-            .items
-            .get(&item)
-            .filter(|slot| slot.done.is_none())
-            .and_then(|slot| slot.content.get(&part))
-            .is_some_and(|part| part.done.is_none() && part.text.is_some());
-        if extended && self.repeat.template.learn(data, token, &ignored[..holes]) {
-            self.repeat.target = (item, part);
+        let target = match goes_to {
+            DeltaPlace::Part(parts) => {
+                let index = match parts {
+                    Parts::Content => event.content_index,
+                    Parts::Summary => event.summary_index,
+                };
+                let Some(part) = sub_index(index) else {
+                    return;
+                };
+                DeltaTarget::Part { item, parts, part }
+            }
+            DeltaPlace::ItemText(field) => DeltaTarget::ItemText { item, field },
+        };
+        if self.delta_text(target).is_some()
+            && self.repeat.template.learn(data, token, &ignored[..holes])
+        {
+            self.repeat.target = Some(target);
         }
     }
 
@@ -697,7 +731,38 @@ impl ResponsesAccumulator {
     }
 }
 
+/// The text deltas a template may stand for: where `item_event` puts each one's text.
 #[derive(Clone, Copy)]
+enum DeltaPlace {
+    /// The text of a content or summary part of the item.
+    Part(Parts),
+    /// A text field of a tool-call item.
+    ItemText(&'static str),
+}
+
+impl DeltaPlace {
+    fn of(ty: &str) -> Option<Self> {
+        Some(match ty.strip_prefix("response.")? {
+            "output_text.delta" | "reasoning_text.delta" => DeltaPlace::Part(Parts::Content),
+            "reasoning_summary_text.delta" => DeltaPlace::Part(Parts::Summary),
+            "function_call_arguments.delta" | "mcp_call_arguments.delta" => {
+                DeltaPlace::ItemText("arguments")
+            }
+            "custom_tool_call_input.delta" => DeltaPlace::ItemText("input"),
+            "code_interpreter_call_code.delta" => DeltaPlace::ItemText("code"),
+            _ => return None,
+        })
+    }
+}
+
+/// Where a learned delta's text went.
+#[derive(Debug, Clone, Copy)]
+enum DeltaTarget {
+    Part { item: u64, parts: Parts, part: u64 },
+    ItemText { item: u64, field: &'static str },
+}
+
+#[derive(Debug, Clone, Copy)]
 enum Parts {
     Content,
     Summary,
@@ -2539,6 +2604,66 @@ mod tests {
     }
 
     #[test]
+    fn every_kind_of_text_delta_takes_the_template() {
+        for (ty, item_type, index, field) in [
+            (
+                "reasoning_summary_text.delta",
+                "reasoning",
+                r#""summary_index":1,"#,
+                "summary",
+            ),
+            (
+                "reasoning_text.delta",
+                "reasoning",
+                r#""content_index":0,"#,
+                "content",
+            ),
+            (
+                "function_call_arguments.delta",
+                "function_call",
+                "",
+                "arguments",
+            ),
+            ("mcp_call_arguments.delta", "mcp_call", "", "arguments"),
+            (
+                "custom_tool_call_input.delta",
+                "custom_tool_call",
+                "",
+                "input",
+            ),
+            (
+                "code_interpreter_call_code.delta",
+                "code_interpreter_call",
+                "",
+                "code",
+            ),
+        ] {
+            let delta = |n: u32, text: &str| {
+                format!(
+                    r#"{{"type":"response.{ty}","sequence_number":{n},"item_id":"it","output_index":0,{index}"delta":"{text}","obfuscation":"{}"}}"#,
+                    "x".repeat(n as usize)
+                )
+            };
+            let mut events: Vec<(String, String)> = [(1, "a"), (2, "b"), (3, ""), (4, "cd")]
+                .iter()
+                .map(|&(n, text)| (String::new(), delta(n, text)))
+                .collect();
+            events.push(completed_without_output());
+            let (taken, parsed, appended) = with_and_without_templates(&events);
+            assert_eq!(taken, parsed, "{ty}");
+            assert_eq!(appended, 3, "{ty}");
+            let body: Value = serde_json::from_str(&taken).unwrap();
+            let item = &body["output"][0];
+            assert_eq!(item["type"], item_type, "{ty}");
+            let text = match &item[field] {
+                Value::Array(parts) => parts[0]["text"].clone(),
+                other => other.clone(),
+            };
+            assert_eq!(text, "abcd", "{ty}: {item}");
+        }
+    }
+
+    #[test]
     fn a_delta_typed_by_its_event_name_alone_is_not_learned() {
         let data =
             |text: &str| format!(r#"{{"output_index":0,"content_index":0,"delta":"{text}"}}"#);
@@ -2595,7 +2720,7 @@ mod tests {
         #[test]
         fn templates_never_change_the_body(
             steps in proptest::collection::vec(
-                (0u8..9, ".{0,4}", 0u8..6, "[a-z]{0,3}", 0u8..5, 0u8..8),
+                (0u8..12, ".{0,4}", 0u8..6, "[a-z]{0,3}", 0u8..5, 0u8..8),
                 1..40,
             )
         ) {
@@ -2621,6 +2746,15 @@ mod tests {
                     .to_string(),
                     7 => format!(
                         r#"{{"type":"response.output_text.delta","item_id":"msg_0","content_index":0,"delta":{text}}}"#
+                    ),
+                    8 => format!(
+                        r#"{{"type":"response.reasoning_summary_text.delta","output_index":2,"summary_index":0,"delta":{text},"sequence_number":{sequence}}}"#
+                    ),
+                    9 => format!(
+                        r#"{{"type":"response.function_call_arguments.delta","output_index":3,"delta":{text},"sequence_number":{sequence}{tail}}}"#
+                    ),
+                    10 => format!(
+                        r#"{{"type":"response.reasoning_text.delta","output_index":2,"content_index":0,"delta":{text},"sequence_number":{sequence}}}"#
                     ),
                     // Typed by the event name alone.
                     _ => format!(r#"{{"output_index":0,"content_index":0,"delta":{text}}}"#),
