@@ -108,7 +108,7 @@ pub struct ResponsesAccumulator {
 }
 
 /// Text streams as `*.delta` events (message text, reasoning text and summaries, tool-call
-/// arguments and input) equal byte for byte but for their `delta`, `sequence_number` and
+/// arguments, input and code) equal byte for byte but for their `delta`, `sequence_number` and
 /// `obfuscation`. Such an event, applied again, changes nothing but by appending its text
 /// (its item and part exist, its kinds are set once, and it has no logprobs to append), so
 /// one that matches the template of the last event parsed has its text appended to the same
@@ -199,7 +199,7 @@ impl ResponsesAccumulator {
                 self.item_event(ty, &event);
                 // Only by the JSON `type`: the template does not compare the `event:` name, which
                 // decides when there is none.
-                if let Some(ty) = json_type.filter(|ty| ty.ends_with(".delta")) {
+                if let Some(ty) = json_type {
                     self.learn(data, ty, &event);
                 }
                 Ok(Flow::Continue)
@@ -570,9 +570,9 @@ impl ResponsesAccumulator {
         Some(slot)
     }
 
-    /// Appends a repeated delta's text to the learned part; `false` when that part is gone or
-    /// done (it never is: the state only changes through events parsed whole, which learn a
-    /// template or clear it).
+    /// Appends a repeated delta's text where the learned one's went; `false` when that part or
+    /// item is gone or done (it never is: the state only changes through events parsed whole,
+    /// which learn a template or clear it).
     fn append_repeated(&mut self, text: &str) -> bool {
         let Some(target) = self.repeat.target else {
             return false;
@@ -2720,17 +2720,25 @@ mod tests {
         #[test]
         fn templates_never_change_the_body(
             steps in proptest::collection::vec(
-                (0u8..12, ".{0,4}", 0u8..6, "[a-z]{0,3}", 0u8..5, 0u8..8),
+                (0u8..15, ".{0,4}", 0u8..6, "[a-z]{0,3}", 0u8..5, 0u8..8),
                 1..40,
             )
         ) {
-            // Item 0 is announced, so that events placed by `item_id` alone find it.
-            let mut events = vec![(
-                String::new(),
-                json!({"type": "response.output_item.added", "output_index": 0,
-                       "item": {"type": "message", "id": "msg_0", "role": "assistant", "content": []}})
-                .to_string(),
-            )];
+            // Items 0 and 3 are announced, so that events placed by `item_id` alone find them.
+            let mut events = vec![
+                (
+                    String::new(),
+                    json!({"type": "response.output_item.added", "output_index": 0,
+                           "item": {"type": "message", "id": "msg_0", "role": "assistant", "content": []}})
+                    .to_string(),
+                ),
+                (
+                    String::new(),
+                    json!({"type": "response.output_item.added", "output_index": 3,
+                           "item": {"type": "function_call", "id": "fc_3", "call_id": "c", "name": "f", "arguments": ""}})
+                    .to_string(),
+                ),
+            ];
             for (kind, text, number, padding, name, edge) in &steps {
                 let text = serde_json::to_string(text).unwrap();
                 let sequence = ["7", "-0", "12.5", "1e3", "-2.5E-3", "123456789012345678901234567890"]
@@ -2756,6 +2764,16 @@ mod tests {
                     10 => format!(
                         r#"{{"type":"response.reasoning_text.delta","output_index":2,"content_index":0,"delta":{text},"sequence_number":{sequence}}}"#
                     ),
+                    11 => format!(
+                        r#"{{"type":"response.function_call_arguments.delta","item_id":"fc_3","delta":{text}}}"#
+                    ),
+                    // Parts and items that end while their deltas repeat.
+                    12 => json!({"type": "response.reasoning_summary_part.done", "output_index": 2, "summary_index": 0,
+                                 "part": {"type": "summary_text", "text": padding}})
+                    .to_string(),
+                    13 => json!({"type": "response.output_item.done", "output_index": 3,
+                                 "item": {"type": "function_call", "id": "fc_3", "call_id": "c", "name": "f", "arguments": padding}})
+                    .to_string(),
                     // Typed by the event name alone.
                     _ => format!(r#"{{"output_index":0,"content_index":0,"delta":{text}}}"#),
                 };
