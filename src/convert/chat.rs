@@ -213,40 +213,29 @@ impl ChatAccumulator {
         let Some(state) = self.choices.get(&candidate.choice) else {
             return;
         };
+        let choice = candidate.choice;
         let target = match &candidate.goes_to {
             GoesTo::Member(key) => state
                 .message
                 .0
                 .iter()
                 .position(|(k, _)| k == key)
-                .filter(|&position| state.message.0[position].1.is_string())
-                .map(|position| TextTarget::Member {
-                    choice: candidate.choice,
-                    position,
-                }),
+                .map(|position| TextTarget::Member { choice, position }),
             GoesTo::ToolArguments => state
                 .tool_calls
                 .last
-                .filter(|&call| {
-                    state.tool_calls.calls[call]
-                        .fields
-                        .get("function")
-                        .and_then(|function| function.get("arguments"))
-                        .is_some_and(Value::is_string)
-                })
-                .map(|call| TextTarget::ToolArguments {
-                    choice: candidate.choice,
-                    call,
-                }),
+                .map(|call| TextTarget::ToolArguments { choice, call }),
         };
-        if let Some(target) = target {
-            if self
+        let Some(target) = target else {
+            return;
+        };
+        if text_slot(&mut self.choices, target).is_some()
+            && self
                 .repeat
                 .template
                 .learn(data, candidate.text, &candidate.padding)
-            {
-                self.repeat.target = target;
-            }
+        {
+            self.repeat.target = Some(target);
         }
     }
 
@@ -437,18 +426,15 @@ impl ChatAccumulator {
 struct Repeat {
     /// Empty unless the last chunk parsed was learned.
     template: EventTemplate,
-    /// Where the learned chunk's text went; meaningful only while the template is not empty.
-    target: TextTarget,
+    /// Where the learned chunk's text went; `None` only before anything is learned.
+    target: Option<TextTarget>,
     /// Chunks taken through the template.
     #[cfg(test)]
     appended: u64,
 }
 
-#[derive(Default, Clone, Copy)]
+#[derive(Clone, Copy)]
 enum TextTarget {
-    /// Before anything is learned: the template is empty then, so it is never used.
-    #[default]
-    Unknown,
     /// A member of a choice's message (`content`, `refusal`, `reasoning_content`, …), by its
     /// position in the [`MemberList`].
     Member { choice: u64, position: usize },
@@ -460,19 +446,7 @@ impl Repeat {
     /// Appends a repeated chunk's text; `false` when the target is gone (it never is: the
     /// state only changes through chunks parsed whole, which learn a template or clear it).
     fn append(&mut self, choices: &mut BTreeMap<u64, ChoiceState>, text: &str) -> bool {
-        let slot = match self.target {
-            TextTarget::Unknown => None,
-            TextTarget::Member { choice, position } => choices
-                .get_mut(&choice)
-                .and_then(|state| state.message.0.get_mut(position))
-                .map(|(_, value)| value),
-            TextTarget::ToolArguments { choice, call } => choices
-                .get_mut(&choice)
-                .and_then(|state| state.tool_calls.calls.get_mut(call))
-                .and_then(|call| call.fields.get_mut("function"))
-                .and_then(|function| function.get_mut("arguments")),
-        };
-        let Some(Value::String(acc)) = slot else {
+        let Some(acc) = self.target.and_then(|target| text_slot(choices, target)) else {
             return false;
         };
         acc.push_str(text);
@@ -481,6 +455,32 @@ impl Repeat {
             self.appended += 1;
         }
         true
+    }
+}
+
+/// The accumulated text `target` names, while it is a string (a slot of another type keeps
+/// what it has, D6, so a text never goes there). Learning and appending both look it up here,
+/// so a learned target is one the append finds.
+fn text_slot(choices: &mut BTreeMap<u64, ChoiceState>, target: TextTarget) -> Option<&mut String> {
+    let slot = match target {
+        TextTarget::Member { choice, position } => choices
+            .get_mut(&choice)?
+            .message
+            .0
+            .get_mut(position)
+            .map(|(_, value)| value),
+        TextTarget::ToolArguments { choice, call } => choices
+            .get_mut(&choice)?
+            .tool_calls
+            .calls
+            .get_mut(call)?
+            .fields
+            .get_mut("function")?
+            .get_mut("arguments"),
+    };
+    match slot {
+        Some(Value::String(acc)) => Some(acc),
+        _ => None,
     }
 }
 

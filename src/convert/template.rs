@@ -34,7 +34,7 @@ pub(crate) struct EventTemplate {
 
 #[derive(Debug)]
 struct Hole {
-    /// The token, quotes included.
+    /// The token: a string with its quotes, or a number.
     token: Range<usize>,
     kind: HoleKind,
 }
