@@ -108,7 +108,13 @@ impl ProxyBody {
     }
 
     /// Attaches the request's access log, written when the body ends or is dropped.
-    pub fn with_log(mut self, log: Box<AccessLog>) -> Self {
+    pub fn with_log(mut self, mut log: Box<AccessLog>) -> Self {
+        // A body already at its end (HEAD, 204, 304, `content-length: 0`, a 101) is never
+        // polled: servers send the head alone and drop it. Its end is noted now, or the
+        // line would call every such response `client_closed`.
+        if self.kind.is_end_stream() {
+            log.body_complete();
+        }
         self.log = Some(log);
         self
     }
@@ -224,7 +230,12 @@ impl IdleTimer {
         IdleTimer {
             limit,
             last_activity: now,
-            sleep: tokio::time::sleep_until(now + limit),
+            // A limit too large for a deadline (an embedder's `Duration::MAX`): `sleep`
+            // caps it where `now + limit` would overflow.
+            sleep: match now.checked_add(limit) {
+                Some(deadline) => tokio::time::sleep_until(deadline),
+                None => tokio::time::sleep(limit),
+            },
             armed_for: None,
         }
     }
@@ -256,7 +267,11 @@ impl IdleTimer {
                     return Poll::Pending;
                 }
                 Poll::Ready(()) => {
-                    let deadline = *this.last_activity + *this.limit;
+                    // No deadline at all for a limit past the clock's range: never expires.
+                    let Some(deadline) = this.last_activity.checked_add(*this.limit) else {
+                        *this.armed_for = None;
+                        return Poll::Pending;
+                    };
                     if Instant::now() >= deadline {
                         return Poll::Ready(*this.limit);
                     }
@@ -273,6 +288,19 @@ mod tests {
     use std::pin::pin;
 
     use super::*;
+
+    /// A limit past the clock's range (a library user's `Duration::MAX`) means no limit, not
+    /// an overflow panic on the first response.
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_past_the_clock_never_expires() {
+        let mut timer = pin!(IdleTimer::new(Duration::MAX));
+        let pending = poll_fn(|cx| Poll::Ready(timer.as_mut().poll_expired(cx).is_pending())).await;
+        assert!(pending);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        timer.as_mut().touch();
+        let pending = poll_fn(|cx| Poll::Ready(timer.as_mut().poll_expired(cx).is_pending())).await;
+        assert!(pending);
+    }
 
     /// The timer is polled once and then only checked, yet it still fires, and counts from
     /// the last touch.

@@ -8,7 +8,7 @@
 //! and common practice treat as per-connection even when `Connection` does not list them,
 //! plus `proxy-connection`, which old clients still send.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one connection, never the message.
 pub const HOP_BY_HOP: [HeaderName; 9] = [
@@ -96,6 +96,34 @@ pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Joins the `cookie` fields of an HTTP/2 request into one, as RFC 9113 §8.2.3 requires
+/// before an HTTP/1.1 hop: HTTP/2 clients may send each cookie in a field of its own, and an
+/// HTTP/1.1 server expects one line.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut fields = headers.get_all(header::COOKIE).iter();
+    if fields.next().is_none() || fields.next().is_none() {
+        return;
+    }
+    let parts: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    // Valid field values joined with "; " are a valid field value.
+    if let Ok(joined) = HeaderValue::from_bytes(&parts.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, joined);
+    }
+}
+
+/// Sets the rule's injected headers (e.g. the upstream's credentials), replacing the
+/// client's own. Called on the upstream request after the hop-by-hop strip: before it, a
+/// client could delete them by naming them in `Connection`.
+pub fn inject(headers: &mut HeaderMap, injected: &[(HeaderName, HeaderValue)]) {
+    for (name, value) in injected {
+        headers.insert(name.clone(), value.clone());
+    }
 }
 
 /// Prepares client request headers for the upstream: hop-by-hop removed, and `host`

@@ -9,7 +9,7 @@ use http::{Request, Response, Version};
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::headers::{strip_response_hop_by_hop, upstream_request_headers};
+use crate::headers::{inject, join_cookies, strip_response_hop_by_hop, upstream_request_headers};
 use crate::service::RuleContext;
 use crate::upstream::{UpstreamBody, UpstreamIncoming};
 
@@ -32,10 +32,14 @@ pub fn upstream_request(
 ) -> Result<Request<UpstreamBody>, ProxyError> {
     let mut parts = parts;
     parts.uri = rule.upstream_uri(&parts.uri)?;
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
     parts.version = Version::HTTP_11;
     // The server's per-request extensions (upgrade handles and the like) stay here.
     parts.extensions.clear();
     upstream_request_headers(&mut parts.headers);
+    inject(&mut parts.headers, &rule.options.headers);
     Ok(Request::from_parts(parts, body))
 }
 

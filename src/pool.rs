@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http::uri::{Authority, PathAndQuery};
-use http::{header, HeaderValue, Request, Response, Uri};
+use http::{header, HeaderValue, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -46,6 +46,10 @@ const MAX_IDLE_PER_AUTHORITY: usize = 1024;
 /// bytes it reads, before it gives the connection up.
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
 const DRAIN_LIMIT: usize = 16 * 1024;
+
+/// Connection passes per poll of a request waiting for its response head, before it
+/// yields to other tasks (as [`drive`]'s budget does for a body).
+const HEAD_PASSES: usize = 32;
 
 /// How often idle connections are checked for a close by the upstream, so that sockets the
 /// upstream has closed do not linger until the next request.
@@ -73,6 +77,15 @@ struct Idle {
     host: HeaderValue,
     /// Most recently used at the back, where reuse takes from; the sweep drops expired ones.
     queue: VecDeque<Box<Pooled>>,
+}
+
+/// The `host` header for `authority`: without the scheme's default port, as hyper-util's
+/// client (which the TLS and proxy paths use) writes it.
+fn host_value(authority: &Authority) -> &str {
+    match authority.port_u16() {
+        Some(80) => authority.host(),
+        _ => authority.as_str(),
+    }
 }
 
 /// The index of `authority`'s entry. The authorities are the configured upstreams, a
@@ -171,6 +184,10 @@ impl Http1Pool {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(path);
+        // These connections speak HTTP/1.x; hyper panics on any other version.
+        if !matches!(parts.version, Version::HTTP_10 | Version::HTTP_11) {
+            parts.version = Version::HTTP_11;
+        }
         let (index, host, mut idle) = self.checkout(&authority)?;
         if needs_host {
             parts.headers.insert(header::HOST, host);
@@ -196,21 +213,46 @@ impl Http1Pool {
                 let Some(pooled) = lease.as_mut() else {
                     return head.as_mut().poll(cx);
                 };
-                pooled.signal.task.register(cx.waker());
-                pooled.signal.woken.store(false, Ordering::SeqCst);
-                let mut own = Context::from_waker(&pooled.waker);
-                if Pin::new(&mut pooled.connection).poll(&mut own).is_ready() {
-                    // Ended (closed or failed): dropping it answers a request it still
-                    // holds, so `head` cannot wait forever.
-                    lease = None;
-                    return head.as_mut().poll(cx);
+                let signal = &*pooled.signal;
+                signal.task.register(cx.waker());
+                for _ in 0..HEAD_PASSES {
+                    signal.woken.store(false, Ordering::SeqCst);
+                    // Only the connection answers `head`, while polled here: the wakes of
+                    // this pass (the answer among them) need not schedule the task again.
+                    signal.polling.store(true, Ordering::SeqCst);
+                    let mut own = Context::from_waker(&pooled.waker);
+                    if Pin::new(&mut pooled.connection).poll(&mut own).is_ready() {
+                        signal.polling.store(false, Ordering::SeqCst);
+                        // Ended (closed or failed): dropping it answers a request it still
+                        // holds, so `head` cannot wait forever.
+                        lease = None;
+                        return head.as_mut().poll(cx);
+                    }
+                    let polled = head.as_mut().poll(&mut own);
+                    signal.polling.store(false, Ordering::SeqCst);
+                    // A wake during the pass did not schedule the task: the connection has
+                    // more to do now, so it gets another pass.
+                    if polled.is_ready() || !signal.woken.load(Ordering::SeqCst) {
+                        return polled;
+                    }
                 }
-                // Only the connection answers `head`, while polled here: its waker need not
-                // schedule the task again.
-                head.as_mut().poll(&mut own)
+                // Still progressing without a head: let other tasks run, then go on.
+                cx.waker().wake_by_ref();
+                Poll::Pending
             })
             .await;
             match outcome {
+                // Nothing to read (HEAD, 204, 304, `content-length: 0`): servers drop such a
+                // body unpolled, so a lease would end unreleased and close a connection
+                // that is idle already. It goes back now, once a poll has let it go idle.
+                Ok(response) if response.body().is_end_stream() => {
+                    if let Some(mut pooled) = lease {
+                        if pooled.reusable() {
+                            self.checkin(index, pooled);
+                        }
+                    }
+                    return Ok(response.map(UpstreamIncoming::from));
+                }
                 Ok(response) => {
                     if let Some(pooled) = &lease {
                         // The first body poll drives the connection: the body may be
@@ -252,7 +294,7 @@ impl Http1Pool {
             None => {
                 idle.push(Idle {
                     authority: authority.clone(),
-                    host: HeaderValue::from_str(authority.as_str())?,
+                    host: HeaderValue::from_str(host_value(authority))?,
                     queue: VecDeque::new(),
                 });
                 idle.len() - 1
@@ -588,6 +630,20 @@ mod tests {
     use tokio::sync::mpsc;
 
     const WAIT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn the_host_header_leaves_out_the_default_port_only() {
+        for (authority, host) in [
+            ("api.example:80", "api.example"),
+            ("api.example:8080", "api.example:8080"),
+            ("api.example", "api.example"),
+            ("[::1]:80", "[::1]"),
+            ("127.0.0.1:9100", "127.0.0.1:9100"),
+        ] {
+            let authority: Authority = authority.parse().unwrap();
+            assert_eq!(host_value(&authority), host);
+        }
+    }
 
     /// An upstream that answers one request with a chunked body in steps: each step's chunks
     /// go out in one write, only once the test says so, so the proxy side waits before each.

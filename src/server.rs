@@ -209,10 +209,13 @@ impl Server {
                         let before: Vec<ProxyService> =
                             serving.values().map(|s| s.service.clone()).collect();
                         reload(config, client, &setup, &mut serving, &mut retired, drain).await;
-                        retired_services.extend(before.into_iter().filter(|old| {
-                            old.sessions().open() > 0
-                                && !serving.values().any(|s| s.service.same_as(old))
-                        }));
+                        // Kept even with no session open: a handshake may still be on its way
+                        // on the retired listener's draining connections.
+                        retired_services.extend(
+                            before
+                                .into_iter()
+                                .filter(|old| !serving.values().any(|s| s.service.same_as(old))),
+                        );
                     }
                     None => {
                         // No one can send reloads any more; serve until shutdown.
@@ -236,29 +239,38 @@ impl Server {
             .map(|s| s.service.clone())
             .chain(retired_services)
             .collect();
-        let sessions = close_sessions(&services, drain);
+        let deadline = tokio::time::Instant::now().checked_add(drain);
+        // Every session, open now or opened by a handshake still in flight on a draining
+        // connection, closes with 1001 from here on.
+        let open: usize = services.iter().map(|s| s.sessions().open()).sum();
+        if open > 0 {
+            tracing::info!(
+                sessions = open,
+                "closing open WebSocket sessions (1001 going away)"
+            );
+        }
+        for service in &services {
+            service.sessions().close_all();
+        }
         let tasks = serving.into_values().map(|s| s.task).chain(retired);
-        tokio::join!(futures_util::future::join_all(tasks), sessions);
+        futures_util::future::join_all(tasks).await;
+        // The connections have ended, and with them every handshake: the sessions open
+        // now are all there will be.
+        wait_sessions_closed(&services, deadline).await;
     }
 }
 
-/// Tells every open WebSocket session to close with 1001 and waits, at most `drain`, until
-/// all have ended (each close handshake is itself bounded). Sessions still open after the
-/// limit end with the process.
-async fn close_sessions(services: &[ProxyService], drain: Duration) {
-    let open: usize = services.iter().map(|s| s.sessions().open()).sum();
-    if open == 0 {
-        return;
-    }
-    tracing::info!(
-        sessions = open,
-        "closing open WebSocket sessions (1001 going away)"
-    );
-    for service in services {
-        service.sessions().close_all();
-    }
+/// Waits, until `deadline`, for every WebSocket session (already told to close with 1001;
+/// each close handshake is itself bounded) to end. Sessions still open after that end with
+/// the process.
+async fn wait_sessions_closed(services: &[ProxyService], deadline: Option<tokio::time::Instant>) {
     let all = futures_util::future::join_all(services.iter().map(|s| s.sessions().all_closed()));
-    if tokio::time::timeout(drain, all).await.is_err() {
+    // No deadline: a drain limit past the clock's range.
+    let Some(deadline) = deadline else {
+        all.await;
+        return;
+    };
+    if tokio::time::timeout_at(deadline, all).await.is_err() {
         let left: usize = services.iter().map(|s| s.sessions().open()).sum();
         tracing::warn!(
             sessions = left,
@@ -508,9 +520,17 @@ async fn serve_connection(
     stop: watch::Receiver<bool>,
 ) {
     // The HTTP/1-or-HTTP/2 sniff has no deadline of its own: a client that connects and
-    // sends nothing (or half an HTTP/2 preface) would hold the connection forever.
-    let Some(protocol) = first_bytes_arrive(&stream, setup.header_read_timeout).await else {
-        tracing::debug!(%peer, "no request within the header read timeout; closing");
+    // sends nothing (or half an HTTP/2 preface) would hold the connection forever. Nor
+    // would it see a stop: a connection with no request yet has none to finish, so a stop
+    // closes it rather than hold the drain for the header read timeout.
+    let mut stopped = stop.clone();
+    let sniffed = tokio::select! {
+        biased;
+        protocol = first_bytes_arrive(&stream, setup.header_read_timeout) => protocol,
+        _ = stopped.wait_for(|stop| *stop) => None,
+    };
+    let Some(protocol) = sniffed else {
+        tracing::debug!(%peer, "no request before the header read timeout or a stop; closing");
         return;
     };
     let io = TokioIo::new(stream);

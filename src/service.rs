@@ -190,10 +190,6 @@ impl ProxyService {
         let started = Instant::now();
         let rule = self.rule();
         let (mut parts, mut body) = request.into_parts();
-        // Injected headers (e.g. the upstream's credentials) replace the client's own.
-        for (name, value) in &rule.options.headers {
-            parts.headers.insert(name.clone(), value.clone());
-        }
         let request_id = request_id::ensure(&mut parts.headers);
         // Boxed: it travels with the response body, which is moved several times.
         let mut log = Box::new(AccessLog::new(

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Response, StatusCode, Uri};
 use http_body_util::Empty;
@@ -47,7 +47,9 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::headers::{has_token, strip_hop_by_hop, WEBSOCKET_HANDSHAKE};
+use crate::headers::{
+    has_token, inject, strip_hop_by_hop, strip_response_hop_by_hop, WEBSOCKET_HANDSHAKE,
+};
 use crate::metrics::{BytesLabels, Metrics, ModeLabel, PortLabels};
 use crate::progress::{ProgressClock, WriteClock};
 use crate::service::{error_chain, RuleContext};
@@ -113,7 +115,13 @@ pub async fn handle(
         })?;
     let offers = subprotocol_offers(&parts.headers);
     let key = generate_key();
-    let request = upstream_handshake(&connect_uri, &parts.headers, &offers, &key)?;
+    let request = upstream_handshake(
+        &connect_uri,
+        &parts.headers,
+        &rule.options.headers,
+        &offers,
+        &key,
+    )?;
     // Named in errors and logs without the query, which may carry a credential.
     let target = format!("{}{}", rule.upstream.websocket_base(), parts.uri.path());
     let config = websocket_config(rule.options.max_websocket_message_bytes);
@@ -255,11 +263,12 @@ fn subprotocol_offers(headers: &HeaderMap) -> Vec<String> {
 
 /// The upstream handshake request: the client's headers (credentials, `openai-beta`,
 /// cookies, `origin`, subprotocol offer) minus hop-by-hop and per-connection handshake
-/// headers, plus this leg's own handshake. The target is in origin form (`/path?query`):
+/// headers, then the rule's injected headers, plus this leg's own handshake. The target is in origin form (`/path?query`):
 /// the connection already goes to the upstream (or through a CONNECT tunnel to it).
 fn upstream_handshake(
     uri: &Uri,
     client_headers: &HeaderMap,
+    injected: &[(HeaderName, HeaderValue)],
     offers: &[String],
     key: &str,
 ) -> Result<http::Request<Empty<Bytes>>, ProxyError> {
@@ -272,6 +281,7 @@ fn upstream_handshake(
     headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
     // A GET upgrade has no body; framing headers from the client would describe none.
     headers.remove(header::CONTENT_LENGTH);
+    inject(&mut headers, injected);
     if !offers.is_empty() {
         let joined = HeaderValue::from_str(&offers.join(", "))
             .map_err(|_| ProxyError::BadRequest("invalid Sec-WebSocket-Protocol".into()))?;
@@ -356,7 +366,9 @@ fn verify_upgrade(headers: &HeaderMap, key: &str, offers: &[String]) -> Result<(
 /// body streams through under the idle timeout, whatever its framing upstream.
 fn relay_refusal(refusal: Response<Incoming>, idle: Duration) -> Response<ProxyBody> {
     let (mut parts, body) = refusal.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    // The response strip: it also drops a Content-Length that Transfer-Encoding makes
+    // stale, which would misframe the relayed body (RFC 9112 §6.3).
+    strip_response_hop_by_hop(&mut parts.headers);
     for name in &WEBSOCKET_HANDSHAKE {
         parts.headers.remove(name);
     }
@@ -591,6 +603,10 @@ where
     };
     report.to_upstream = up;
     report.to_client = down;
+    // A close frame waits behind any message still being written to its leg: it gets there
+    // as long as that leg keeps taking bytes (see `send_close`).
+    let client_progress = stall.as_ref().map(|s| &*s.client);
+    let upstream_progress = stall.as_ref().map(|s| &*s.upstream);
 
     match ended {
         Side::Shutdown => {
@@ -599,14 +615,14 @@ where
             // Both legs at once: each gets the close grace, not the sum of both.
             let (client_close, upstream_close) = tokio::join!(
                 async {
-                    if send_close(&mut client_tx, away.clone()).await {
+                    if send_close(&mut client_tx, away.clone(), client_progress).await {
                         await_close(&mut client_rx).await
                     } else {
                         None
                     }
                 },
                 async {
-                    if send_close(&mut upstream_tx, away.clone()).await {
+                    if send_close(&mut upstream_tx, away.clone(), upstream_progress).await {
                         await_close(&mut upstream_rx).await
                     } else {
                         None
@@ -627,7 +643,7 @@ where
         }) => {
             report.client_close = frame.as_ref().map(|f| u16::from(f.code));
             let frame = frame.unwrap_or_else(|| close_frame(CloseCode::Normal, ""));
-            if send_close(&mut upstream_tx, frame).await {
+            if send_close(&mut upstream_tx, frame, upstream_progress).await {
                 report.upstream_close = await_close(&mut upstream_rx).await;
             }
             let _ = tokio::time::timeout(CLOSE_GRACE, client_tx.close()).await;
@@ -639,13 +655,14 @@ where
             if let Some(code) = client_error_close(&error) {
                 report.proxy_close = Some(u16::from(code));
                 let reason = client_error_reason(&error);
-                let _ = send_close(&mut client_tx, close_frame(code, &reason)).await;
+                let _ =
+                    send_close(&mut client_tx, close_frame(code, &reason), client_progress).await;
             }
             // A stalled upstream reads nothing: dropping the connection is the only way
             // to end its session promptly.
             if !send_pending {
                 let away = close_frame(CloseCode::Away, "client connection ended");
-                if send_close(&mut upstream_tx, away).await {
+                if send_close(&mut upstream_tx, away, upstream_progress).await {
                     report.upstream_close = await_close(&mut upstream_rx).await;
                 }
             }
@@ -656,7 +673,7 @@ where
         }) => {
             if !send_pending {
                 let away = close_frame(CloseCode::Away, "client went away");
-                if send_close(&mut upstream_tx, away).await {
+                if send_close(&mut upstream_tx, away, upstream_progress).await {
                     report.upstream_close = await_close(&mut upstream_rx).await;
                 }
             }
@@ -668,7 +685,7 @@ where
         }) => {
             let away = close_frame(CloseCode::Away, STALLED_CLIENT_REASON);
             report.stalled = Some("client");
-            if send_close(&mut upstream_tx, away).await {
+            if send_close(&mut upstream_tx, away, upstream_progress).await {
                 report.upstream_close = await_close(&mut upstream_rx).await;
             }
         }
@@ -680,7 +697,7 @@ where
             report.proxy_close = Some(1011);
             report.stalled = Some("upstream");
             let stalled = close_frame(CloseCode::Error, STALLED_UPSTREAM_REASON);
-            if send_close(&mut client_tx, stalled).await {
+            if send_close(&mut client_tx, stalled, client_progress).await {
                 report.client_close = await_close(&mut client_rx).await;
             }
         }
@@ -689,7 +706,7 @@ where
             ..
         }) => {
             let away = close_frame(CloseCode::Away, "client went away");
-            if send_close(&mut upstream_tx, away).await {
+            if send_close(&mut upstream_tx, away, upstream_progress).await {
                 report.upstream_close = await_close(&mut upstream_rx).await;
             }
         }
@@ -701,7 +718,7 @@ where
         }) => {
             report.upstream_close = frame.as_ref().map(|f| u16::from(f.code));
             let frame = frame.unwrap_or_else(|| close_frame(CloseCode::Normal, ""));
-            let _ = send_close(&mut client_tx, frame).await;
+            let _ = send_close(&mut client_tx, frame, client_progress).await;
             let _ = tokio::time::timeout(CLOSE_GRACE, upstream_tx.close()).await;
             report.client_close = await_close(&mut client_rx).await;
         }
@@ -714,14 +731,19 @@ where
         }) if client_error_close(&error).is_some() => {
             let code = client_error_close(&error).unwrap_or(CloseCode::Error);
             let reason = short_reason(format!("upstream {error}"));
-            let _ = send_close(&mut upstream_tx, close_frame(code, &reason)).await;
+            let _ = send_close(
+                &mut upstream_tx,
+                close_frame(code, &reason),
+                upstream_progress,
+            )
+            .await;
             let to_client = if code == CloseCode::Size {
                 close_frame(CloseCode::Size, &reason)
             } else {
                 close_frame(CloseCode::Error, ABNORMAL_UPSTREAM_REASON)
             };
             report.proxy_close = Some(u16::from(to_client.code));
-            if send_close(&mut client_tx, to_client).await {
+            if send_close(&mut client_tx, to_client, client_progress).await {
                 report.client_close = await_close(&mut client_rx).await;
             }
         }
@@ -735,7 +757,7 @@ where
         }) => {
             report.proxy_close = Some(1011);
             let abnormal = close_frame(CloseCode::Error, ABNORMAL_UPSTREAM_REASON);
-            if send_close(&mut client_tx, abnormal).await {
+            if send_close(&mut client_tx, abnormal, client_progress).await {
                 report.client_close = await_close(&mut client_rx).await;
             }
         }
@@ -752,15 +774,25 @@ enum Side {
 /// The close reason both legs see when the proxy shuts down.
 pub const GOING_AWAY_REASON: &str = "proxy shutting down";
 
-/// Sends a close frame, giving up after [`CLOSE_GRACE`]: a peer that reads nothing must
-/// not hold the session (and a shutdown) open.
+/// Sends a close frame, giving up once the peer has taken no byte for [`CLOSE_GRACE`]: a
+/// peer that reads nothing must not hold the session (and a shutdown) open. The frame may
+/// wait behind the rest of a large message read before it; with the leg's `progress`
+/// clock, a slow peer that keeps reading gets that message and the close whole, however
+/// long it takes (without one, the grace counts from the start).
 /// Returns whether it went out (only then is an answer worth waiting for).
-async fn send_close<T>(tx: &mut T, frame: CloseFrame) -> bool
+async fn send_close<T>(tx: &mut T, frame: CloseFrame, progress: Option<&ProgressClock>) -> bool
 where
     T: Sink<Message, Error = WsError> + Unpin,
 {
     let send = tx.send(Message::Close(Some(frame)));
-    matches!(tokio::time::timeout(CLOSE_GRACE, send).await, Ok(Ok(())))
+    match progress {
+        Some(clock) => tokio::select! {
+            biased;
+            sent = send => sent.is_ok(),
+            () = clock.still_for(CLOSE_GRACE, tokio::time::Instant::now()) => false,
+        },
+        None => matches!(tokio::time::timeout(CLOSE_GRACE, send).await, Ok(Ok(()))),
+    }
 }
 
 /// After the proxy closed a client for cause (oversized or malformed input, upstream gone),
@@ -1022,7 +1054,7 @@ mod tests {
             HeaderValue::from_static("openai-beta.realtime-v1"),
         );
         let offers = subprotocol_offers(&client);
-        let request = upstream_handshake(&uri, &client, &offers, "own-key").unwrap();
+        let request = upstream_handshake(&uri, &client, &[], &offers, "own-key").unwrap();
         assert_eq!(request.uri(), "/base/v1/realtime?model=m");
         let h = request.headers();
         assert_eq!(h[header::HOST], "example.com:8080");
@@ -1033,8 +1065,92 @@ mod tests {
         );
 
         let default_port: Uri = "https://api.example.com:443/v1/realtime".parse().unwrap();
-        let request = upstream_handshake(&default_port, &client, &offers, "k").unwrap();
+        let request = upstream_handshake(&default_port, &client, &[], &offers, "k").unwrap();
         assert_eq!(request.headers()[header::HOST], "api.example.com");
+    }
+
+    /// The upstream sends a message larger than the client's link moves in the close grace,
+    /// then closes: the client, reading slowly but steadily, gets the whole message and then
+    /// the upstream's close, not a cut-off frame after 5 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_close_after_a_large_message_waits_for_a_slow_client_that_keeps_reading() {
+        use tokio::io::AsyncReadExt;
+        const MESSAGE: usize = 1 << 20;
+        const READ: usize = 16 * 1024;
+        let config = websocket_config(16 << 20);
+        let (proxy_client_io, mut client_io) = tokio::io::duplex(READ);
+        let (proxy_upstream_io, upstream_io) = tokio::io::duplex(64 * 1024);
+        let stall = StallWatch {
+            client: Arc::new(ProgressClock::new()),
+            upstream: Arc::new(ProgressClock::new()),
+            limit: Duration::from_secs(60),
+        };
+        let client_leg = WebSocketStream::from_raw_socket(
+            WriteClock::new(proxy_client_io, stall.client.clone()),
+            Role::Server,
+            Some(config),
+        )
+        .await;
+        let upstream_leg = WebSocketStream::from_raw_socket(
+            WriteClock::new(proxy_upstream_io, stall.upstream.clone()),
+            Role::Client,
+            Some(config),
+        )
+        .await;
+        let mut upstream =
+            WebSocketStream::from_raw_socket(upstream_io, Role::Server, Some(config)).await;
+        let upstream_task = tokio::spawn(async move {
+            upstream
+                .send(Message::binary(vec![7u8; MESSAGE]))
+                .await
+                .unwrap();
+            let done = close_frame(CloseCode::Normal, "done");
+            upstream.send(Message::Close(Some(done))).await.unwrap();
+            while let Some(Ok(_)) = upstream.next().await {}
+        });
+        let session = tokio::spawn(pump_until(
+            client_leg,
+            upstream_leg,
+            std::future::pending(),
+            Some(stall),
+        ));
+
+        // 16 KiB a second: the message takes about 64 s to get through.
+        let started = tokio::time::Instant::now();
+        let mut received = Vec::new();
+        let mut buffer = vec![0u8; READ];
+        for _ in 0..1000 {
+            match client_io.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(
+            started.elapsed() > Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
+        let mut replay = WebSocketStream::from_raw_socket(
+            std::io::Cursor::new(received),
+            Role::Client,
+            Some(config),
+        )
+        .await;
+        match replay.next().await {
+            Some(Ok(Message::Binary(data))) => assert_eq!(data.len(), MESSAGE),
+            other => panic!("expected the whole message, got {other:?}"),
+        }
+        match replay.next().await {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1000);
+                assert_eq!(frame.reason.as_str(), "done");
+            }
+            other => panic!("expected the upstream's close, got {other:?}"),
+        }
+        let report = session.await.unwrap();
+        assert_eq!(report.upstream_close, Some(1000));
+        upstream_task.await.unwrap();
     }
 
     #[test]

@@ -25,6 +25,8 @@ async fn each_request_logs_one_line_with_mode_status_and_tokens_but_no_secrets()
     let upstream = MockUpstream::start(|r| {
         if r.uri.path().ends_with("/chat/completions") {
             response(200, &[("content-type", "text/event-stream")], full(STREAM))
+        } else if r.method == http::Method::DELETE {
+            response(204, &[], full(""))
         } else {
             response(200, &[], full("0123456789"))
         }
@@ -68,6 +70,31 @@ async fn each_request_logs_one_line_with_mode_status_and_tokens_but_no_secrets()
         .line_with(&["request", "mode=passthrough", "path=/v1/models"])
         .await;
     assert!(line.contains("bytes=10"), "{line}");
+    assert!(line.contains("outcome=complete"), "{line}");
+
+    // Bodiless answers, whose body the server drops without polling it, are complete too,
+    // not `client_closed`.
+    let (parts, _) = send(
+        Request::head(proxy.url("/v1/models"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let line = captured
+        .line_with(&["request", "method=HEAD", "path=/v1/models"])
+        .await;
+    assert!(line.contains("outcome=complete"), "{line}");
+    let (parts, _) = send(
+        Request::delete(proxy.url("/v1/files/file-1"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 204);
+    let line = captured
+        .line_with(&["request", "status=204", "path=/v1/files/file-1"])
+        .await;
     assert!(line.contains("outcome=complete"), "{line}");
 
     let all = captured.all();

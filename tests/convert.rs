@@ -1176,3 +1176,94 @@ async fn fallbacks_are_logged() {
     assert!(line.contains("mode=convert"), "{line}");
     assert!(!line.contains("terminal="), "{line}");
 }
+
+/// A gzip body may be several members and a zstd one several frames (a server that
+/// compresses each flush on its own): every one is decoded, in an aggregated stream and in
+/// a relayed answer, not only the first, which would end the body early.
+#[tokio::test]
+async fn every_gzip_member_and_zstd_frame_is_decoded() {
+    const ERROR: &str = "{\"error\":{\"message\":\"slow down\",\"type\":\"rate_limit_error\",\"param\":null,\"code\":null}}";
+    // The split falls after the "Hel" chunk: the first part alone is a cut stream.
+    let split = CHAT_STREAM.find("\"lo\"").unwrap() - 100;
+    for coding in ["gzip", "zstd"] {
+        let mut stream = encode(coding, &CHAT_STREAM.as_bytes()[..split]).await;
+        stream.extend(encode(coding, &CHAT_STREAM.as_bytes()[split..]).await);
+        let mut error = encode(coding, &ERROR.as_bytes()[..20]).await;
+        error.extend(encode(coding, &ERROR.as_bytes()[20..]).await);
+        let (stream, error) = (Bytes::from(stream), Bytes::from(error));
+        let upstream = MockUpstream::start(move |r| {
+            let (status, kind, body) = if r.uri.path().starts_with("/429/") {
+                (429, "application/json", error.clone())
+            } else {
+                (200, "text/event-stream", stream.clone())
+            };
+            response(
+                status,
+                &[("content-type", kind), ("content-encoding", coding)],
+                full(body),
+            )
+        })
+        .await;
+        let proxy = start_proxy(&upstream.url(), options()).await;
+
+        let (parts, got) = convert_accepting(&proxy, "/v1/chat/completions", None).await;
+        assert_answers_hello(coding, &parts, &got);
+        let got: Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!(got["usage"]["total_tokens"], 5, "{coding}");
+
+        let (parts, got) = convert_accepting(&proxy, "/429/v1/chat/completions", None).await;
+        assert_eq!(parts.status, 429, "{coding}");
+        assert!(parts.headers.get("content-encoding").is_none(), "{coding}");
+        assert_eq!(&got[..], ERROR.as_bytes(), "{coding}");
+    }
+}
+
+/// An empty body in a coding the client did not offer is the upstream's answer as it is,
+/// not a body that failed to decode: the client gets the upstream's status, not a 502.
+#[tokio::test]
+async fn an_empty_compressed_answer_is_relayed_with_its_status() {
+    let upstream = MockUpstream::start(|_| {
+        response(
+            429,
+            &[("content-encoding", "br"), ("retry-after", "3")],
+            full(""),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let (parts, got) = convert_accepting(&proxy, "/v1/chat/completions", Some("gzip")).await;
+    assert_eq!(parts.status, 429, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(parts.headers["retry-after"], "3");
+    assert!(parts.headers.get("content-encoding").is_none());
+    assert!(got.is_empty());
+}
+
+/// An upstream that falls silent in the middle of a compressed answer the proxy decodes
+/// for the client is a timeout (504), as silence is everywhere else (D13).
+#[tokio::test]
+async fn silence_in_a_compressed_answer_being_decoded_is_a_timeout() {
+    let (tx, body) = channel_body();
+    let body = std::sync::Mutex::new(Some(body));
+    let upstream = MockUpstream::start(move |_| {
+        response(
+            500,
+            &[
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+            ],
+            body.lock().unwrap().take().unwrap_or_else(|| full("")),
+        )
+    })
+    .await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let gzip_start = encode("gzip", b"{\"error\":{\"message\":\"broken\"}}").await;
+    tx.send(Ok(Bytes::copy_from_slice(&gzip_start[..10])))
+        .await
+        .unwrap();
+    let (parts, got) = convert_accepting(&proxy, "/v1/chat/completions", None).await;
+    assert_eq!(parts.status, 504, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(envelope(&got).0, "upstream_timeout");
+    drop(tx);
+}

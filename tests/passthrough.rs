@@ -723,6 +723,19 @@ async fn head_and_204_responses_have_no_body() {
     .await;
     assert_eq!(parts.status, 204);
     assert!(body.is_empty());
+
+    // No body to read, yet the upstream connection is kept: one serves them all.
+    for _ in 0..3 {
+        for request in [
+            Request::head(proxy.url("/h")),
+            Request::delete(proxy.url("/d")),
+        ] {
+            let (parts, _) = send(request.body(Full::default()).unwrap()).await;
+            assert!(parts.status.is_success());
+        }
+    }
+    assert_eq!(upstream.requests().len(), 8);
+    assert_eq!(upstream.connections_used(), 1);
 }
 
 #[tokio::test]
@@ -751,7 +764,10 @@ async fn http2_prior_knowledge_clients_are_served_on_the_same_port() {
     let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<Full<Bytes>>();
+    // Cookies in fields of their own, as HTTP/2 allows (RFC 9113 §8.2.3).
     let req = Request::post(proxy.url("/v1/embeddings"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
         .body(Full::new(Bytes::from_static(b"{}")))
         .unwrap();
     let response = tokio::time::timeout(WAIT, h2.request(req))
@@ -765,6 +781,9 @@ async fn http2_prior_knowledge_clients_are_served_on_the_same_port() {
     let r = upstream.single_request();
     assert_eq!(r.version, http::Version::HTTP_11);
     assert_eq!(r.headers["host"], upstream.addr.to_string());
+    // One line for the HTTP/1.1 upstream.
+    let cookies: Vec<_> = r.headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2"]);
 }
 
 #[tokio::test]
@@ -900,5 +919,76 @@ async fn a_kept_alive_connection_the_upstream_closed_is_not_reused() {
             .await
             .expect("upstream never closed")
             .unwrap();
+    }
+}
+
+/// The rule's injected headers reach the upstream even when the client names them in
+/// `Connection`, which makes the hop-by-hop strip remove them: they are set after it, on
+/// passthrough and on converted requests alike.
+#[tokio::test]
+async fn injected_headers_survive_a_connection_header_that_names_them() {
+    const STREAM: &str = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",",
+        "\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"hi\"},",
+        "\"finish_reason\":\"stop\"}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let upstream = MockUpstream::start(|r| {
+        if r.uri.path().ends_with("/chat/completions") {
+            response(200, &[("content-type", "text/event-stream")], full(STREAM))
+        } else {
+            response(200, &[], full("ok"))
+        }
+    })
+    .await;
+    let mut opts = options();
+    opts.headers = vec![
+        (
+            http::HeaderName::from_static("authorization"),
+            http::HeaderValue::from_static("Bearer operator-key"),
+        ),
+        (
+            http::HeaderName::from_static("x-org"),
+            http::HeaderValue::from_static("team-1"),
+        ),
+    ];
+    let proxy = start_proxy(&upstream.url(), opts).await;
+
+    let passthrough = Request::get(proxy.url("/v1/models"))
+        .header("connection", "x-org, authorization")
+        .header("x-org", "client-org")
+        .body(Full::default())
+        .unwrap();
+    let (parts, _) = send(passthrough).await;
+    assert_eq!(parts.status, 200);
+    let mut converted = post_json(
+        &proxy.url("/v1/chat/completions"),
+        r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
+    );
+    converted.headers_mut().insert(
+        "connection",
+        http::HeaderValue::from_static("keep-alive, Authorization"),
+    );
+    let (parts, body) = send(converted).await;
+    assert_eq!(parts.status, 200, "{body:?}");
+
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        let path = request.uri.path();
+        let values = |name: &str| -> Vec<&[u8]> {
+            request
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect()
+        };
+        assert_eq!(
+            values("authorization"),
+            [&b"Bearer operator-key"[..]],
+            "{path}"
+        );
+        assert_eq!(values("x-org"), [&b"team-1"[..]], "{path}");
     }
 }

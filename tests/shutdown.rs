@@ -114,3 +114,37 @@ async fn idle_connections_close_at_once_and_in_flight_responses_finish() {
         .unwrap();
     assert!(started.elapsed() < drain / 2, "waited for the drain limit");
 }
+
+/// A client that connected and sent nothing has no request to finish: a stop closes its
+/// connection at once, instead of the shutdown waiting for the header read timeout (30 s).
+#[tokio::test]
+async fn a_connection_that_sent_nothing_does_not_hold_the_shutdown() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream =
+        MockUpstream::start(|_| response(200, &[("content-length", "2")], full("ok"))).await;
+    let drain = Duration::from_secs(20);
+    let proxy = start_proxy_with_client(&upstream.url(), options(), direct_client(), drain).await;
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // Accepted in order: once a later connection is answered, the silent one is served.
+    let mut other = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    other
+        .write_all(b"GET /quick HTTP/1.1\r\nHost: proxy.local\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut other, b"\r\n\r\nok").await;
+
+    let started = Instant::now();
+    let stopping = tokio::spawn(proxy.shutdown());
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, silent.read(&mut buf))
+        .await
+        .expect("the silent connection was left open at shutdown")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "unexpected bytes on the silent connection");
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("the shutdown waited on a connection that sent nothing")
+        .unwrap();
+    assert!(started.elapsed() < drain / 2, "waited for the drain limit");
+}

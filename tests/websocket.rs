@@ -487,6 +487,36 @@ async fn handshake_headers_are_forwarded_minus_hop_by_hop_and_per_connection_one
         .contains("upgrade"));
 }
 
+/// The rule's injected headers are on the upstream handshake even when the client names
+/// them in `Connection`.
+#[tokio::test]
+async fn injected_headers_reach_the_upstream_handshake_whatever_connection_names() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let mut opts = options();
+    opts.headers = vec![(
+        http::HeaderName::from_static("authorization"),
+        http::HeaderValue::from_static("Bearer operator-key"),
+    )];
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let (head, mut ws) = raw_upgrade(
+        proxy.addr,
+        "/v1/realtime",
+        &[
+            "authorization: Bearer client-key",
+            "connection: Upgrade, Authorization",
+            "upgrade: websocket",
+        ],
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    ws.send(Message::text("ok")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text("ok"));
+    let seen = upstream.handshakes();
+    let values: Vec<_> = seen[0].headers.get_all("authorization").iter().collect();
+    assert_eq!(values, ["Bearer operator-key"]);
+}
+
 #[tokio::test]
 async fn subprotocol_offer_is_forwarded_and_the_101_names_the_upstream_choice() {
     let (events, _rx) = mpsc::channel(64);
@@ -665,6 +695,32 @@ async fn chunked_and_large_refusal_bodies_are_relayed_whole() {
     assert_eq!(parts.status, 403);
     assert_eq!(got.len(), large_body.len());
     assert!(got == large_body.as_bytes());
+
+    // Chunked with a stale `content-length` too (RFC 9112 §6.3: chunked wins): the length
+    // must not travel on to frame the relayed body.
+    let both = RawUpstream::start(|mut stream| async move {
+        read_head(&mut stream).await;
+        let _ = stream
+            .write_all(
+                b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
+                  transfer-encoding: chunked\r\ncontent-length: 1000\r\n\r\n\
+                  c\r\n{\"error\":{}}\r\n0\r\n\r\n",
+            )
+            .await;
+        let _ = tokio::time::timeout(WAIT, stream.read(&mut [0u8; 1])).await;
+    })
+    .await;
+    let proxy = start_proxy(&both.url(), options()).await;
+    let (parts, got) = send(upgrade_request(&proxy.url("/v1/realtime"))).await;
+    assert_eq!(parts.status, 401);
+    assert!(
+        parts
+            .headers
+            .get("content-length")
+            .is_none_or(|v| v == "12"),
+        "{parts:?}"
+    );
+    assert_eq!(&got[..], br#"{"error":{}}"#);
 }
 
 #[tokio::test]
@@ -1683,6 +1739,57 @@ mod daemon {
         assert!(field(&line, "proxy_close").is_none(), "{line}");
         assert!(!line.contains("secret"), "{line}");
         daemon.stop().await;
+    }
+
+    /// A handshake still on its way upstream when the shutdown begins: its session opens
+    /// after the open sessions were told to close, and is closed with 1001 all the same,
+    /// before the process exits.
+    #[tokio::test]
+    async fn a_session_opened_during_the_shutdown_is_closed_with_1001_too() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = format!("http://{}", listener.local_addr().unwrap());
+        let (arrived_tx, arrived) = oneshot::channel();
+        let (release, released) = oneshot::channel::<()>();
+        let (events, mut rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let _ = arrived_tx.send(());
+            // The upgrade request waits unanswered until the proxy is draining.
+            let _ = released.await;
+            let ws = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config()))
+                .await
+                .unwrap();
+            scripted(ws, Some(events)).await;
+        });
+        let (_dir, mut daemon, ports) = start_daemon("ws-late-session", &[upstream]).await;
+        let addr = proxy_addr(ports[0]);
+        let connecting = tokio::spawn(async move {
+            raw_upgrade(
+                addr,
+                "/v1/realtime",
+                &["connection: Upgrade", "upgrade: websocket"],
+            )
+            .await
+        });
+        tokio::time::timeout(WAIT, arrived)
+            .await
+            .expect("the upgrade never reached the upstream")
+            .unwrap();
+
+        daemon.signal("TERM");
+        daemon
+            .wait_for("the shutdown line", |l| l.contains("shutting down"))
+            .await;
+        release.send(()).unwrap();
+        let (head, mut ws) = connecting.await.unwrap();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert_close(expect_close(&mut ws).await, 1001, "proxy shutting down");
+        match next_event(&mut rx).await {
+            Event::Closed(frame) => assert_close(frame, 1001, "proxy shutting down"),
+            other => panic!("upstream saw {other:?} instead of a 1001 close"),
+        }
+        let status = daemon.wait_exit(WAIT).await;
+        assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.dump());
     }
 
     #[tokio::test]

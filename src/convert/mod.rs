@@ -39,7 +39,7 @@ use self::outcome::{Aggregate, AggregateError};
 use self::request::{decide, Api, BodyDecision};
 use self::stream::{aggregate, Accumulator, Coding, StreamError, StreamLimits};
 use crate::access_log::{AccessLog, ConvertSummary};
-use crate::body::ProxyBody;
+use crate::body::{IdleTimeout, ProxyBody};
 use crate::error::ProxyError;
 use crate::headers::strip_hop_by_hop;
 use crate::metrics::Metrics;
@@ -343,11 +343,12 @@ impl Conversion {
         let (mut parts, body) = response.into_parts();
         let plain = match read_decoded(body, coding, self.rule.options.max_response_bytes).await {
             Ok(plain) => plain,
-            Err(reason) => {
+            Err(failure) => {
+                let answer = format!("{} answer", parts.status);
                 return Outcome::Failed {
-                    error: self.stream_error(format!("{} answer {reason}", parts.status)),
+                    error: failure.into_error(self.rule.upstream.to_string(), answer),
                     headers: None,
-                }
+                };
             }
         };
         parts.headers.remove(header::CONTENT_ENCODING);
@@ -444,23 +445,28 @@ impl Conversion {
         body: Bytes,
         plain: bool,
     ) -> Result<http::Request<UpstreamBody>, ProxyError> {
-        let mut parts = self.parts.clone();
-        strip_hop_by_hop(&mut parts.headers);
         let body = if plain { self.original.clone() } else { body };
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let length = HeaderValue::from(body.len());
+        // Readdressed as any request (hop-by-hop stripped, the rule's headers injected);
+        // then this leg's own framing and, for the stream, what it must ask for.
+        let mut request = passthrough::upstream_request(
+            &self.rule,
+            self.parts.clone(),
+            UpstreamBody::full(body),
+        )?;
+        let headers = request.headers_mut();
+        headers.insert(header::CONTENT_LENGTH, length);
         if !plain {
-            parts.headers.insert(
+            headers.insert(
                 header::ACCEPT,
                 HeaderValue::from_static("text/event-stream"),
             );
-            parts.headers.insert(
+            headers.insert(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static(Coding::ACCEPTED),
             );
         }
-        passthrough::upstream_request(&self.rule, parts, UpstreamBody::full(body))
+        Ok(request)
     }
 
     async fn aggregate_response(&self, response: Response<UpstreamIncoming>) -> Outcome {
@@ -650,6 +656,10 @@ async fn committed_relay(
         };
         (error.envelope(), error.upstream_kind())
     };
+    let unreadable = |failure: ReadFailure, status| {
+        let error = failure.into_error(late.upstream.clone(), format!("late {status} answer"));
+        (error.envelope(), error.upstream_kind())
+    };
     let (parts, body) = response.into_parts();
     let encoding = parts
         .headers
@@ -664,7 +674,7 @@ async fn committed_relay(
     };
     let plain = match read_decoded(body, coding, late.max_bytes).await {
         Ok(plain) => plain,
-        Err(reason) => return failed(format!("late {} answer {reason}", parts.status)),
+        Err(failure) => return unreadable(failure, parts.status),
     };
     if serde_json::from_slice::<serde::de::IgnoredAny>(&plain).is_err() {
         let shown = String::from_utf8_lossy(&plain[..plain.len().min(200)]).into_owned();
@@ -677,18 +687,45 @@ async fn committed_relay(
     (plain, None)
 }
 
+/// Why a relayed body could not be read whole and decoded.
+enum ReadFailure {
+    /// The upstream fell silent for the idle limit: a timeout (504), as everywhere (D13).
+    Idle(Duration),
+    /// Anything else; completes "… answer" in a message.
+    Broken(String),
+}
+
+impl ReadFailure {
+    /// The error for the client: `answer` names the answer ("502 answer").
+    fn into_error(self, upstream: String, answer: impl std::fmt::Display) -> ProxyError {
+        match self {
+            ReadFailure::Idle(limit) => ProxyError::UpstreamTimeout {
+                upstream,
+                seconds: limit.as_secs(),
+            },
+            ReadFailure::Broken(reason) => ProxyError::UpstreamStream {
+                upstream,
+                reason: format!("{answer} {reason}"),
+            },
+        }
+    }
+}
+
 /// A relayed body read whole and decoded from `coding`, at most `max` bytes before and after
-/// decoding; the error completes "… answer" in a message.
-async fn read_decoded(body: ProxyBody, coding: Coding, max: u64) -> Result<Bytes, String> {
+/// decoding.
+async fn read_decoded(body: ProxyBody, coding: Coding, max: u64) -> Result<Bytes, ReadFailure> {
     let cap = usize::try_from(max).unwrap_or(usize::MAX);
     let raw = http_body_util::Limited::new(body, cap)
         .collect()
         .await
-        .map_err(|e| format!("could not be read: {e}"))?
+        .map_err(|e| match e.downcast_ref::<IdleTimeout>() {
+            Some(IdleTimeout(limit)) => ReadFailure::Idle(*limit),
+            None => ReadFailure::Broken(format!("could not be read: {e}")),
+        })?
         .to_bytes();
     stream::decode_whole(raw, coding, max)
         .await
-        .map_err(|e| format!("could not be decoded: {e}"))
+        .map_err(|e| ReadFailure::Broken(format!("could not be decoded: {e}")))
 }
 
 fn summary(aggregate: &Aggregate, fallback: Option<&'static str>) -> ConvertSummary {

@@ -320,12 +320,23 @@ async fn open_decoder<'r, R>(reader: R, coding: Coding) -> Pin<Box<dyn AsyncRead
 where
     R: tokio::io::AsyncBufRead + Unpin + Send + 'r,
 {
+    // A gzip body may be several members (RFC 1952 §2.2) and a zstd one several frames, as
+    // a server that compresses each flush on its own sends them: all are decoded, not
+    // only the first, which would end the body early and look complete.
     match coding {
-        Coding::Gzip => Box::pin(GzipDecoder::new(reader)),
+        Coding::Gzip => {
+            let mut decoder = GzipDecoder::new(reader);
+            decoder.multiple_members(true);
+            Box::pin(decoder)
+        }
         // `deflate` is zlib-wrapped by the RFC, raw deflate in some servers' practice.
         Coding::Deflate => Box::pin(DeflateOrZlib::new(reader).await),
         Coding::Brotli => Box::pin(BrotliDecoder::new(reader)),
-        Coding::Zstd => Box::pin(ZstdDecoder::new(reader)),
+        Coding::Zstd => {
+            let mut decoder = ZstdDecoder::new(reader);
+            decoder.multiple_members(true);
+            Box::pin(decoder)
+        }
         Coding::Identity => Box::pin(reader),
     }
 }
@@ -334,7 +345,9 @@ where
 /// a relayed answer that must become plain JSON), refusing more than `cap` decoded bytes so
 /// a small compressed body cannot expand without bound.
 pub async fn decode_whole(data: Bytes, coding: Coding, cap: u64) -> Result<Bytes, StreamError> {
-    if coding == Coding::Identity {
+    // An empty body decodes to itself: a `429` with `content-encoding: br` and no bytes is
+    // the upstream's answer, not a corrupt one (the decoders call it a truncated stream).
+    if coding == Coding::Identity || data.is_empty() {
         return Ok(data);
     }
     let decoder = open_decoder(&data[..], coding).await;
