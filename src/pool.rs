@@ -247,7 +247,11 @@ impl Http1Pool {
                 // that is idle already. It goes back now, once a poll has let it go idle.
                 Ok(response) if response.body().is_end_stream() => {
                     if let Some(mut pooled) = lease {
-                        if pooled.reusable() {
+                        // Not `reusable`: its idle-age test counts from the last check-in,
+                        // and this connection has just served. `checkin` keeps it only if
+                        // it can take a request.
+                        let mut cx = Context::from_waker(Waker::noop());
+                        if Pin::new(&mut pooled.connection).poll(&mut cx).is_pending() {
                             self.checkin(index, pooled);
                         }
                     }

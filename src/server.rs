@@ -205,7 +205,9 @@ impl Server {
                 message = control.recv() => match message {
                     Some(Control::Reload(config)) => {
                         let client = self.client.as_ref();
-                        retired_services.retain(|s| s.sessions().open() > 0);
+                        // A removed rule's service is dropped once no session is open and no
+                        // connection holds it (a handshake in flight would open one).
+                        retired_services.retain(|s| s.sessions().open() > 0 || s.in_use());
                         let before: Vec<ProxyService> =
                             serving.values().map(|s| s.service.clone()).collect();
                         reload(config, client, &setup, &mut serving, &mut retired, drain).await;

@@ -155,6 +155,12 @@ impl ProxyService {
         &self.sessions
     }
 
+    /// Whether a clone of this service is held elsewhere: by a listener, or by a connection
+    /// (whose request may be a WebSocket handshake still in flight).
+    pub(crate) fn in_use(&self) -> bool {
+        Arc::strong_count(&self.slot) > 1
+    }
+
     /// Whether `other` is a clone of this service (shares its rule and sessions).
     pub fn same_as(&self, other: &ProxyService) -> bool {
         Arc::ptr_eq(&self.slot, &other.slot)
@@ -190,6 +196,7 @@ impl ProxyService {
         let started = Instant::now();
         let rule = self.rule();
         let (mut parts, mut body) = request.into_parts();
+        let head_request = parts.method == http::Method::HEAD;
         let request_id = request_id::ensure(&mut parts.headers);
         // Boxed: it travels with the response body, which is moved several times.
         let mut log = Box::new(AccessLog::new(
@@ -259,6 +266,11 @@ impl ProxyService {
         log.set_status(response.status().as_u16());
         if let Some(upstream_id) = response.headers().get(request_id::X_REQUEST_ID) {
             log.set_upstream_request_id(upstream_id.clone());
+        }
+        // The answer to a HEAD has no body on the wire whatever the proxy built (an error
+        // envelope, say): the server drops it unpolled, so it is complete now.
+        if head_request {
+            log.body_complete();
         }
         let (parts, body) = response.into_parts();
         Response::from_parts(parts, body.with_log(log))

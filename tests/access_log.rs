@@ -96,6 +96,19 @@ async fn each_request_logs_one_line_with_mode_status_and_tokens_but_no_secrets()
         .line_with(&["request", "status=204", "path=/v1/files/file-1"])
         .await;
     assert!(line.contains("outcome=complete"), "{line}");
+    // So is the proxy's own error answer to a HEAD, whose envelope never goes out.
+    let unreachable = start_proxy("http://127.0.0.1:1", options()).await;
+    let (parts, _) = send(
+        Request::head(unreachable.url("/v1/unreachable"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 502);
+    let line = captured
+        .line_with(&["request", "status=502", "path=/v1/unreachable"])
+        .await;
+    assert!(line.contains("outcome=complete"), "{line}");
 
     let all = captured.all();
     for secret in ["sk-SECRET-123", "BODY-MARKER", "QUERY-SECRET"] {
