@@ -98,6 +98,22 @@ pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Whether `transfer-encoding` names `chunked` and nothing else: the one coding hyper
+/// undoes. Any other is refused, on requests and on responses alike, since the hop-by-hop
+/// strip would drop the only header saying that the bytes are still coded.
+pub fn only_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty());
+    codings
+        .next()
+        .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none()
+}
+
 /// Joins the `cookie` fields of an HTTP/2 request into one, as RFC 9113 §8.2.3 requires
 /// before an HTTP/1.1 hop: HTTP/2 clients may send each cookie in a field of its own, and an
 /// HTTP/1.1 server expects one line.

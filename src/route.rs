@@ -9,7 +9,7 @@ use http::{header, HeaderMap, Method, Uri, Version};
 
 use crate::convert::request::{conversion_candidate, Api};
 use crate::error::ProxyError;
-use crate::headers::has_token;
+use crate::headers::{has_token, only_chunked};
 
 /// What the proxy does with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,17 +101,7 @@ fn check_http1_framing(version: Version, headers: &HeaderMap) -> Result<(), Prox
     }
     // Only `chunked` alone is understood; dropping another coding (`gzip, chunked`) would
     // forward coded bytes that nothing labels as coded (RFC 9112 §6.1: 501).
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(|t| t.trim_ascii())
-        .filter(|t| !t.is_empty());
-    let only_chunked = codings
-        .next()
-        .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
-        && codings.next().is_none();
-    if !only_chunked {
+    if !only_chunked(headers) {
         return Err(ProxyError::NotImplemented(
             "only the chunked transfer coding is supported".into(),
         ));

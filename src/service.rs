@@ -22,6 +22,7 @@ use crate::body::ProxyBody;
 use crate::config::RuleOptions;
 use crate::convert::Candidate;
 use crate::error::{ProxyError, UpstreamFailure};
+use crate::headers::only_chunked;
 use crate::metrics::PortMetrics;
 use crate::route::{route, Mode, Route};
 use crate::upload::{head_within, Stalled, UploadProgress};
@@ -77,6 +78,23 @@ impl RuleContext {
             Some(upload) => head_within(send, limit, &upload).await,
         };
         match head {
+            // A transfer coding other than chunked (`gzip, chunked`): hyper undoes only the
+            // chunking, and the hop-by-hop strip would drop the one header that says the
+            // rest is still coded, so the client would take coded bytes for the body.
+            Ok(Ok(response))
+                if response
+                    .headers()
+                    .contains_key(http::header::TRANSFER_ENCODING)
+                    && !only_chunked(response.headers())
+                    && !response.body().is_end_stream() =>
+            {
+                Err(ProxyError::UpstreamStream {
+                    upstream: self.upstream.to_string(),
+                    reason: "the response uses a transfer coding other than chunked, which the \
+                             proxy does not decode"
+                        .to_owned(),
+                })
+            }
             Ok(Ok(response)) => {
                 self.metrics.upstream_headers(sent.elapsed().as_secs_f64());
                 Ok(response)
