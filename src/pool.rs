@@ -68,6 +68,8 @@ struct Shared {
     idle: Mutex<Vec<Idle>>,
     /// Set once the sweeping task runs.
     sweeping: AtomicBool,
+    /// The longest a new connection's TCP handshake may take (`None`: the OS's limit).
+    connect_timeout: Option<Duration>,
 }
 
 /// One authority's idle connections and its `host` header value, made once. Entries are
@@ -163,6 +165,17 @@ impl Pooled {
 }
 
 impl Http1Pool {
+    /// A pool whose new connections give up on a TCP handshake that takes longer than
+    /// `connect_timeout`, as the client's other connectors do with the same option.
+    pub fn with_connect_timeout(connect_timeout: Option<Duration>) -> Self {
+        Http1Pool {
+            shared: Arc::new(Shared {
+                connect_timeout,
+                ..Shared::default()
+            }),
+        }
+    }
+
     /// Sends `request` (an absolute `http` URI) on an idle connection to its authority, or
     /// on a new one. A request that a stale connection refused before sending anything is
     /// retried once on a fresh connection.
@@ -203,7 +216,7 @@ impl Http1Pool {
                     // Boxed: connecting is rare (once per pooled connection) and its future
                     // (DNS, TCP, handshake) is large; inline, it would grow every request's
                     // future, which hyper boxes and moves.
-                    Box::pin(connect(&authority)).await?
+                    Box::pin(connect(&authority, self.shared.connect_timeout)).await?
                 }
             };
             let mut head = std::pin::pin!(pooled.sender.try_send_request(request));
@@ -605,15 +618,20 @@ fn drive(body: &mut Incoming, pooled: &mut Pooled, cx: &mut Context<'_>) -> (Pol
     (polled, ended)
 }
 
-async fn connect(authority: &Authority) -> Result<Box<Pooled>, BoxError> {
+async fn connect(authority: &Authority, limit: Option<Duration>) -> Result<Box<Pooled>, BoxError> {
     let port = authority.port_u16().unwrap_or(80);
     let host = authority
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
-    let stream = TcpStream::connect((host, port))
-        .await
-        .map_err(|e| format!("tcp connect error: {e}"))?;
+    let connecting = TcpStream::connect((host, port));
+    let connected = match limit {
+        Some(limit) => tokio::time::timeout(limit, connecting)
+            .await
+            .map_err(|_| format!("tcp connect error: no answer within {limit:?}"))?,
+        None => connecting.await,
+    };
+    let stream = connected.map_err(|e| format!("tcp connect error: {e}"))?;
     stream.set_nodelay(true)?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
     let signal = Arc::new(Signal::default());
@@ -634,6 +652,35 @@ mod tests {
     use tokio::sync::mpsc;
 
     const WAIT: Duration = Duration::from_secs(10);
+
+    /// A listener whose accept queue is full drops further handshakes, so a connect to it
+    /// hangs: the pool gives up at its connect timeout, not at the OS's (minutes).
+    #[tokio::test]
+    async fn a_connect_that_gets_no_answer_ends_at_the_connect_timeout() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Fill the queue (nothing accepts); later handshakes go unanswered.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+            {
+                held.push(stream);
+            }
+        }
+        let pool = Http1Pool::with_connect_timeout(Some(Duration::from_millis(300)));
+        let request = Request::get(format!("http://{addr}/"))
+            .body(UpstreamBody::full(Bytes::new()))
+            .unwrap();
+        let failed = tokio::time::timeout(WAIT, pool.send(request))
+            .await
+            .expect("the connect outlived its timeout");
+        let error = failed.expect_err("a request to a full accept queue succeeded");
+        assert!(error.to_string().contains("no answer within"), "{error}");
+        drop(held);
+    }
 
     #[test]
     fn the_host_header_leaves_out_the_default_port_only() {

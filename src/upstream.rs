@@ -416,7 +416,7 @@ impl UpstreamClient {
             client,
             proxy,
             websocket,
-            http1: Http1Pool::default(),
+            http1: Http1Pool::with_connect_timeout(options.connect_timeout),
         })
     }
 
