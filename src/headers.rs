@@ -114,6 +114,21 @@ pub fn only_chunked(headers: &HeaderMap) -> bool {
         && codings.next().is_none()
 }
 
+/// Whether `transfer-encoding` names a coding that changes the bytes (`gzip`, `deflate`,
+/// …): anything but `chunked`, which hyper undoes, and the obsolete no-op `identity`.
+pub fn has_transfer_content_coding(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|t| t.trim_ascii())
+        .any(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"chunked")
+                && !t.eq_ignore_ascii_case(b"identity")
+        })
+}
+
 /// Joins the `cookie` fields of an HTTP/2 request into one, as RFC 9113 §8.2.3 requires
 /// before an HTTP/1.1 hop: HTTP/2 clients may send each cookie in a field of its own, and an
 /// HTTP/1.1 server expects one line.

@@ -165,8 +165,10 @@ impl Pooled {
 }
 
 impl Http1Pool {
-    /// A pool whose new connections give up on a TCP handshake that takes longer than
-    /// `connect_timeout`, as the client's other connectors do with the same option.
+    /// A pool whose new connections give up on a connect that takes longer than
+    /// `connect_timeout`, as the client's other connectors do with the same option. The
+    /// limit covers the whole connect: the name lookup and every address tried in turn
+    /// (hyper-util's connector gives each address its own share).
     pub fn with_connect_timeout(connect_timeout: Option<Duration>) -> Self {
         Http1Pool {
             shared: Arc::new(Shared {

@@ -22,7 +22,7 @@ use crate::body::ProxyBody;
 use crate::config::RuleOptions;
 use crate::convert::Candidate;
 use crate::error::{ProxyError, UpstreamFailure};
-use crate::headers::only_chunked;
+use crate::headers::has_transfer_content_coding;
 use crate::metrics::PortMetrics;
 use crate::route::{route, Mode, Route};
 use crate::upload::{head_within, Stalled, UploadProgress};
@@ -82,10 +82,7 @@ impl RuleContext {
             // chunking, and the hop-by-hop strip would drop the one header that says the
             // rest is still coded, so the client would take coded bytes for the body.
             Ok(Ok(response))
-                if response
-                    .headers()
-                    .contains_key(http::header::TRANSFER_ENCODING)
-                    && !only_chunked(response.headers())
+                if has_transfer_content_coding(response.headers())
                     && !response.body().is_end_stream() =>
             {
                 Err(ProxyError::UpstreamStream {
@@ -214,7 +211,9 @@ impl ProxyService {
         let started = Instant::now();
         let rule = self.rule();
         let (mut parts, mut body) = request.into_parts();
-        let head_request = parts.method == http::Method::HEAD;
+        // HTTP/1 only: hyper's HTTP/2 server sends (and so polls) a HEAD answer's body.
+        let head_request =
+            parts.method == http::Method::HEAD && parts.version != http::Version::HTTP_2;
         let request_id = request_id::ensure(&mut parts.headers);
         // Boxed: it travels with the response body, which is moved several times.
         let mut log = Box::new(AccessLog::new(
@@ -285,8 +284,8 @@ impl ProxyService {
         if let Some(upstream_id) = response.headers().get(request_id::X_REQUEST_ID) {
             log.set_upstream_request_id(upstream_id.clone());
         }
-        // The answer to a HEAD has no body on the wire whatever the proxy built (an error
-        // envelope, say): the server drops it unpolled, so it is complete now.
+        // The answer to an HTTP/1 HEAD has no body on the wire whatever the proxy built (an
+        // error envelope, say): the server drops it unpolled, so it is complete now.
         if head_request {
             log.body_complete();
         }
