@@ -1267,3 +1267,28 @@ async fn silence_in_a_compressed_answer_being_decoded_is_a_timeout() {
     assert_eq!(envelope(&got).0, "upstream_timeout");
     drop(tx);
 }
+
+/// D28 for a compressed body (this leg asks for compression): a 200 without `content-type`
+/// whose gzip-coded bytes decode to an event stream is aggregated, and one whose bytes
+/// decode to JSON is relayed (decoded for a client that does not take gzip).
+#[tokio::test]
+async fn compressed_bodies_without_content_type_are_sniffed_after_decoding() {
+    let stream = Bytes::from(encode("gzip", CHAT_STREAM.as_bytes()).await);
+    let json = Bytes::from(encode("gzip", br#"{"id":"plain"}"#).await);
+    let upstream = MockUpstream::start(move |r| {
+        let body = if r.uri.path().starts_with("/json/") {
+            json.clone()
+        } else {
+            stream.clone()
+        };
+        response(200, &[("content-encoding", "gzip")], full(body))
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let (parts, got) = convert_accepting(&proxy, "/v1/chat/completions", None).await;
+    assert_answers_hello("gzip stream without content-type", &parts, &got);
+    let (parts, got) = convert_accepting(&proxy, "/json/v1/chat/completions", None).await;
+    assert_eq!(parts.status, 200);
+    assert!(parts.headers.get("content-encoding").is_none());
+    assert_eq!(&got[..], br#"{"id":"plain"}"#);
+}

@@ -491,11 +491,12 @@ impl Conversion {
         let coding = Coding::from_header(encoding);
 
         let mut prefix = Bytes::new();
-        match media.as_str() {
-            "text/event-stream" => {}
-            // D28: stream-only upstreams have been seen to omit the header.
-            "" | "application/octet-stream" if coding == Some(Coding::Identity) => {
-                match sniff(&mut incoming, rule.options.timeout, &upstream_name).await {
+        match (media.as_str(), coding) {
+            ("text/event-stream", _) => {}
+            // D28: stream-only upstreams have been seen to omit the header, compressed or not
+            // (this leg asks for compression).
+            ("" | "application/octet-stream", Some(sniffed)) => {
+                match sniff(&mut incoming, sniffed, rule.options.timeout, &upstream_name).await {
                     Ok((head, true)) => prefix = head,
                     Ok((head, false)) => {
                         let rest = read_capped(
@@ -841,17 +842,33 @@ async fn read_capped(
 }
 
 /// Reads until the first non-whitespace bytes tell whether the body is an event stream
-/// (optional BOM and whitespace, then `data:`, `event:`, `id:`, `retry:` or `:`).
+/// (optional BOM and whitespace, then `data:`, `event:`, `id:`, `retry:` or `:`). A body in
+/// `coding` is judged by what its first bytes decode to; the bytes read are returned as
+/// they came, still coded.
 async fn sniff(
     body: &mut UpstreamIncoming,
+    coding: Coding,
     idle: Duration,
     upstream: &str,
 ) -> Result<(Bytes, bool), ProxyError> {
+    /// Decoded bytes enough to decide, and coded bytes read at most to get them.
+    const DECIDE_WITHIN: usize = 64;
+    const CODED_LIMIT: usize = 64 * 1024;
     let mut seen = BytesMut::new();
     loop {
-        let text = seen
+        let decoded;
+        let (start, read_enough) = if coding == Coding::Identity {
+            (&seen[..], seen.len() >= DECIDE_WITHIN)
+        } else {
+            decoded = stream::decoded_start(&seen, coding, DECIDE_WITHIN).await;
+            (
+                &decoded[..],
+                decoded.len() >= DECIDE_WITHIN || seen.len() >= CODED_LIMIT,
+            )
+        };
+        let text = start
             .strip_prefix(b"\xEF\xBB\xBF".as_slice())
-            .unwrap_or(&seen);
+            .unwrap_or(start);
         let text = text.trim_ascii_start();
         let decided = [b"data:".as_slice(), b"event:", b"id:", b"retry:", b":"]
             .iter()
@@ -861,7 +878,7 @@ async fn sniff(
             });
         match decided {
             (true, _) => return Ok((seen.freeze(), true)),
-            (false, true) if seen.len() < 64 => {}
+            (false, true) if !read_enough => {}
             _ => return Ok((seen.freeze(), false)),
         }
         let frame = match tokio::time::timeout(idle, body.frame()).await {

@@ -341,6 +341,22 @@ where
     }
 }
 
+/// What the start of a body in `coding` decodes to, at most `want` bytes: as far as the
+/// bytes so far go (a body cut mid-way decodes up to the cut); a coding error ends it.
+pub async fn decoded_start(data: &[u8], coding: Coding, want: usize) -> Vec<u8> {
+    let mut decoder = open_decoder(data, coding).await;
+    let mut out = vec![0u8; want];
+    let mut filled = 0;
+    while filled < want {
+        match decoder.read(&mut out[filled..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => filled += n,
+        }
+    }
+    out.truncate(filled);
+    out
+}
+
 /// Decodes a whole body already in memory (an upstream error read to look inside it, or
 /// a relayed answer that must become plain JSON), refusing more than `cap` decoded bytes so
 /// a small compressed body cannot expand without bound.
