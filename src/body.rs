@@ -7,6 +7,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -23,6 +25,11 @@ use crate::upstream::{BoxError, UpstreamIncoming};
 #[derive(Debug, thiserror::Error)]
 #[error("upstream sent no data for {} s in the middle of the body", .0.as_secs())]
 pub struct IdleTimeout(pub Duration);
+
+/// The task producing a [`ProxyBody::channel_until`] body went away before it finished.
+#[derive(Debug, thiserror::Error)]
+#[error("the response's producer ended before the body was complete")]
+pub struct ProducerGone;
 
 pin_project! {
     /// Body of every response the proxy sends downstream.
@@ -46,7 +53,11 @@ pin_project! {
             body: UpstreamIncoming,
             idle: Pin<Box<IdleTimer>>,
         },
-        Channel { rx: mpsc::Receiver<Result<Bytes, BoxError>> },
+        Channel {
+            rx: mpsc::Receiver<Result<Bytes, BoxError>>,
+            // With a flag, the channel's close ends the body only once the flag is set.
+            finished: Option<Arc<AtomicBool>>,
+        },
     }
 }
 
@@ -98,11 +109,28 @@ impl ProxyBody {
         }
     }
 
-    /// A body produced by a task (conversion with keep-alive spaces). The channel is
-    /// bounded by its creator; an `Err` item aborts the response.
+    /// A body produced by a task. The channel is bounded by its creator; an `Err` item
+    /// aborts the response, and the channel's close ends it.
     pub fn channel(rx: mpsc::Receiver<Result<Bytes, BoxError>>) -> Self {
         ProxyBody {
-            kind: Kind::Channel { rx },
+            kind: Kind::Channel { rx, finished: None },
+            log: None,
+        }
+    }
+
+    /// As [`ProxyBody::channel`], but the channel's close ends the body only once the
+    /// producer has set `finished`: one that goes away without (a panic, an abort) aborts
+    /// the response, so that a body cut short never looks complete (the conversion's
+    /// keep-alive spaces, say, with no answer after them).
+    pub fn channel_until(
+        rx: mpsc::Receiver<Result<Bytes, BoxError>>,
+        finished: Arc<AtomicBool>,
+    ) -> Self {
+        ProxyBody {
+            kind: Kind::Channel {
+                rx,
+                finished: Some(finished),
+            },
             log: None,
         }
     }
@@ -151,9 +179,16 @@ impl Body for ProxyBody {
                     Poll::Pending => Poll::Pending,
                 },
             },
-            KindProj::Channel { rx } => rx
-                .poll_recv(cx)
-                .map(|item| item.map(|r| r.map(Frame::data))),
+            KindProj::Channel { rx, finished } => match rx.poll_recv(cx) {
+                Poll::Ready(None)
+                    if finished
+                        .as_ref()
+                        .is_some_and(|done| !done.load(Ordering::Acquire)) =>
+                {
+                    Poll::Ready(Some(Err(ProducerGone.into())))
+                }
+                polled => polled.map(|item| item.map(|r| r.map(Frame::data))),
+            },
         };
         if let (Some(log), Poll::Ready(ready)) = (this.log.as_mut(), &polled) {
             match ready {
@@ -288,6 +323,34 @@ mod tests {
     use std::pin::pin;
 
     use super::*;
+
+    /// A producer that goes away without finishing (a panic, an abort) aborts the body; one
+    /// that finished ends it cleanly.
+    #[tokio::test]
+    async fn a_channel_body_ends_cleanly_only_once_its_producer_finished() {
+        use http_body_util::BodyExt;
+        for finish in [false, true] {
+            let (tx, rx) = mpsc::channel(2);
+            let finished = Arc::new(AtomicBool::new(false));
+            let mut body = ProxyBody::channel_until(rx, finished.clone());
+            tx.send(Ok(Bytes::from_static(b" "))).await.unwrap();
+            if finish {
+                finished.store(true, Ordering::Release);
+                tx.send(Ok(Bytes::from_static(b"{}"))).await.unwrap();
+            }
+            drop(tx);
+            let first = body.frame().await.unwrap().unwrap();
+            assert_eq!(first.into_data().unwrap(), " ");
+            if finish {
+                let last = body.frame().await.unwrap().unwrap();
+                assert_eq!(last.into_data().unwrap(), "{}");
+                assert!(body.frame().await.is_none());
+            } else {
+                let error = body.frame().await.unwrap().unwrap_err();
+                assert!(error.is::<ProducerGone>(), "{error}");
+            }
+        }
+    }
 
     /// A limit past the clock's range (a library user's `Duration::MAX`) means no limit, not
     /// an overflow panic on the first response.

@@ -23,6 +23,7 @@ pub mod responses;
 pub mod stream;
 mod template;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
@@ -163,8 +164,18 @@ pub async fn convert(
         max_bytes: rule.options.max_response_bytes,
         port: rule.port,
     };
-    tokio::spawn(keep_alive(running, tx, interval, summary_slot, late));
-    let mut response = Response::new(ProxyBody::channel(rx));
+    // Set before the answer is sent: the body ends cleanly only then, so a task that dies
+    // first (a panic) aborts the response instead of ending it after the spaces.
+    let finished = Arc::new(AtomicBool::new(false));
+    let producer = KeepAlive {
+        tx,
+        interval,
+        summary_slot,
+        late,
+        finished: finished.clone(),
+    };
+    tokio::spawn(keep_alive(running, producer));
+    let mut response = Response::new(ProxyBody::channel_until(rx, finished));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -186,13 +197,24 @@ struct LateAnswer {
 type RunningConversion =
     std::pin::Pin<Box<dyn std::future::Future<Output = (Outcome, Option<&'static str>)> + Send>>;
 
-async fn keep_alive(
-    mut running: RunningConversion,
+/// What the keep-alive task feeds and reports to.
+struct KeepAlive {
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
     interval: Duration,
     summary_slot: Arc<OnceLock<ConvertSummary>>,
     late: LateAnswer,
-) {
+    /// Set once the answer is on its way: the body's clean end.
+    finished: Arc<AtomicBool>,
+}
+
+async fn keep_alive(mut running: RunningConversion, producer: KeepAlive) {
+    let KeepAlive {
+        tx,
+        interval,
+        summary_slot,
+        late,
+        finished,
+    } = producer;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now(), interval);
     loop {
         tokio::select! {
@@ -206,6 +228,7 @@ async fn keep_alive(
                 if let Some(kind) = failure {
                     Metrics::global().upstream_error(late.port, kind);
                 }
+                finished.store(true, Ordering::Release);
                 let _ = tx.send(Ok(body)).await;
                 return;
             }
