@@ -55,8 +55,8 @@ pin_project! {
         },
         Channel {
             rx: mpsc::Receiver<Result<Bytes, BoxError>>,
-            // With a flag, the channel's close ends the body only once the flag is set.
-            finished: Option<Arc<AtomicBool>>,
+            // The channel's close ends the body only once this is set.
+            finished: Arc<AtomicBool>,
         },
     }
 }
@@ -112,10 +112,7 @@ impl ProxyBody {
     /// A body produced by a task. The channel is bounded by its creator; an `Err` item
     /// aborts the response, and the channel's close ends it.
     pub fn channel(rx: mpsc::Receiver<Result<Bytes, BoxError>>) -> Self {
-        ProxyBody {
-            kind: Kind::Channel { rx, finished: None },
-            log: None,
-        }
+        ProxyBody::channel_until(rx, Arc::new(AtomicBool::new(true)))
     }
 
     /// As [`ProxyBody::channel`], but the channel's close ends the body only once the
@@ -127,10 +124,7 @@ impl ProxyBody {
         finished: Arc<AtomicBool>,
     ) -> Self {
         ProxyBody {
-            kind: Kind::Channel {
-                rx,
-                finished: Some(finished),
-            },
+            kind: Kind::Channel { rx, finished },
             log: None,
         }
     }
@@ -180,11 +174,7 @@ impl Body for ProxyBody {
                 },
             },
             KindProj::Channel { rx, finished } => match rx.poll_recv(cx) {
-                Poll::Ready(None)
-                    if finished
-                        .as_ref()
-                        .is_some_and(|done| !done.load(Ordering::Acquire)) =>
-                {
+                Poll::Ready(None) if !finished.load(Ordering::Acquire) => {
                     Poll::Ready(Some(Err(ProducerGone.into())))
                 }
                 polled => polled.map(|item| item.map(|r| r.map(Frame::data))),

@@ -102,12 +102,7 @@ pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 /// undoes. Any other is refused, on requests and on responses alike, since the hop-by-hop
 /// strip would drop the only header saying that the bytes are still coded.
 pub fn only_chunked(headers: &HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(|t| t.trim_ascii())
-        .filter(|t| !t.is_empty());
+    let mut codings = transfer_codings(headers);
     codings
         .next()
         .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
@@ -117,16 +112,18 @@ pub fn only_chunked(headers: &HeaderMap) -> bool {
 /// Whether `transfer-encoding` names a coding that changes the bytes (`gzip`, `deflate`,
 /// …): anything but `chunked`, which hyper undoes, and the obsolete no-op `identity`.
 pub fn has_transfer_content_coding(headers: &HeaderMap) -> bool {
+    transfer_codings(headers)
+        .any(|t| !t.eq_ignore_ascii_case(b"chunked") && !t.eq_ignore_ascii_case(b"identity"))
+}
+
+/// The codings `transfer-encoding` names, over all its lines, in order.
+fn transfer_codings(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .map(|t| t.trim_ascii())
-        .any(|t| {
-            !t.is_empty()
-                && !t.eq_ignore_ascii_case(b"chunked")
-                && !t.eq_ignore_ascii_case(b"identity")
-        })
+        .filter(|t| !t.is_empty())
 }
 
 /// Joins the `cookie` fields of an HTTP/2 request into one, as RFC 9113 §8.2.3 requires

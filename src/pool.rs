@@ -156,11 +156,14 @@ impl Pooled {
     /// Polls an idle connection once, without waiting: `false` once the upstream has
     /// closed it (or sent bytes no request asked for) or it cannot take a request.
     fn reusable(&mut self) -> bool {
+        self.still_open() && self.can_take_a_request()
+    }
+
+    /// Polls the connection once, without waiting: `false` once it has ended (closed by
+    /// the upstream, failed, or done with an upgrade).
+    fn still_open(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        match Pin::new(&mut self.connection).poll(&mut cx) {
-            Poll::Ready(_) => false,
-            Poll::Pending => self.can_take_a_request(),
-        }
+        Pin::new(&mut self.connection).poll(&mut cx).is_pending()
     }
 }
 
@@ -265,8 +268,7 @@ impl Http1Pool {
                         // Not `reusable`: its idle-age test counts from the last check-in,
                         // and this connection has just served. `checkin` keeps it only if
                         // it can take a request.
-                        let mut cx = Context::from_waker(Waker::noop());
-                        if Pin::new(&mut pooled.connection).poll(&mut cx).is_pending() {
+                        if pooled.still_open() {
                             self.checkin(index, pooled);
                         }
                     }

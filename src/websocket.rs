@@ -263,8 +263,9 @@ fn subprotocol_offers(headers: &HeaderMap) -> Vec<String> {
 
 /// The upstream handshake request: the client's headers (credentials, `openai-beta`,
 /// cookies, `origin`, subprotocol offer) minus hop-by-hop and per-connection handshake
-/// headers, then the rule's injected headers, plus this leg's own handshake. The target is in origin form (`/path?query`):
-/// the connection already goes to the upstream (or through a CONNECT tunnel to it).
+/// headers, then the rule's injected headers, plus this leg's own handshake. The target is
+/// in origin form (`/path?query`): the connection already goes to the upstream (or through
+/// a CONNECT tunnel to it).
 fn upstream_handshake(
     uri: &Uri,
     client_headers: &HeaderMap,

@@ -167,14 +167,14 @@ pub async fn convert(
     // Set before the answer is sent: the body ends cleanly only then, so a task that dies
     // first (a panic) aborts the response instead of ending it after the spaces.
     let finished = Arc::new(AtomicBool::new(false));
-    let producer = KeepAlive {
+    tokio::spawn(keep_alive(
+        running,
         tx,
         interval,
         summary_slot,
         late,
-        finished: finished.clone(),
-    };
-    tokio::spawn(keep_alive(running, producer));
+        finished.clone(),
+    ));
     let mut response = Response::new(ProxyBody::channel_until(rx, finished));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -197,24 +197,16 @@ struct LateAnswer {
 type RunningConversion =
     std::pin::Pin<Box<dyn std::future::Future<Output = (Outcome, Option<&'static str>)> + Send>>;
 
-/// What the keep-alive task feeds and reports to.
-struct KeepAlive {
+/// Feeds `tx` with spaces until the conversion ends, then with its answer; `finished` is set
+/// just before the answer, the body's clean end.
+async fn keep_alive(
+    mut running: RunningConversion,
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
     interval: Duration,
     summary_slot: Arc<OnceLock<ConvertSummary>>,
     late: LateAnswer,
-    /// Set once the answer is on its way: the body's clean end.
     finished: Arc<AtomicBool>,
-}
-
-async fn keep_alive(mut running: RunningConversion, producer: KeepAlive) {
-    let KeepAlive {
-        tx,
-        interval,
-        summary_slot,
-        late,
-        finished,
-    } = producer;
+) {
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now(), interval);
     loop {
         tokio::select! {
@@ -673,16 +665,12 @@ async fn committed_relay(
     response: Response<ProxyBody>,
     late: &LateAnswer,
 ) -> (Bytes, Option<&'static str>) {
+    let answer = |error: ProxyError| (error.envelope(), error.upstream_kind());
     let failed = |reason: String| {
-        let error = ProxyError::UpstreamStream {
+        answer(ProxyError::UpstreamStream {
             upstream: late.upstream.clone(),
             reason,
-        };
-        (error.envelope(), error.upstream_kind())
-    };
-    let unreadable = |failure: ReadFailure, status| {
-        let error = failure.into_error(late.upstream.clone(), format!("late {status} answer"));
-        (error.envelope(), error.upstream_kind())
+        })
     };
     let (parts, body) = response.into_parts();
     let encoding = parts
@@ -698,7 +686,10 @@ async fn committed_relay(
     };
     let plain = match read_decoded(body, coding, late.max_bytes).await {
         Ok(plain) => plain,
-        Err(failure) => return unreadable(failure, parts.status),
+        Err(failure) => {
+            let late_answer = format!("late {} answer", parts.status);
+            return answer(failure.into_error(late.upstream.clone(), late_answer));
+        }
     };
     if serde_json::from_slice::<serde::de::IgnoredAny>(&plain).is_err() {
         let shown = String::from_utf8_lossy(&plain[..plain.len().min(200)]).into_owned();
