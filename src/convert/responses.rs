@@ -301,10 +301,18 @@ impl ResponsesAccumulator {
     }
 
     fn fail(&mut self, event: &Event<'_>) -> Result<Flow, AggregateError> {
-        let response = terminal_response(event)?;
-        let object: RawObject<'_> = serde_json::from_str(response.get())
-            .map_err(|e| malformed(format!("response.failed response: {e}")))?;
-        let error = match object.get("error").filter(|raw| !is_null(raw)) {
+        let error_member = match (terminal_response(event), event.error) {
+            (Ok(response), _) => {
+                let object: RawObject<'_> = serde_json::from_str(response.get())
+                    .map_err(|e| malformed(format!("response.failed response: {e}")))?;
+                object.get("error")
+            }
+            // No `response`, but the error beside it (some compatible servers): the client
+            // still gets the upstream's own error (D12), not a 502 about the event's shape.
+            (Err(_), Some(error)) if !is_null(error) => Some(error),
+            (Err(e), _) => return Err(e),
+        };
+        let error = match error_member.filter(|raw| !is_null(raw)) {
             Some(raw) => {
                 let parts = ErrorParts::from_error_member(raw);
                 parts.build(500, FAILED_DEFAULT_MESSAGE)
@@ -960,9 +968,22 @@ impl PartState {
 
     /// The rebuilt part; `existing` is the entry at the same index in the `added` item.
     fn into_value(self, existing: Option<Value>) -> Result<Value, AggregateError> {
-        if let Some(done) = self.done {
-            return raw_to_value_checked(&done);
+        if let Some(done) = &self.done {
+            let mut part = raw_to_value_checked(done)?;
+            // OpenAI's `content_part.done` carries `"logprobs": []` even when the text had
+            // logprobs (captured: 9 in `output_text.done` and in the final item, none in the
+            // part), so the part alone would drop them.
+            if let Some(slot) = part
+                .get_mut("logprobs")
+                .filter(|v| v.as_array().is_some_and(Vec::is_empty))
+            {
+                if let Some(logprobs) = self.text_logprobs()? {
+                    *slot = logprobs;
+                }
+            }
+            return Ok(part);
         }
+        let logprobs = self.text_logprobs()?;
         let base = match self
             .added
             .as_deref()
@@ -992,18 +1013,28 @@ impl PartState {
                 Value::Array(merged.into_values().collect()),
             );
         }
-        if let Some(raw) = self.logprobs_done {
-            part.insert("logprobs".to_owned(), raw_to_value_checked(&raw)?);
-        } else if !self.logprobs.is_empty() {
-            let mut all = Vec::new();
-            for raw in &self.logprobs {
-                if let Value::Array(chunk) = raw_to_value_checked(raw)? {
-                    all.extend(chunk);
-                }
-            }
-            part.insert("logprobs".to_owned(), Value::Array(all));
+        if let Some(logprobs) = logprobs {
+            part.insert("logprobs".to_owned(), logprobs);
         }
         Ok(Value::Object(part))
+    }
+
+    /// The text's logprobs: `output_text.done`'s, else the deltas' concatenated; `None` when
+    /// neither had any.
+    fn text_logprobs(&self) -> Result<Option<Value>, AggregateError> {
+        if let Some(raw) = &self.logprobs_done {
+            return raw_to_value_checked(raw).map(Some);
+        }
+        if self.logprobs.is_empty() {
+            return Ok(None);
+        }
+        let mut all = Vec::new();
+        for raw in &self.logprobs {
+            if let Value::Array(chunk) = raw_to_value_checked(raw)? {
+                all.extend(chunk);
+            }
+        }
+        Ok(Some(Value::Array(all)))
     }
 }
 
@@ -1633,12 +1664,17 @@ mod tests {
     #[test]
     fn captured_fixtures_rebuild_output_from_deltas() {
         let Some(dir) = fixtures() else { return };
-        for sse in captured_streams(&dir) {
+        // With and without the parts' own done events (which carry no logprobs).
+        let runs = captured_streams(&dir)
+            .into_iter()
+            .flat_map(|sse| [(sse.clone(), false), (sse, true)]);
+        for (sse, keep_part_done) in runs {
             let mut events = split_sse(&std::fs::read_to_string(&sse).unwrap());
             events.retain(|(_, d)| {
                 !d.contains("\"response.output_item.done\"")
-                    && !d.contains("\"response.content_part.done\"")
-                    && !d.contains("\"response.reasoning_summary_part.done\"")
+                    && (keep_part_done
+                        || !d.contains("\"response.content_part.done\"")
+                            && !d.contains("\"response.reasoning_summary_part.done\""))
             });
             with_empty_terminal_output(&mut events);
             let got = body(&run(&events).unwrap());
@@ -1675,6 +1711,15 @@ mod tests {
                         .zip(w["content"].as_array().unwrap())
                     {
                         assert_eq!(gp["annotations"], wp["annotations"], "{sse:?}");
+                        // The tokens only: the final body rounds the numbers that the
+                        // text events carry in full.
+                        let tokens = |part: &Value| -> Vec<Value> {
+                            part["logprobs"]
+                                .as_array()
+                                .map(|l| l.iter().map(|p| p["token"].clone()).collect())
+                                .unwrap_or_default()
+                        };
+                        assert_eq!(tokens(gp), tokens(wp), "{sse:?} {keep_part_done}");
                     }
                 }
                 if w["type"] == "web_search_call" {
@@ -2067,6 +2112,21 @@ mod tests {
     }
 
     #[test]
+    fn failed_without_a_response_uses_the_error_beside_it() {
+        let error = upstream(run(&data_only(&[json!({
+            "type": "response.failed",
+            "error": {"code": "server_error", "message": "boom"}
+        })])));
+        assert_eq!((error.status, error.message.as_str()), (500, "boom"));
+        assert_eq!(error.code, json!("server_error"));
+        // Neither a response nor an error: the event is malformed, as before.
+        assert!(matches!(
+            run(&data_only(&[json!({"type": "response.failed"})])),
+            Err(AggregateError::Malformed(_))
+        ));
+    }
+
+    #[test]
     fn failed_returns_finished_and_finish_reports_it() {
         let mut acc = ResponsesAccumulator::new();
         let data = json!({"type": "response.failed", "response": {"error": {"code": "server_error", "message": "x"}}});
@@ -2403,6 +2463,37 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    /// OpenAI's `content_part.done` has `"logprobs": []` while `output_text.done` (and the
+    /// final item) hold the text's logprobs; a part rebuilt from it keeps them.
+    #[test]
+    fn a_done_part_without_logprobs_takes_the_texts() {
+        let logprob = json!([{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": []}]);
+        let part = json!({"type": "output_text", "annotations": [], "logprobs": [], "text": "a"});
+        let events = |text_done: Value| {
+            data_only(&[
+                json!({"type": "response.output_item.added", "output_index": 0,
+                       "item": {"id": "m", "type": "message", "role": "assistant", "content": []}}),
+                json!({"type": "response.output_text.delta", "item_id": "m", "output_index": 0,
+                       "content_index": 0, "delta": "a", "logprobs": logprob}),
+                text_done,
+                json!({"type": "response.content_part.done", "item_id": "m", "output_index": 0,
+                       "content_index": 0, "part": part}),
+                json!({"type": "response.completed", "response": {"output": []}}),
+            ])
+        };
+        let content = |events: Vec<(String, String)>| {
+            body(&run(&events).unwrap())["output"][0]["content"][0].clone()
+        };
+        let done = json!({"type": "response.output_text.done", "item_id": "m", "output_index": 0,
+                          "content_index": 0, "text": "a", "logprobs": logprob});
+        let mut expected = part.clone();
+        expected["logprobs"] = logprob.clone();
+        assert_eq!(content(events(done)), expected);
+        // Without `output_text.done`, the deltas' logprobs.
+        let keepalive = json!({"type": "keepalive"});
+        assert_eq!(content(events(keepalive)), expected);
     }
 
     // --- deltas that repeat the one before ----------------------------------------------
