@@ -1,7 +1,8 @@
 //! The admin endpoints, on their own port (`adminListen`) so they never shadow a proxied
 //! path: `GET /metrics` (Prometheus/OpenMetrics text) and `GET /healthz` (200 while every
-//! rule's listener is accepting, 503 before that and while draining, so a load balancer
-//! stops sending traffic as soon as shutdown begins).
+//! rule's listener is accepting; 503 before that, while draining, and while a reload has
+//! left a rule without its listener, so a load balancer stops sending traffic as soon as
+//! shutdown begins).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -61,6 +62,11 @@ pub fn respond(request: &Request<Incoming>, health: &Health) -> Response<Full<By
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             Bytes::from_static(b"draining\n"),
+        ),
+        (&Method::GET, "/healthz") if health.unserved() > 0 => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            Bytes::from_static(b"a rule is not served\n"),
         ),
         (&Method::GET, "/healthz") => (
             StatusCode::SERVICE_UNAVAILABLE,

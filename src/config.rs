@@ -146,6 +146,8 @@ impl Config {
             path: path.to_path_buf(),
             problems: vec![problem],
         };
+        // A byte order mark (Windows editors write one) is not JSON, but not a mistake either.
+        let text = text.strip_prefix("\u{feff}".as_bytes()).unwrap_or(text);
         let root: Value = serde_json::from_slice(text).map_err(|e| {
             fail(format!(
                 "invalid JSON at line {} column {}: {}",
@@ -508,6 +510,12 @@ mod tests {
         assert_eq!(second.options.keep_alive, Some(Duration::from_secs(20)));
         assert_eq!(second.upstream.to_string(), "http://127.0.0.1:9000/openai");
         assert_eq!(config.unknown_keys, vec!["future".to_string()]);
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped() {
+        let config = parse("\u{feff}{\"rules\":[{\"listenPort\":1,\"upstreamUrl\":\"http://a\"}]}");
+        assert_eq!(config.unwrap().rules.len(), 1);
     }
 
     #[test]

@@ -282,16 +282,26 @@ fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let _ = LOG_FORMAT.set(format);
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .or_else(|| {
-            std::env::var("LOG_LEVEL")
-                .ok()
-                .map(|v| v.to_ascii_lowercase())
-        })
-        .and_then(|v| EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    // Said once the logger runs: a value that is not used must not pass silently.
+    let mut ignored = None;
+    let filter = match (set("RUST_LOG"), set("LOG_LEVEL")) {
+        (Some(directives), _) => EnvFilter::try_new(&directives).unwrap_or_else(|e| {
+            ignored = Some(format!(
+                "RUST_LOG={directives:?} is not a valid filter ({e}); logging at info"
+            ));
+            EnvFilter::new("info")
+        }),
+        // Not a filter: a word EnvFilter does not know as a level would be taken for a
+        // target name, and `WARNING` or `ALL` would silence every line.
+        (None, Some(level)) => EnvFilter::new(log_level(&level).unwrap_or_else(|| {
+            ignored = Some(format!(
+                "LOG_LEVEL={level:?} is not a level (trace, debug, info, warn, error, off, all); logging at info"
+            ));
+            "info"
+        })),
+        (None, None) => EnvFilter::new("info"),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -299,6 +309,23 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
+    if let Some(ignored) = ignored {
+        tracing::warn!("{ignored}");
+    }
+}
+
+/// The filter for a `LOG_LEVEL` value (D23): the reference's level names in any case,
+/// `ALL` (everything) and `WARNING`, `FATAL` as the usual spellings; `None` for anything else.
+fn log_level(value: &str) -> Option<&'static str> {
+    Some(match value.trim().to_ascii_lowercase().as_str() {
+        "trace" | "all" => "trace",
+        "debug" => "debug",
+        "info" => "info",
+        "warn" | "warning" => "warn",
+        "error" | "fatal" => "error",
+        "off" => "off",
+        _ => return None,
+    })
 }
 
 /// Signal handlers, registered before the proxy announces readiness: a signal that arrives

@@ -152,8 +152,9 @@ impl std::fmt::Debug for Metrics {
 }
 
 fn latency_histogram() -> Histogram {
-    // 100 µs … ~27 min: from a local passthrough to a reasoning model thinking for minutes.
-    Histogram::new(exponential_buckets(0.0001, 2.5, 18))
+    // 100 µs … about an hour (3,638 s): from a local passthrough to a reasoning model
+    // thinking for minutes, past the default `timeoutSeconds` of 600 s.
+    Histogram::new(exponential_buckets(0.0001, 2.5, 20))
 }
 
 impl Metrics {
@@ -378,6 +379,28 @@ pub fn status_class(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call that ends just past the default `timeoutSeconds` (600 s) still lands in a
+    /// finite bucket, not only in `+Inf`.
+    #[test]
+    fn latency_buckets_reach_past_the_default_timeout() {
+        let histogram = latency_histogram();
+        histogram.observe(700.0);
+        let mut registry = Registry::default();
+        registry.register("d", "d", histogram);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        // `d_bucket{le="…"} N` lines, the finite ones in rising order.
+        let top = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("d_bucket{le=\""))
+            .filter_map(|l| l.split_once("\"} "))
+            .filter_map(|(le, n)| Some((le.parse::<f64>().ok()?, n.parse::<u64>().ok()?)))
+            .rfind(|(le, _)| le.is_finite());
+        let (bound, count) = top.unwrap_or_else(|| panic!("no finite bucket: {text}"));
+        assert!(bound >= 3600.0, "top finite bucket {bound} s");
+        assert_eq!(count, 1, "{text}");
+    }
 
     #[test]
     fn exposition_uses_prometheus_naming() {

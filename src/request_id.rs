@@ -24,13 +24,38 @@ fn prefix() -> u32 {
     })
 }
 
-/// The request's id, inserting a new one into `headers` when the client sent none.
+/// Longest client id taken as the request's id.
+const MAX_ID_LEN: usize = 200;
+
+/// Whether an id is fit for the log line: short, and only characters that ids are made of
+/// (UUIDs, `req_…`, base64). Anything else (spaces, quotes, `=` pairs a log reader would take
+/// for fields, kilobytes of text) would let a client or upstream write into the log line.
+pub fn is_loggable(id: &HeaderValue) -> bool {
+    id.len() <= MAX_ID_LEN
+        && id
+            .as_bytes()
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
+}
+
+/// The request's id: the client's when it is [loggable](is_loggable), else a fresh one. A
+/// fresh id is also inserted into `headers` (and so goes upstream) when the client sent
+/// none; an unfit id of the client's goes upstream untouched, and the log has the fresh one.
 pub fn ensure(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(existing) = headers.get(X_REQUEST_ID) {
-        return existing.clone();
+    match headers.get(X_REQUEST_ID) {
+        Some(existing) if is_loggable(existing) => return existing.clone(),
+        Some(_) => return fresh(),
+        None => {}
     }
+    let id = fresh();
+    headers.insert(X_REQUEST_ID, id.clone());
+    id
+}
+
+/// `osp-{prefix:08x}{n:012x}`: unique within the process, and across processes by the prefix.
+fn fresh() -> HeaderValue {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let id = if n >> 48 == 0 {
+    if n >> 48 == 0 {
         // `osp-{prefix:08x}{n:012x}`, written without the formatting machinery (this runs
         // on every request without an id).
         let mut text = *b"osp-00000000000000000000";
@@ -40,9 +65,7 @@ pub fn ensure(headers: &mut HeaderMap) -> HeaderValue {
     } else {
         HeaderValue::from_str(&format!("osp-{:08x}{n:012x}", prefix()))
     }
-    .unwrap_or_else(|_| HeaderValue::from_static("osp"));
-    headers.insert(X_REQUEST_ID, id.clone());
-    id
+    .unwrap_or_else(|_| HeaderValue::from_static("osp"))
 }
 
 /// Writes the low `4 * out.len()` bits of `value` into `out` as lowercase hex digits.
@@ -74,5 +97,33 @@ mod tests {
         assert!(id_b.to_str().unwrap()[prefix.len()..]
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    }
+
+    #[test]
+    fn an_id_unfit_for_the_log_stays_on_the_request_and_a_fresh_one_is_logged() {
+        for kept in [
+            "req_abc-123",
+            "6f1c0c5e-2b9e-4c47-9d0a-1f2e3d4c5b6a",
+            "YWJj+/==",
+            "a:b@c.d",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(X_REQUEST_ID, HeaderValue::from_static(kept));
+            assert_eq!(ensure(&mut headers), kept);
+        }
+        let long = "a".repeat(MAX_ID_LEN + 1);
+        for unfit in [
+            "a status=200 outcome=complete",
+            "\"quoted\"",
+            "{id}",
+            long.as_str(),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(X_REQUEST_ID, HeaderValue::from_str(unfit).unwrap());
+            let id = ensure(&mut headers);
+            assert!(id.to_str().unwrap().starts_with("osp-"), "{unfit}: {id:?}");
+            assert_eq!(headers.get(X_REQUEST_ID).unwrap(), unfit);
+            assert_eq!(headers.len(), 1);
+        }
     }
 }

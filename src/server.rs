@@ -11,11 +11,12 @@
 //! removes, while the others keep serving; open WebSocket sessions are left running.
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -59,12 +60,20 @@ pub struct Health(Arc<HealthState>);
 struct HealthState {
     ready: AtomicBool,
     draining: AtomicBool,
+    /// Rules of the running config that no listener serves: a reload could not bind one
+    /// after a removed rule let its port go.
+    unserved: AtomicUsize,
 }
 
 impl Health {
-    /// Every listener is accepting and shutdown has not begun.
+    /// Every listener is accepting, every rule has one, and shutdown has not begun.
     pub fn is_ready(&self) -> bool {
-        self.0.ready.load(Ordering::Acquire) && !self.is_draining()
+        self.0.ready.load(Ordering::Acquire) && !self.is_draining() && self.unserved() == 0
+    }
+
+    /// How many rules of the running config have no listener (see [`Control::Reload`]).
+    pub fn unserved(&self) -> usize {
+        self.0.unserved.load(Ordering::Acquire)
     }
 
     /// Shutdown has begun: `/healthz` answers 503 `draining` so load balancers stop sending
@@ -78,7 +87,13 @@ impl Health {
 #[derive(Debug)]
 pub enum Control {
     /// Apply a new configuration: new rules start listening, removed rules stop accepting
-    /// and drain, kept rules take their new upstream and options for new requests.
+    /// and drain, kept rules take their new upstream and options for new requests, and
+    /// connections accepted from then on get the new header read timeout.
+    ///
+    /// New addresses are bound before anything changes, and one that cannot be bound
+    /// rejects the reload: the running config serves on. Only an address whose port a
+    /// removed rule holds is bound after that rule lets it go; if that fails, the rule is
+    /// not served and the health endpoint answers 503 until a reload serves every rule.
     Reload(Config),
 }
 
@@ -187,7 +202,9 @@ impl Server {
         mut control: mpsc::Receiver<Control>,
         drain: Duration,
     ) {
-        let setup = Arc::new(ConnectionSetup::new(self.header_read_timeout));
+        let setup: SharedSetup = Arc::new(RwLock::new(Arc::new(ConnectionSetup::new(
+            self.header_read_timeout,
+        ))));
         let mut serving: HashMap<SocketAddr, Serving> = HashMap::new();
         let mut retired: Vec<JoinHandle<()>> = Vec::new();
         // Services of removed rules whose WebSocket sessions may still be open.
@@ -210,7 +227,13 @@ impl Server {
                         retired_services.retain(|s| s.sessions().open() > 0 || s.in_use());
                         let before: Vec<ProxyService> =
                             serving.values().map(|s| s.service.clone()).collect();
-                        reload(config, client, &setup, &mut serving, &mut retired, drain).await;
+                        let running = Running {
+                            client,
+                            setup: &setup,
+                            health: &self.health,
+                            drain,
+                        };
+                        reload(config, &running, &mut serving, &mut retired).await;
                         // Kept even with no session open: a handshake may still be on its way
                         // on the retired listener's draining connections.
                         retired_services.extend(
@@ -290,24 +313,88 @@ fn service_for(rule: &Rule, client: &UpstreamClient) -> ProxyService {
     )
 }
 
-/// Applies a reloaded config to the running listeners.
+/// What a reload needs of the running server.
+struct Running<'a> {
+    client: Option<&'a UpstreamClient>,
+    setup: &'a SharedSetup,
+    health: &'a Health,
+    drain: Duration,
+}
+
+/// Applies a reloaded config to the running listeners (see [`Control::Reload`] for what is
+/// all or nothing).
 async fn reload(
     config: Config,
-    client: Option<&UpstreamClient>,
-    setup: &Arc<ConnectionSetup>,
+    running: &Running<'_>,
     serving: &mut HashMap<SocketAddr, Serving>,
     retired: &mut Vec<JoinHandle<()>>,
-    drain: Duration,
 ) {
     let wanted: HashMap<SocketAddr, &Rule> = config.rules.iter().map(|r| (r.listen, r)).collect();
-    let (mut added, mut updated) = (0, 0);
-
-    // Removed rules first: their sockets must close before a new rule may take the port.
     let removed: Vec<SocketAddr> = serving
         .keys()
         .filter(|key| !wanted.contains_key(key))
         .copied()
         .collect();
+    let new_rules: Vec<&Rule> = config
+        .rules
+        .iter()
+        .filter(|rule| !serving.contains_key(&rule.listen))
+        .collect();
+    let client = match (running.client, new_rules.is_empty()) {
+        (Some(client), _) => Some(client),
+        (None, true) => None,
+        (None, false) => {
+            tracing::error!(file = %config.source.display(), "config reload rejected: a server built from listeners cannot add a rule; the running config keeps serving");
+            return;
+        }
+    };
+
+    // Bind first: a new address that cannot be bound (another process holds it, the
+    // address is not this machine's) rejects the reload before any rule has changed. An
+    // address whose port a removed rule holds (the same port on another address counts:
+    // wildcards overlap) can only be bound once that rule has let it go, below.
+    let freed_ports: HashSet<u16> = removed.iter().map(SocketAddr::port).collect();
+    let (mut bound, mut after_removal) = (Vec::new(), Vec::new());
+    for rule in new_rules {
+        if freed_ports.contains(&rule.listen.port()) {
+            after_removal.push(rule);
+            continue;
+        }
+        match listen(rule.listen) {
+            Ok(listener) => bound.push((rule, listener)),
+            Err(e) => {
+                tracing::error!(file = %config.source.display(), listen = %rule.listen, error = %e, "config reload rejected: cannot listen for a new rule; the running config keeps serving");
+                return;
+            }
+        }
+    }
+
+    let mut updated = 0;
+    for rule in &config.rules {
+        if let Some(existing) = serving.get(&rule.listen) {
+            let current = existing.service.rule();
+            if current.upstream != rule.upstream || current.options != rule.options {
+                existing
+                    .service
+                    .update(rule.upstream.clone(), rule.options.clone());
+                updated += 1;
+                tracing::info!(listen = %rule.listen, upstream = %rule.upstream, "rule updated for new requests");
+            }
+        }
+    }
+    let timeout_changed = {
+        let current = running.setup.read().unwrap_or_else(|p| p.into_inner());
+        current.header_read_timeout != config.header_read_timeout
+    };
+    if timeout_changed {
+        *running.setup.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(ConnectionSetup::new(config.header_read_timeout));
+        tracing::info!(
+            seconds = config.header_read_timeout.as_secs(),
+            "header read timeout changed for new connections"
+        );
+    }
+
     retired.retain(|task| !task.is_finished());
     let mut closing = Vec::with_capacity(removed.len());
     for key in &removed {
@@ -325,43 +412,40 @@ async fn reload(
     )
     .await;
 
-    for rule in &config.rules {
-        if let Some(existing) = serving.get(&rule.listen) {
-            let current = existing.service.rule();
-            if current.upstream != rule.upstream || current.options != rule.options {
-                existing
-                    .service
-                    .update(rule.upstream.clone(), rule.options.clone());
-                updated += 1;
-                tracing::info!(listen = %rule.listen, upstream = %rule.upstream, "rule updated for new requests");
-            }
-            continue;
-        }
-        let Some(client) = client else {
-            tracing::error!(listen = %rule.listen, "cannot add a rule to a server built from listeners");
-            continue;
-        };
+    let mut unserved = 0;
+    for rule in after_removal {
         match listen(rule.listen) {
-            Ok(listener) => {
-                let started = serve(listener, service_for(rule, client), setup.clone(), drain);
-                serving.insert(rule.listen, started);
-                added += 1;
-                tracing::info!(listen = %rule.listen, upstream = %rule.upstream, convert = rule.options.convert, "proxy rule");
-            }
+            Ok(listener) => bound.push((rule, listener)),
             Err(e) => {
-                tracing::error!(listen = %rule.listen, error = %e, "cannot listen for a reloaded rule; it is not served");
+                unserved += 1;
+                tracing::error!(listen = %rule.listen, error = %e, "cannot listen for a reloaded rule after the rule it replaces let its port go; it is not served");
             }
         }
     }
+    let added = bound.len();
+    if let Some(client) = client {
+        for (rule, listener) in bound {
+            let service = service_for(rule, client);
+            let started = serve(listener, service, running.setup.clone(), running.drain);
+            serving.insert(rule.listen, started);
+            tracing::info!(listen = %rule.listen, upstream = %rule.upstream, convert = rule.options.convert, "proxy rule");
+        }
+    }
+    running.health.0.unserved.store(unserved, Ordering::Release);
     tracing::info!(
         file = %config.source.display(),
         rules = serving.len(),
         added,
         removed = removed.len(),
         updated,
+        unserved,
         "config reloaded"
     );
 }
+
+/// The connection settings in force, swapped whole by a reload; each accepted connection
+/// takes the current ones.
+type SharedSetup = Arc<RwLock<Arc<ConnectionSetup>>>;
 
 /// How accepted connections are served.
 ///
@@ -461,7 +545,7 @@ async fn first_bytes_arrive(stream: &TcpStream, limit: Duration) -> Option<Proto
 fn serve(
     listener: TcpListener,
     service: ProxyService,
-    setup: Arc<ConnectionSetup>,
+    setup: SharedSetup,
     drain: Duration,
 ) -> Serving {
     let (stop, stop_rx) = watch::channel(false);
@@ -629,7 +713,7 @@ enum Ended<T> {
 async fn accept_loop(
     listener: &TcpListener,
     service: &ProxyService,
-    setup: &Arc<ConnectionSetup>,
+    setup: &SharedSetup,
     connections: &mut JoinSet<()>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -648,7 +732,7 @@ async fn accept_loop(
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
                 }
-                let setup = setup.clone();
+                let setup = setup.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let service = service.clone();
                 let stop = stop.clone();
                 connections.spawn(serve_connection(stream, peer, service, setup, stop));

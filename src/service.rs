@@ -281,7 +281,11 @@ impl ProxyService {
             log.set_upstream_error(failure.0);
         }
         log.set_status(response.status().as_u16());
-        if let Some(upstream_id) = response.headers().get(request_id::X_REQUEST_ID) {
+        if let Some(upstream_id) = response
+            .headers()
+            .get(request_id::X_REQUEST_ID)
+            .filter(|id| request_id::is_loggable(id))
+        {
             log.set_upstream_request_id(upstream_id.clone());
         }
         // The answer to an HTTP/1 HEAD has no body on the wire whatever the proxy built (an

@@ -11,6 +11,7 @@ mod support;
 
 use std::net::TcpListener as StdListener;
 use std::path::Path;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -47,17 +48,39 @@ async fn assert_unbound(port: u16) {
 /// Rewrites the config, sends SIGHUP and waits for the "config reloaded" line of this
 /// reload, which is logged once every change is in effect.
 async fn reload(daemon: &mut Daemon, dir: &TempDir, name: &str, contents: &str) -> String {
+    reload_ends(daemon, dir, name, contents, "config reloaded").await
+}
+
+/// As [`reload`], for a reload that must be rejected: the "config reload rejected" line.
+async fn rejected_reload(daemon: &mut Daemon, dir: &TempDir, contents: &str) -> String {
+    reload_ends(
+        daemon,
+        dir,
+        "config.json",
+        contents,
+        "config reload rejected",
+    )
+    .await
+}
+
+async fn reload_ends(
+    daemon: &mut Daemon,
+    dir: &TempDir,
+    name: &str,
+    contents: &str,
+    expected: &str,
+) -> String {
     dir.write(name, contents);
     let mark = daemon.mark();
     daemon.signal("HUP");
     let line = daemon
-        .wait_for_since(mark, "the config reloaded line", |l| {
+        .wait_for_since(mark, "the reload's outcome", |l| {
             l.contains("config reloaded") || l.contains("config reload rejected")
         })
         .await;
     assert!(
-        line.contains("config reloaded"),
-        "the reload was rejected: {line}\n{}",
+        line.contains(expected),
+        "not {expected:?}: {line}\n{}",
         daemon.dump()
     );
     line
@@ -429,6 +452,167 @@ async fn reload_removing_a_rule_closes_its_port_and_finishes_the_request_in_flig
         })
         .await;
     assert!(daemon.is_running(), "{}", daemon.dump());
+    daemon.stop().await;
+}
+
+/// `LOG_LEVEL` takes the reference's level names in any case, and a value that is not a
+/// level is said and ignored; neither silences the log.
+#[tokio::test]
+async fn log_level_names_set_the_level_and_an_unknown_one_is_reported() {
+    let dir = TempDir::new("log-level");
+    let path = dir.write(
+        "config.json",
+        &format!(
+            "{{\"surprise\": 1, \"rules\": [{}]}}",
+            rule(free_port(), "http://127.0.0.1:9")
+        ),
+    );
+    // `--check` logs the unknown key at warn, then exits.
+    let warned = "unknown config key ignored";
+    for (level, shown, complaint) in [
+        ("WARNING", true, false),
+        ("ALL", true, false),
+        ("warn", true, false),
+        ("ERROR", false, false),
+        ("Off", false, false),
+        ("loud", true, true),
+    ] {
+        let mut cmd = command(&dir, &path, &["--check"]);
+        cmd.env("LOG_LEVEL", level);
+        let mut daemon = Daemon::spawn(cmd);
+        let status = daemon.wait_exit(WAIT).await;
+        assert_eq!(status.code(), Some(0), "{level}: {}", daemon.dump());
+        let log = daemon.stderr();
+        assert_eq!(log.contains(warned), shown, "{level}: {log}");
+        assert_eq!(
+            log.contains("LOG_LEVEL=\"loud\" is not a level"),
+            complaint,
+            "{level}: {log}"
+        );
+    }
+}
+
+/// A new rule whose address another process holds rejects the whole reload before any
+/// rule changes: the removed rule keeps serving, the other new rule is not bound.
+#[tokio::test]
+async fn a_reload_with_an_unbindable_new_rule_is_rejected_and_changes_nothing() {
+    let old = echo_upstream("old").await;
+    let new = echo_upstream("new").await;
+    let dir = TempDir::new("reload-unbindable");
+    let held = StdListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().port();
+    let (pa, pb) = (free_port(), free_port());
+    let path = dir.write("config.json", &config(&[rule(pa, &old.url())]));
+    let mut daemon = start_command(command(&dir, &path, &[]), 1).await;
+
+    let line = rejected_reload(
+        &mut daemon,
+        &dir,
+        &config(&[rule(pb, &new.url()), rule(taken, &new.url())]),
+    )
+    .await;
+    assert!(line.contains("cannot listen for a new rule"), "{line}");
+    assert!(line.contains(&format!("127.0.0.1:{taken}")), "{line}");
+    let (parts, body) = get(pa, "/v1/models").await;
+    assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"old"[..]));
+    assert_unbound(pb).await;
+    // Once the address is free, the same file applies.
+    drop(held);
+    let line = reload(
+        &mut daemon,
+        &dir,
+        "config.json",
+        &config(&[rule(pb, &new.url()), rule(taken, &new.url())]),
+    )
+    .await;
+    assert!(has_field(&line, "removed", "1"), "{line}");
+    let (parts, body) = get(taken, "/v1/models").await;
+    assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"new"[..]));
+    assert!(connect_refused(pa).await, "{pa} still accepts");
+    daemon.stop().await;
+}
+
+/// A rule that takes over a removed rule's port and still cannot bind it is not served,
+/// and `/healthz` says so until a reload serves every rule.
+#[tokio::test]
+async fn a_rule_that_cannot_take_a_freed_port_turns_healthz_to_503() {
+    let upstream = echo_upstream("served").await;
+    let dir = TempDir::new("reload-unserved");
+    let (pa, admin) = (free_port(), free_port());
+    // Another process holds the same port on another loopback address.
+    let Ok(held) = StdListener::bind(("127.0.0.2", pa)) else {
+        eprintln!("skipped: 127.0.0.2 cannot be bound here");
+        return;
+    };
+    let with_admin = |rules: &[String]| {
+        format!(
+            "{{\"adminListen\": \"127.0.0.1:{admin}\", \"rules\": [{}]}}",
+            rules.join(", ")
+        )
+    };
+    let moved = format!(
+        r#"{{"listenPort": {pa}, "listenAddress": "127.0.0.2", "upstreamUrl": "{}"}}"#,
+        upstream.url()
+    );
+    let path = dir.write("config.json", &with_admin(&[rule(pa, &upstream.url())]));
+    let mut daemon = start_command(command(&dir, &path, &[]), 1).await;
+    let healthz = || async move {
+        let (parts, body) = get(admin, "/healthz").await;
+        (
+            parts.status.as_u16(),
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    };
+    assert_eq!(healthz().await, (200, "ok\n".to_owned()));
+
+    let line = reload(&mut daemon, &dir, "config.json", &with_admin(&[moved])).await;
+    assert!(has_field(&line, "unserved", "1"), "{line}");
+    assert_eq!(healthz().await, (503, "a rule is not served\n".to_owned()));
+
+    drop(held);
+    let line = reload(
+        &mut daemon,
+        &dir,
+        "config.json",
+        &with_admin(&[rule(pa, &upstream.url())]),
+    )
+    .await;
+    assert!(has_field(&line, "unserved", "0"), "{line}");
+    assert_eq!(healthz().await, (200, "ok\n".to_owned()));
+    let (parts, body) = get(pa, "/v1/models").await;
+    assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"served"[..]));
+    daemon.stop().await;
+}
+
+/// `headerReadTimeoutSeconds` changed by a reload applies to connections accepted after it.
+#[tokio::test]
+async fn a_reload_changes_the_header_read_timeout_of_new_connections() {
+    use tokio::io::AsyncReadExt;
+    let upstream = echo_upstream("x").await;
+    let dir = TempDir::new("reload-header-timeout");
+    let pa = free_port();
+    let path = dir.write("config.json", &config(&[rule(pa, &upstream.url())]));
+    let mut daemon = start_command(command(&dir, &path, &[]), 1).await;
+    let line = reload(
+        &mut daemon,
+        &dir,
+        "config.json",
+        &format!(
+            "{{\"headerReadTimeoutSeconds\": 1, \"rules\": [{}]}}",
+            rule(pa, &upstream.url())
+        ),
+    )
+    .await;
+    assert!(has_field(&line, "updated", "0"), "{line}");
+    // A silent client is closed after 1 s, not the 30 s of the first config.
+    let mut silent = tokio::net::TcpStream::connect(local(pa)).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "still open after 5 s: {read:?}\n{}",
+        daemon.dump()
+    );
     daemon.stop().await;
 }
 
