@@ -2,7 +2,7 @@
 //! path: `GET /metrics` (Prometheus/OpenMetrics text) and `GET /healthz` (200 while every
 //! rule's listener is accepting; 503 before that, while draining, and while a reload has
 //! left a rule without its listener, so a load balancer stops sending traffic as soon as
-//! shutdown begins).
+//! shutdown begins) and `GET /livez` (200 while the process answers, for liveness probes).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -55,6 +55,9 @@ pub fn respond(request: &Request<Incoming>, health: &Health) -> Response<Full<By
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             Bytes::from(Metrics::global().encode()),
         ),
+        // Liveness: the process answers. Not `/healthz`, which a drain or a rule left
+        // unserved by a reload turns to 503: a restart would cut every other rule's streams.
+        (&Method::GET, "/livez") => (StatusCode::OK, "text/plain", Bytes::from_static(b"alive\n")),
         (&Method::GET, "/healthz") if health.is_ready() => {
             (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
         }
@@ -73,7 +76,7 @@ pub fn respond(request: &Request<Incoming>, health: &Health) -> Response<Full<By
             "text/plain",
             Bytes::from_static(b"starting\n"),
         ),
-        (_, "/metrics" | "/healthz") => (
+        (_, "/metrics" | "/healthz" | "/livez") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             Bytes::from_static(b"use GET\n"),
@@ -81,7 +84,7 @@ pub fn respond(request: &Request<Incoming>, health: &Health) -> Response<Full<By
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            Bytes::from_static(b"admin endpoints: /metrics, /healthz\n"),
+            Bytes::from_static(b"admin endpoints: /metrics, /healthz, /livez\n"),
         ),
     };
     let mut response = Response::new(Full::new(body));

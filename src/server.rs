@@ -363,7 +363,7 @@ async fn reload(
         match listen(rule.listen) {
             Ok(listener) => bound.push((rule, listener)),
             Err(e) => {
-                tracing::error!(file = %config.source.display(), listen = %rule.listen, error = %e, "config reload rejected: cannot listen for a new rule; the running config keeps serving");
+                tracing::error!(file = %config.source.display(), listen = %rule.listen, error = %e, "config reload rejected: cannot listen for a rule that is not served yet; the running config keeps serving");
                 return;
             }
         }

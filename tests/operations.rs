@@ -511,7 +511,7 @@ async fn a_reload_with_an_unbindable_new_rule_is_rejected_and_changes_nothing() 
         &config(&[rule(pb, &new.url()), rule(taken, &new.url())]),
     )
     .await;
-    assert!(line.contains("cannot listen for a new rule"), "{line}");
+    assert!(line.contains("cannot listen for a rule"), "{line}");
     assert!(line.contains(&format!("127.0.0.1:{taken}")), "{line}");
     let (parts, body) = get(pa, "/v1/models").await;
     assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"old"[..]));
@@ -556,18 +556,26 @@ async fn a_rule_that_cannot_take_a_freed_port_turns_healthz_to_503() {
     );
     let path = dir.write("config.json", &with_admin(&[rule(pa, &upstream.url())]));
     let mut daemon = start_command(command(&dir, &path, &[]), 1).await;
-    let healthz = || async move {
-        let (parts, body) = get(admin, "/healthz").await;
+    let admin_get = |path: &'static str| async move {
+        let (parts, body) = get(admin, path).await;
         (
             parts.status.as_u16(),
             String::from_utf8_lossy(&body).into_owned(),
         )
     };
+    let healthz = || admin_get("/healthz");
+    // The rules are logged just before the server reports ready: wait for it, bounded.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while healthz().await.0 != 200 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(healthz().await, (200, "ok\n".to_owned()));
 
     let line = reload(&mut daemon, &dir, "config.json", &with_admin(&[moved])).await;
     assert!(has_field(&line, "unserved", "1"), "{line}");
     assert_eq!(healthz().await, (503, "a rule is not served\n".to_owned()));
+    // Liveness is not readiness: the process is fine, a restart would cut other streams.
+    assert_eq!(admin_get("/livez").await, (200, "alive\n".to_owned()));
 
     drop(held);
     let line = reload(

@@ -2494,6 +2494,10 @@ mod tests {
         // Without `output_text.done`, the deltas' logprobs.
         let keepalive = json!({"type": "keepalive"});
         assert_eq!(content(events(keepalive)), expected);
+        // `"logprobs": null` on the done text is no list: the deltas' stand.
+        let null = json!({"type": "response.output_text.done", "item_id": "m", "output_index": 0,
+                          "content_index": 0, "text": "a", "logprobs": null});
+        assert_eq!(content(events(null)), expected);
     }
 
     // --- deltas that repeat the one before ----------------------------------------------
