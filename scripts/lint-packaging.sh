@@ -254,11 +254,13 @@ def kubernetes():
     named = {p["name"]: p["containerPort"] for p in proxy.get("ports", [])}
     if sorted(named.values()) != sorted(ports):
         problem(f"{dep_file}: containerPorts {sorted(named.values())} but config.json listens on {sorted(ports)}")
-    for probe in ("readinessProbe", "livenessProbe"):
+    # Readiness follows serving (503 while draining or with a rule unserved); liveness only
+    # asks whether the process answers, so neither restarts a pod that is fine.
+    for probe, path in (("readinessProbe", "/healthz"), ("livenessProbe", "/livez")):
         get = proxy.get(probe, {}).get("httpGet", {})
         port = named.get(get.get("port"), get.get("port"))
-        if get.get("path") != "/healthz" or port != admin_port:
-            problem(f"{dep_file}: {probe} must GET /healthz on the admin port {admin_port}")
+        if get.get("path") != path or port != admin_port:
+            problem(f"{dep_file}: {probe} must GET {path} on the admin port {admin_port}")
     live = proxy.get("livenessProbe", {})
     if live.get("periodSeconds", 10) * live.get("failureThreshold", 3) <= grace:
         problem(f"{dep_file}: livenessProbe would restart a draining pod (period x failureThreshold <= grace period)")
