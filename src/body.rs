@@ -270,6 +270,12 @@ impl IdleTimer {
         *self.project().last_activity = Instant::now();
     }
 
+    /// Records activity seen at `at` (no earlier than what is recorded already).
+    pub fn touch_at(self: Pin<&mut Self>, at: Instant) {
+        let last = self.project().last_activity;
+        *last = (*last).max(at);
+    }
+
     /// Ready with the limit once there has been no activity for that long.
     pub fn poll_expired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Duration> {
         let mut this = self.project();

@@ -1268,6 +1268,104 @@ async fn silence_in_a_compressed_answer_being_decoded_is_a_timeout() {
     drop(tx);
 }
 
+/// A body that sends `parts` as frames of their own, `gap` after each.
+fn frames(parts: Vec<Bytes>, gap: Duration) -> MockBody {
+    let (tx, body) = channel_body();
+    tokio::spawn(async move {
+        for part in parts {
+            if tx.send(Ok(part)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(gap).await;
+        }
+    });
+    body
+}
+
+/// `maxResponseBytes` counts the stream up to its terminal event: blank lines after
+/// `[DONE]` in the same read do not push a stream that fits over the limit, however the
+/// bytes are cut into reads.
+#[tokio::test]
+async fn bytes_after_the_terminal_event_do_not_count_against_max_response_bytes() {
+    let upstream = MockUpstream::start(|_| {
+        response(
+            200,
+            &[("content-type", "text/event-stream")],
+            full(format!("{CHAT_STREAM}\n\n\n")),
+        )
+    })
+    .await;
+    let mut opts = options();
+    opts.max_response_bytes = CHAT_STREAM.len() as u64;
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let (parts, got) = convert_accepting(&proxy, "/v1/chat/completions", None).await;
+    assert_answers_hello("stream exactly at the limit", &parts, &got);
+
+    // One byte less and the terminal event no longer fits.
+    let mut opts = options();
+    opts.max_response_bytes = CHAT_STREAM.len() as u64 - 1;
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let (parts, got) = convert_accepting(&proxy, "/v1/chat/completions", None).await;
+    assert_eq!(parts.status, 502, "{}", String::from_utf8_lossy(&got));
+    assert!(envelope(&got).1.contains("maxResponseBytes"));
+}
+
+/// Raw deflate (what some servers send as `deflate`) whose first body frame is one byte:
+/// the zlib-or-raw check reads its two bytes across frames.
+#[tokio::test]
+async fn raw_deflate_split_after_its_first_byte_is_decoded() {
+    let coded = Bytes::from(encode("raw-deflate", CHAT_STREAM.as_bytes()).await);
+    let upstream = MockUpstream::start(move |_| {
+        let parts = vec![coded.slice(..1), coded.slice(1..)];
+        response(
+            200,
+            &[
+                ("content-type", "text/event-stream"),
+                ("content-encoding", "deflate"),
+            ],
+            frames(parts, Duration::ZERO),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let (parts, got) = convert_accepting(&proxy, "/v1/chat/completions", None).await;
+    assert_answers_hello("raw deflate, one byte first", &parts, &got);
+}
+
+/// D13 on a compressed stream: the timeout is silence between upstream bytes, and bytes
+/// that decode to nothing yet (empty flush blocks, as a server flushing its compressor
+/// while the model thinks sends them) are not silence.
+#[tokio::test]
+async fn compressed_bytes_that_decode_to_nothing_keep_the_stream_alive() {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.flush().unwrap();
+    let start = encoder.get_ref().len();
+    let head = Bytes::copy_from_slice(encoder.get_ref());
+    encoder.write_all(CHAT_STREAM.as_bytes()).unwrap();
+    let rest = Bytes::from(encoder.finish().unwrap()).slice(start..);
+    let upstream = MockUpstream::start(move |_| {
+        // 2 s of empty stored blocks every 300 ms, past the 1 s timeout, then the text.
+        let mut parts = vec![head.clone()];
+        parts.extend((0..7).map(|_| Bytes::from_static(&[0, 0, 0, 0xff, 0xff])));
+        parts.push(rest.clone());
+        response(
+            200,
+            &[
+                ("content-type", "text/event-stream"),
+                ("content-encoding", "gzip"),
+            ],
+            frames(parts, Duration::from_millis(300)),
+        )
+    })
+    .await;
+    let mut opts = options();
+    opts.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    let (parts, got) = convert_accepting(&proxy, "/v1/chat/completions", None).await;
+    assert_answers_hello("gzip with empty flush blocks", &parts, &got);
+}
+
 /// D28 for a compressed body (this leg asks for compression): a 200 without `content-type`
 /// whose gzip-coded bytes decode to an event stream is aggregated, and one whose bytes
 /// decode to JSON is relayed (decoded for a client that does not take gzip).

@@ -5,6 +5,7 @@
 use std::future::poll_fn;
 use std::ops::ControlFlow;
 use std::pin::{pin, Pin};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_compression::tokio::bufread::{
@@ -13,6 +14,7 @@ use async_compression::tokio::bufread::{
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::time::Instant;
 use tokio_util::io::StreamReader;
 
 use super::chat::ChatAccumulator;
@@ -196,11 +198,28 @@ struct Feeder<'a> {
 
 impl Feeder<'_> {
     /// Feeds one chunk; `true` once the terminal event was seen.
+    ///
+    /// Only the bytes within `max_bytes` are parsed, and the limit is exceeded only if no
+    /// terminal event is among them: bytes that follow the terminal event in the same read
+    /// (blank lines, a `[DONE]` after `response.completed`) do not count, so the outcome does
+    /// not depend on how the stream is cut into reads.
     fn feed(&mut self, chunk: &[u8]) -> Result<bool, StreamError> {
-        self.seen += chunk.len() as u64;
-        if self.seen > self.limits.max_bytes {
+        let room = self.limits.max_bytes.saturating_sub(self.seen);
+        let (within, over) = match usize::try_from(room) {
+            Ok(room) if room < chunk.len() => (&chunk[..room], true),
+            _ => (chunk, false),
+        };
+        self.seen += within.len() as u64;
+        if self.parse(within)? {
+            return Ok(true);
+        }
+        if over {
             return Err(StreamError::TooLarge(self.limits.max_bytes));
         }
+        Ok(false)
+    }
+
+    fn parse(&mut self, chunk: &[u8]) -> Result<bool, StreamError> {
         let accumulator = &mut *self.accumulator;
         let mut sink =
             |event: crate::sse::SseEvent<'_>| match accumulator.push(event.name, event.data)? {
@@ -283,8 +302,12 @@ impl Feeder<'_> {
         coding: Coding,
     ) -> Result<bool, StreamError> {
         let prefix = futures_util::stream::iter([Ok::<_, std::io::Error>(prefix)]);
+        // When the upstream's bytes last arrived: bytes that decode to nothing yet (a flush
+        // block, a header) are not silence (D13), though the decoder returns no output.
+        let arrived: Mutex<Option<Instant>> = Mutex::new(None);
         // `&mut` a body is a body: the decoder reads through the borrow.
         let rest = futures_util::StreamExt::map(body.into_data_stream(), |r| {
+            *arrived.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             r.map_err(std::io::Error::other)
         });
         let reader = StreamReader::new(futures_util::StreamExt::chain(prefix, rest));
@@ -299,7 +322,12 @@ impl Feeder<'_> {
         loop {
             let read = tokio::select! {
                 read = decoder.read(&mut buffer) => read,
-                limit = poll_fn(|cx| idle.as_mut().poll_expired(cx)) => return Err(StreamError::Idle(limit)),
+                limit = poll_fn(|cx| {
+                    if let Some(at) = arrived.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        idle.as_mut().touch_at(at);
+                    }
+                    idle.as_mut().poll_expired(cx)
+                }) => return Err(StreamError::Idle(limit)),
             };
             idle.as_mut().touch();
             match read {
@@ -393,15 +421,32 @@ enum DeflateOrZlib<R: tokio::io::AsyncBufRead> {
     Raw(DeflateDecoder<R>),
 }
 
-impl<R: tokio::io::AsyncBufRead + Unpin + Send> DeflateOrZlib<R> {
+/// The two bytes [`DeflateOrZlib`] looks at, put back in front of the rest.
+type Peeked<R> = tokio::io::Chain<std::io::Cursor<Vec<u8>>, R>;
+
+impl<R: tokio::io::AsyncBufRead + Unpin + Send> DeflateOrZlib<Peeked<R>> {
+    /// Reads the first two bytes, from as many body frames as they take (a body may send
+    /// one byte first); a shorter body is taken for zlib, whose decoder then reports it.
     async fn new(mut reader: R) -> Self {
         use tokio::io::AsyncBufReadExt;
-        let zlib = match reader.fill_buf().await {
-            Ok(head) if head.len() >= 2 => {
-                head[0] & 0x0f == 8 && (u16::from(head[0]) * 256 + u16::from(head[1])) % 31 == 0
+        let mut head = Vec::with_capacity(2);
+        // Bounded: each pass takes at least one byte, or ends.
+        while head.len() < 2 {
+            match reader.fill_buf().await {
+                Ok(buf) if !buf.is_empty() => {
+                    let take = buf.len().min(2 - head.len());
+                    head.extend_from_slice(&buf[..take]);
+                    reader.consume(take);
+                }
+                // The end, or an error that the decoder meets again on its first read.
+                _ => break,
             }
+        }
+        let zlib = match head[..] {
+            [cmf, flg] => cmf & 0x0f == 8 && (u16::from(cmf) * 256 + u16::from(flg)) % 31 == 0,
             _ => true,
         };
+        let reader = std::io::Cursor::new(head).chain(reader);
         if zlib {
             DeflateOrZlib::Zlib(ZlibDecoder::new(reader))
         } else {
