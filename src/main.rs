@@ -42,7 +42,8 @@ Environment:
   TOKIO_WORKER_THREADS  worker threads (default: the CPUs available; 1 runs the
                         current-thread scheduler)
   HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY
-                        proxy for upstream requests (never for loopback upstreams)
+                        http:// proxy for upstream requests (never for loopback
+                        upstreams; NO_PROXY=* for none)
   SSL_CERT_FILE, SSL_CERT_DIR
                         trust store for HTTPS upstreams (default: the system's)
 
@@ -77,6 +78,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = openai_stream_proxy::upstream::check_proxy_env() {
+        fail(e);
+        return ExitCode::FAILURE;
+    }
     if args.check {
         print_resolved(&config);
         return ExitCode::SUCCESS;

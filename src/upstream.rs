@@ -275,6 +275,17 @@ pub enum ClientError {
     /// rustls refused a certificate or the TLS configuration.
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    /// A proxy variable names a proxy the client cannot speak to.
+    #[error(
+        "{var} names a {scheme}:// proxy; only http:// proxies are supported (https upstreams \
+         are reached through them with CONNECT)"
+    )]
+    UnsupportedProxy {
+        /// The environment variable.
+        var: String,
+        /// The proxy URL's scheme.
+        scheme: String,
+    },
 }
 
 impl ClientOptions {
@@ -288,8 +299,7 @@ impl ClientOptions {
             let reasons: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
             tracing::warn!(errors = ?reasons, "no system TLS trust anchors found; https upstreams will fail");
         }
-        let matcher = Matcher::from_env();
-        let proxy = proxy_configured().then(|| Arc::new(matcher));
+        let proxy = proxy_from(&|name| std::env::var(name).ok())?.map(Arc::new);
         Ok(ClientOptions {
             proxy,
             roots: Arc::new(roots),
@@ -319,17 +329,62 @@ impl ClientOptions {
     }
 }
 
-fn proxy_configured() -> bool {
-    [
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ]
-    .iter()
-    .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
+/// Checks the proxy variables of the environment (see [`ClientOptions::from_env`]) without
+/// building a client: what `--check` needs to promise that the daemon starts.
+pub fn check_proxy_env() -> Result<(), ClientError> {
+    proxy_from(&|name| std::env::var(name).ok()).map(|_| ())
+}
+
+/// The proxies that `var` (the environment) configures, read as hyper-util's matcher
+/// reads them (the upper-case name wins when set), or `None` when no request is proxied.
+///
+/// Checked first, because the matcher accepts what the connector cannot do: a `socks5://`
+/// or `https://` proxy would be sent cleartext HTTP (every request through it would fail),
+/// so such a variable is an error at start-up. And `NO_PROXY=*` turns proxying off for
+/// every host, as in curl; the matcher applies `*` to names only, not to IP addresses.
+fn proxy_from(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<Matcher>, ClientError> {
+    let first = |names: [&'static str; 2]| {
+        names
+            .into_iter()
+            .find_map(|name| var(name).map(|value| (name, value)))
+    };
+    let all = first(["ALL_PROXY", "all_proxy"]);
+    let http = first(["HTTP_PROXY", "http_proxy"]);
+    let https = first(["HTTPS_PROXY", "https_proxy"]);
+    let no = first(["NO_PROXY", "no_proxy"]).map_or_else(String::new, |(_, v)| v);
+    // A CGI environment's HTTP_PROXY may come from a request header (httpoxy): the matcher
+    // ignores every proxy variable there, and so do we.
+    if var("REQUEST_METHOD").is_some() {
+        return Ok(None);
+    }
+    let mut configured = false;
+    for (name, value) in [&all, &http, &https].into_iter().flatten() {
+        let value = value.trim();
+        if value.is_empty() {
+            continue;
+        }
+        configured = true;
+        if let Some((scheme, _)) = value.split_once("://") {
+            if !scheme.eq_ignore_ascii_case("http") {
+                return Err(ClientError::UnsupportedProxy {
+                    var: (*name).to_owned(),
+                    scheme: scheme.to_owned(),
+                });
+            }
+        }
+    }
+    if !configured || no.split(',').any(|entry| entry.trim() == "*") {
+        return Ok(None);
+    }
+    let value = |v: Option<(&str, String)>| v.map_or_else(String::new, |(_, v)| v);
+    Ok(Some(
+        Matcher::builder()
+            .all(value(all))
+            .http(value(http))
+            .https(value(https))
+            .no(no)
+            .build(),
+    ))
 }
 
 fn rustls_pemfile_certs(
@@ -517,6 +572,9 @@ impl Service<Uri> for ProxyConnector {
                 })
             }),
             Some(intercept) if self.tunnel_always || dst.scheme() == Some(&Scheme::HTTPS) => {
+                // The tunnel takes a destination without a port for 443: a plain `http`
+                // upstream (a WebSocket to `ws://`) must name its 80.
+                let dst = with_default_port(dst);
                 let proxy_uri = intercept.uri().clone();
                 let mut tunnel = Tunnel::new(proxy_uri.clone(), http);
                 if let Some(auth) = intercept.basic_auth() {
@@ -549,6 +607,26 @@ impl Service<Uri> for ProxyConnector {
                 })
             }
         }
+    }
+}
+
+/// `dst` with its scheme's default port written out when it has none.
+fn with_default_port(dst: Uri) -> Uri {
+    let (Some(host), None) = (dst.host(), dst.port_u16()) else {
+        return dst;
+    };
+    let port = if dst.scheme() == Some(&Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    let mut parts = dst.clone().into_parts();
+    match format!("{host}:{port}").parse() {
+        Ok(authority) => {
+            parts.authority = Some(authority);
+            Uri::from_parts(parts).unwrap_or(dst)
+        }
+        Err(_) => dst,
     }
 }
 
@@ -617,6 +695,94 @@ impl Write for ProxiedStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn proxies(vars: &[(&str, &str)]) -> Result<Option<Matcher>, ClientError> {
+        proxy_from(&|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+        })
+    }
+
+    fn proxied(vars: &[(&str, &str)], url: &str) -> Option<String> {
+        let matcher = proxies(vars).unwrap()?;
+        let uri: Uri = url.parse().unwrap();
+        matcher.intercept(&uri).map(|i| i.uri().to_string())
+    }
+
+    #[test]
+    fn only_http_proxies_are_accepted() {
+        for (var, url, scheme) in [
+            ("ALL_PROXY", "socks5h://127.0.0.1:1080", "socks5h"),
+            ("all_proxy", "socks5://proxy", "socks5"),
+            ("HTTPS_PROXY", "https://proxy:443", "https"),
+            ("http_proxy", "SOCKS4://proxy", "SOCKS4"),
+        ] {
+            match proxies(&[(var, url)]) {
+                Err(ClientError::UnsupportedProxy { var: v, scheme: s }) => {
+                    assert_eq!((v.as_str(), s.as_str()), (var, scheme));
+                }
+                other => panic!("{var}={url}: {:?}", other.map(|m| m.is_some())),
+            }
+        }
+        let message = proxies(&[("ALL_PROXY", "socks5h://p:1080")])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            message.starts_with("ALL_PROXY names a socks5h:// proxy"),
+            "{message}"
+        );
+        for url in ["http://proxy:3128", "HTTP://proxy:3128", "proxy:3128"] {
+            assert!(proxies(&[("HTTPS_PROXY", url)]).unwrap().is_some(), "{url}");
+        }
+        // The upper-case name wins, as in the matcher: a lower-case socks URL under it is
+        // not used, so not refused.
+        let vars = [("ALL_PROXY", "http://p:3128"), ("all_proxy", "socks5://q")];
+        assert!(proxies(&vars).unwrap().is_some());
+        assert!(proxies(&[("HTTP_PROXY", "")]).unwrap().is_none());
+        assert!(proxies(&[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn no_proxy_star_turns_proxying_off_for_addresses_too() {
+        let proxy = ("HTTP_PROXY", "http://proxy.test:3128");
+        assert!(proxied(&[proxy], "http://10.0.0.5:8000/").is_some());
+        for no in ["*", " * ", "internal.test, *"] {
+            assert!(
+                proxies(&[proxy, ("NO_PROXY", no)]).unwrap().is_none(),
+                "{no}"
+            );
+        }
+        // Other entries keep their meaning.
+        let vars = [proxy, ("no_proxy", "10.0.0.0/8, .internal.test")];
+        assert_eq!(proxied(&vars, "http://10.0.0.5:8000/"), None);
+        assert_eq!(proxied(&vars, "http://a.internal.test/"), None);
+        assert!(proxied(&vars, "http://api.example.test/").is_some());
+        // A CGI environment's proxy variables are never used (httpoxy).
+        assert!(proxies(&[proxy, ("REQUEST_METHOD", "GET")])
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn tunnel_destinations_name_their_port() {
+        for (given, expected) in [
+            (
+                "http://llm.test/v1/realtime?x=1",
+                "http://llm.test:80/v1/realtime?x=1",
+            ),
+            (
+                "https://llm.test/v1/realtime",
+                "https://llm.test:443/v1/realtime",
+            ),
+            ("http://llm.test:8000/v1", "http://llm.test:8000/v1"),
+            ("http://[fd00::5]/v1", "http://[fd00::5]:80/v1"),
+        ] {
+            let uri: Uri = given.parse().unwrap();
+            assert_eq!(with_default_port(uri).to_string(), expected);
+        }
+    }
 
     #[test]
     fn prefix_and_trailing_slash_never_double() {

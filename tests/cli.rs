@@ -714,6 +714,38 @@ async fn a_bad_tokio_worker_threads_is_refused() {
     }
 }
 
+/// A proxy variable naming a proxy the client cannot speak to (SOCKS, TLS to the proxy) is
+/// refused at start-up, `--check` included, rather than sent cleartext HTTP at run time.
+#[tokio::test]
+async fn a_proxy_the_client_cannot_speak_to_is_refused() {
+    let dir = TempDir::new("socks-proxy");
+    let path = dir.write(
+        "config.json",
+        &config(&[rule(free_port(), "https://api.example.test")]),
+    );
+    for extra in [&[][..], &["--check"][..]] {
+        let mut args = vec!["-c", path.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut cmd = proxy_command(dir.path(), &args);
+        cmd.env("ALL_PROXY", "socks5h://127.0.0.1:1080");
+        let mut daemon = Daemon::spawn(cmd);
+        let status = daemon.wait_exit(WAIT).await;
+        assert_eq!(status.code(), Some(1), "{extra:?}: {}", daemon.dump());
+        assert!(
+            daemon.seen.iter().any(|l| l.contains(
+                "ALL_PROXY names a socks5h:// proxy; only http:// proxies are supported"
+            )),
+            "{extra:?}: {}",
+            daemon.dump()
+        );
+        assert!(
+            !daemon.seen.iter().any(|l| l.contains("proxy rule")),
+            "nothing may be served: {}",
+            daemon.dump()
+        );
+    }
+}
+
 #[tokio::test]
 async fn log_level_warn_suppresses_info_lines() {
     let upstream = echo_upstream("quiet").await;

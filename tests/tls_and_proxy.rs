@@ -1117,6 +1117,37 @@ async fn proxy_refusing_the_tunnel_is_a_502_naming_the_upstream_and_the_proxy() 
     assert_eq!(upstream.accepted(), 0);
 }
 
+/// A WebSocket to a plain-http upstream without a port tunnels through the proxy to port
+/// 80, not to the tunnel's default of 443.
+#[tokio::test]
+async fn websocket_to_a_plain_upstream_without_a_port_tunnels_to_port_80() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    // The proxy refuses the tunnel: only the CONNECT line matters here.
+    let proxy = ConnectProxy::start("127.0.0.1:9".parse().unwrap(), "502").await;
+    let dir = TempDir::new("ws-http-proxy-port");
+    let daemon = Daemon::start("http://ws.test", &[("HTTP_PROXY", &proxy.url())], dir).await;
+    let request = daemon
+        .url("/v1/realtime")
+        .replace("http://", "ws://")
+        .into_client_request()
+        .unwrap();
+    let stream = TcpStream::connect(("127.0.0.1", daemon.port))
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(request, stream))
+        .await
+        .expect("handshake timed out");
+    assert!(outcome.is_err(), "upgraded through a refused tunnel");
+    let heads = proxy.heads();
+    assert!(
+        heads
+            .first()
+            .is_some_and(|h| h.starts_with("CONNECT ws.test:80 HTTP/1.1\r\n")),
+        "{heads:?}\n{}",
+        daemon.stderr()
+    );
+}
+
 #[tokio::test]
 async fn no_proxy_makes_the_daemon_connect_directly() {
     let cert = TestCert::new(&["upstream.test"]);
