@@ -5,7 +5,8 @@
 //! hop-by-hop headers are dropped and `host` becomes the upstream's authority.
 
 use http::request::Parts;
-use http::{Request, Response, Version};
+use http::{header, HeaderValue, Method, Request, Response, Version};
+use http_body::Body;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
@@ -40,6 +41,19 @@ pub fn upstream_request(
     parts.extensions.clear();
     upstream_request_headers(&mut parts.headers);
     inject(&mut parts.headers, &rule.options.headers);
+    // hyper sends a GET or HEAD whose length it does not know without a body (it assumes
+    // there is none); a client that framed one (chunked, or HTTP/2 DATA without a length)
+    // keeps it, as every request keeps its framing (D17).
+    if matches!(parts.method, Method::GET | Method::HEAD)
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+    {
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     Ok(Request::from_parts(parts, body))
 }
 

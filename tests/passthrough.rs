@@ -682,6 +682,36 @@ async fn client_disconnect_while_waiting_for_headers_cancels_the_upstream_reques
         .unwrap();
 }
 
+/// A GET that carries a chunked body reaches the upstream with it (hyper would send a GET
+/// of unknown length without one); a GET without a body gets no framing added.
+#[tokio::test]
+async fn a_chunked_get_body_is_relayed() {
+    let upstream = MockUpstream::start(|_| response(200, &[], full("ok"))).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let out = raw_exchange(
+        proxy.addr,
+        b"GET /v1/search HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let recorded = upstream.single_request();
+    assert_eq!(&recorded.body[..], b"hello");
+    assert_eq!(recorded.headers["transfer-encoding"], "chunked");
+
+    let (parts, _) = send(
+        Request::get(proxy.url("/v1/models"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let plain = &upstream.requests()[1];
+    assert!(plain.body.is_empty());
+    assert!(plain.headers.get("transfer-encoding").is_none());
+    assert!(plain.headers.get("content-length").is_none());
+}
+
 #[tokio::test]
 async fn absolute_form_targets_are_refused_with_400() {
     let upstream = MockUpstream::start(|_| response(200, &[], full("ok"))).await;
