@@ -81,6 +81,11 @@ pub struct RuleOptions {
     /// Headers set (or replaced) on every upstream request, e.g. an `authorization` key so
     /// clients need none. Values are marked sensitive and never logged.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Whether HTTPS upstreams may be spoken to in HTTP/2 (when they offer it). One HTTP/2
+    /// connection carries every request to an upstream, and requests beyond the server's
+    /// concurrent-stream limit wait for a stream; over HTTP/1.1 each request has a
+    /// connection of its own.
+    pub upstream_http2: bool,
 }
 
 impl Default for RuleOptions {
@@ -93,6 +98,7 @@ impl Default for RuleOptions {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_websocket_message_bytes: DEFAULT_MAX_WEBSOCKET_MESSAGE_BYTES,
             headers: Vec::new(),
+            upstream_http2: true,
         }
     }
 }
@@ -321,30 +327,35 @@ impl Checker<'_> {
         value: &Value,
         key_path: &str,
     ) -> bool {
-        let result =
-            match key {
-                "timeoutSeconds" => positive_seconds(value, key_path).map(|v| options.timeout = v),
-                "keepAliveSeconds" => match value {
-                    Value::Null => {
-                        options.keep_alive = None;
-                        Ok(())
-                    }
-                    v => positive_seconds(v, key_path).map(|v| options.keep_alive = Some(v)),
-                },
-                "convert" => value.as_bool().map(|v| options.convert = v).ok_or_else(|| {
-                    format!("{key_path} must be true or false, found {}", kind(value))
-                }),
-                "maxRequestBodyBytes" => {
-                    positive_integer(value, key_path).map(|v| options.max_request_body_bytes = v)
+        let result = match key {
+            "timeoutSeconds" => positive_seconds(value, key_path).map(|v| options.timeout = v),
+            "keepAliveSeconds" => match value {
+                Value::Null => {
+                    options.keep_alive = None;
+                    Ok(())
                 }
-                "maxResponseBytes" => {
-                    positive_integer(value, key_path).map(|v| options.max_response_bytes = v)
-                }
-                "maxWebSocketMessageBytes" => positive_integer(value, key_path)
-                    .map(|v| options.max_websocket_message_bytes = v),
-                "headers" => headers(value, key_path, self.env).map(|v| options.headers = v),
-                _ => return false,
-            };
+                v => positive_seconds(v, key_path).map(|v| options.keep_alive = Some(v)),
+            },
+            "convert" => value
+                .as_bool()
+                .map(|v| options.convert = v)
+                .ok_or_else(|| format!("{key_path} must be true or false, found {}", kind(value))),
+            "upstreamHttp2" => value
+                .as_bool()
+                .map(|v| options.upstream_http2 = v)
+                .ok_or_else(|| format!("{key_path} must be true or false, found {}", kind(value))),
+            "maxRequestBodyBytes" => {
+                positive_integer(value, key_path).map(|v| options.max_request_body_bytes = v)
+            }
+            "maxResponseBytes" => {
+                positive_integer(value, key_path).map(|v| options.max_response_bytes = v)
+            }
+            "maxWebSocketMessageBytes" => {
+                positive_integer(value, key_path).map(|v| options.max_websocket_message_bytes = v)
+            }
+            "headers" => headers(value, key_path, self.env).map(|v| options.headers = v),
+            _ => return false,
+        };
         self.take(result);
         true
     }
@@ -510,6 +521,22 @@ mod tests {
         assert_eq!(second.options.keep_alive, Some(Duration::from_secs(20)));
         assert_eq!(second.upstream.to_string(), "http://127.0.0.1:9000/openai");
         assert_eq!(config.unknown_keys, vec!["future".to_string()]);
+    }
+
+    #[test]
+    fn upstream_http2_is_on_unless_turned_off() {
+        let config = parse(
+            r#"{"upstreamHttp2":false,"rules":[{"listenPort":1,"upstreamUrl":"https://a"},
+                {"listenPort":2,"upstreamUrl":"https://b","upstreamHttp2":true}]}"#,
+        )
+        .unwrap();
+        assert!(!config.rules[0].options.upstream_http2);
+        assert!(config.rules[1].options.upstream_http2);
+        assert!(RuleOptions::default().upstream_http2);
+        assert!(problem(
+            r#"{"rules":[{"listenPort":1,"upstreamUrl":"https://a","upstreamHttp2":"no"}]}"#
+        )
+        .contains("rules[0].upstreamHttp2 must be true or false, found a string"));
     }
 
     #[test]

@@ -244,10 +244,11 @@ fn print_resolved(config: &Config) {
         let o = &rule.options;
         let headers: Vec<&str> = o.headers.iter().map(|(name, _)| name.as_str()).collect();
         println!(
-            "  {} -> {} (convert: {}, timeout: {} s, keep-alive: {}, max request body: {} B, max response: {} B, max WebSocket message: {} B, injected headers: {})",
+            "  {} -> {} (convert: {}, upstream HTTP/2: {}, timeout: {} s, keep-alive: {}, max request body: {} B, max response: {} B, max WebSocket message: {} B, injected headers: {})",
             rule.listen,
             rule.upstream,
             if o.convert { "on" } else { "off" },
+            if o.upstream_http2 { "when offered" } else { "off" },
             o.timeout.as_secs(),
             o.keep_alive.map_or("off".to_owned(), |d| format!("{} s", d.as_secs())),
             o.max_request_body_bytes,

@@ -70,7 +70,7 @@ impl RuleContext {
         // Boxed: the client's future (pool checkout, hyper's request future) is about
         // 1.9 KiB, and inline it would be copied with every enclosing future (the one
         // hyper boxes among them); callgrind: ~700 fewer instructions per request.
-        let send = Box::pin(self.client.send(request));
+        let send = Box::pin(self.client.send_over(request, self.options.upstream_http2));
         let head = match upload {
             None => tokio::time::timeout(limit, send)
                 .await

@@ -412,6 +412,8 @@ pub type WebSocketTransport = hyper_rustls::MaybeHttpsStream<ProxiedStream>;
 #[derive(Clone)]
 pub struct UpstreamClient {
     client: Client<Connector, UpstreamBody>,
+    /// The same, offering only HTTP/1.1 to HTTPS upstreams (`upstreamHttp2: false`).
+    client_http1: Client<Connector, UpstreamBody>,
     /// The same proxy rules the connector applies, for forwarding-proxy credentials.
     proxy: ProxyConnector,
     /// HTTP/1.1-only connections for WebSocket handshakes (ALPN must not pick h2).
@@ -455,6 +457,11 @@ impl UpstreamClient {
                 tunnel_always: true,
                 ..connector.clone()
             });
+        let https_http1 = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector.clone());
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -462,13 +469,16 @@ impl UpstreamClient {
             .enable_http2()
             .wrap_connector(connector);
 
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        let pooled = |connector: Connector| {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector)
+        };
         Ok(UpstreamClient {
-            client,
+            client: pooled(https),
+            client_http1: pooled(https_http1),
             proxy,
             websocket,
             http1: Http1Pool::with_connect_timeout(options.connect_timeout),
@@ -498,7 +508,18 @@ impl UpstreamClient {
     /// proxy's own hot path).
     pub async fn send(
         &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<http::Response<UpstreamIncoming>, BoxError> {
+        self.send_over(request, true).await
+    }
+
+    /// As [`send`](Self::send); `http2: false` speaks HTTP/1.1 to HTTPS upstreams even when
+    /// they offer HTTP/2 (each request then has a connection of its own, where HTTP/2 puts
+    /// every request on one connection, up to the server's concurrent-stream limit).
+    pub async fn send_over(
+        &self,
         mut request: Request<UpstreamBody>,
+        http2: bool,
     ) -> Result<http::Response<UpstreamIncoming>, BoxError> {
         if request.uri().scheme() == Some(&Scheme::HTTP) {
             match self.proxy.intercept(request.uri()) {
@@ -516,7 +537,12 @@ impl UpstreamClient {
                 }
             }
         }
-        let response = self.client.request(request).await?;
+        let client = if http2 {
+            &self.client
+        } else {
+            &self.client_http1
+        };
+        let response = client.request(request).await?;
         Ok(response.map(UpstreamIncoming::from))
     }
 }

@@ -677,6 +677,31 @@ async fn https_upstream_is_reached_over_h2_by_alpn_on_one_pooled_connection() {
     assert_eq!(upstream.handshakes(), 1);
 }
 
+/// `upstreamHttp2: false`: an upstream offering HTTP/2 is spoken to in HTTP/1.1, and
+/// concurrent requests get connections of their own instead of sharing one (whose
+/// concurrent-stream limit would make the rest wait).
+#[tokio::test]
+async fn upstream_http2_off_speaks_http1_to_an_upstream_that_offers_h2() {
+    let cert = TestCert::new(&["localhost", "127.0.0.1"]);
+    let upstream = TlsUpstream::start(&cert, &["h2", "http/1.1"]).await;
+    let mut opts = options();
+    opts.upstream_http2 = false;
+    let proxy = start_proxy_with_client(
+        &format!("https://localhost:{}", upstream.port()),
+        opts,
+        client_trusting(&cert.pem),
+        Duration::from_secs(5),
+    )
+    .await;
+
+    let (parts, body) = send(get(&proxy.url("/v1/models"))).await;
+    assert_eq!(parts.status, 200, "body: {}", body_text(&body));
+    assert_eq!(parts.headers["x-upstream-version"], "HTTP/1.1");
+    let seen = upstream.seen();
+    assert_eq!(seen[0].version, http::Version::HTTP_11);
+    assert_ne!(seen[0].alpn.as_deref(), Some(&b"h2"[..]));
+}
+
 #[tokio::test]
 async fn concurrent_requests_share_the_h2_connection() {
     let cert = TestCert::new(&["localhost", "127.0.0.1"]);
