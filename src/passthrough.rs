@@ -33,6 +33,13 @@ pub fn upstream_request(
 ) -> Result<Request<UpstreamBody>, ProxyError> {
     let mut parts = parts;
     parts.uri = rule.upstream_uri(&parts.uri)?;
+    // A body of unknown length that the client framed: chunked (HTTP/1), or DATA still to
+    // come (HTTP/2, whose HEADERS did not end the stream), without a content-length.
+    let framed_body = !parts.headers.contains_key(header::CONTENT_LENGTH)
+        && match parts.version {
+            Version::HTTP_2 => !body.is_end_stream() && body.size_hint().exact().is_none(),
+            _ => parts.headers.contains_key(header::TRANSFER_ENCODING),
+        };
     if parts.version == Version::HTTP_2 {
         join_cookies(&mut parts.headers);
     }
@@ -42,13 +49,9 @@ pub fn upstream_request(
     upstream_request_headers(&mut parts.headers);
     inject(&mut parts.headers, &rule.options.headers);
     // hyper sends a GET or HEAD whose length it does not know without a body (it assumes
-    // there is none); a client that framed one (chunked, or HTTP/2 DATA without a length)
-    // keeps it, as every request keeps its framing (D17).
-    if matches!(parts.method, Method::GET | Method::HEAD)
-        && !parts.headers.contains_key(header::CONTENT_LENGTH)
-        && !body.is_end_stream()
-        && body.size_hint().exact().is_none()
-    {
+    // there is none); a client that framed one keeps it, as every request keeps its framing
+    // (D17). A GET that framed none gets none.
+    if framed_body && matches!(parts.method, Method::GET | Method::HEAD) {
         parts.headers.insert(
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),

@@ -286,6 +286,12 @@ pub enum ClientError {
         /// The proxy URL's scheme.
         scheme: String,
     },
+    /// A proxy variable is not a URL (its value is not shown: it may hold credentials).
+    #[error("{var} is not a proxy URL such as http://proxy.example:3128 (check for stray spaces or newlines)")]
+    InvalidProxy {
+        /// The environment variable.
+        var: String,
+    },
 }
 
 impl ClientOptions {
@@ -354,27 +360,24 @@ fn proxy_from(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<Matcher>, C
     let no = first(["NO_PROXY", "no_proxy"]).map_or_else(String::new, |(_, v)| v);
     // A CGI environment's HTTP_PROXY may come from a request header (httpoxy): the matcher
     // ignores every proxy variable there, and so do we.
-    if var("REQUEST_METHOD").is_some() {
+    if var("REQUEST_METHOD").is_some() || no.split(',').any(|entry| entry.trim() == "*") {
         return Ok(None);
     }
-    let mut configured = false;
-    for (name, value) in [&all, &http, &https].into_iter().flatten() {
-        let value = value.trim();
-        if value.is_empty() {
-            continue;
-        }
-        configured = true;
-        if let Some((scheme, _)) = value.split_once("://") {
-            if !scheme.eq_ignore_ascii_case("http") {
-                return Err(ClientError::UnsupportedProxy {
-                    var: (*name).to_owned(),
-                    scheme: scheme.to_owned(),
-                });
-            }
-        }
-    }
-    if !configured || no.split(',').any(|entry| entry.trim() == "*") {
+    let set = |v: &Option<(&'static str, String)>| {
+        v.as_ref()
+            .filter(|(_, value)| !value.is_empty())
+            .map(|(name, value)| (*name, value.clone()))
+    };
+    // ALL_PROXY stands in only for a scheme whose own variable is unset or empty: a SOCKS
+    // ALL_PROXY beside http:// HTTP_PROXY and HTTPS_PROXY (as proxy tools export them) is
+    // never used, so never refused.
+    let all_used = set(&http).is_none() || set(&https).is_none();
+    let used = [set(&http), set(&https), set(&all).filter(|_| all_used)];
+    if used.iter().all(Option::is_none) {
         return Ok(None);
+    }
+    for (name, value) in used.into_iter().flatten() {
+        check_proxy_url(name, &value)?;
     }
     let value = |v: Option<(&str, String)>| v.map_or_else(String::new, |(_, v)| v);
     Ok(Some(
@@ -385,6 +388,24 @@ fn proxy_from(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<Matcher>, C
             .no(no)
             .build(),
     ))
+}
+
+/// A proxy variable's value as the matcher will read it: a URL (or `host:port`) of an
+/// `http` proxy. A value it cannot parse would silently mean no proxy at all.
+fn check_proxy_url(var: &str, value: &str) -> Result<(), ClientError> {
+    let invalid = || ClientError::InvalidProxy {
+        var: var.to_owned(),
+    };
+    let uri: Uri = value.parse().map_err(|_| invalid())?;
+    uri.authority().ok_or_else(invalid)?;
+    match uri.scheme_str() {
+        None => Ok(()),
+        Some(scheme) if scheme.eq_ignore_ascii_case("http") => Ok(()),
+        Some(scheme) => Err(ClientError::UnsupportedProxy {
+            var: var.to_owned(),
+            scheme: scheme.to_owned(),
+        }),
+    }
 }
 
 fn rustls_pemfile_certs(
@@ -768,6 +789,54 @@ mod tests {
         assert!(proxies(&vars).unwrap().is_some());
         assert!(proxies(&[("HTTP_PROXY", "")]).unwrap().is_none());
         assert!(proxies(&[]).unwrap().is_none());
+        // A scheme-less value is an http proxy, as the matcher reads it.
+        assert_eq!(
+            proxied(
+                &[("HTTPS_PROXY", "proxy.test:3128")],
+                "https://api.example.test/"
+            ),
+            Some("http://proxy.test:3128/".to_owned())
+        );
+        // A value the matcher could not parse would mean no proxy at all: refused, without
+        // showing it (it may hold credentials).
+        for bad in ["http://user:secret@proxy:3128\n", " ", "http://"] {
+            match proxies(&[("HTTPS_PROXY", bad)]) {
+                Err(e @ ClientError::InvalidProxy { .. }) => {
+                    assert!(e.to_string().starts_with("HTTPS_PROXY is not a proxy URL"));
+                    assert!(!e.to_string().contains("secret"));
+                }
+                other => panic!("{bad:?}: {:?}", other.map(|m| m.is_some())),
+            }
+        }
+    }
+
+    /// ALL_PROXY is only used for a scheme whose own variable is unset, so a SOCKS one
+    /// beside http:// HTTP_PROXY and HTTPS_PROXY (as proxy tools export them) is fine.
+    #[test]
+    fn an_all_proxy_that_is_never_used_is_not_refused() {
+        let vars = [
+            ("http_proxy", "http://127.0.0.1:7890"),
+            ("https_proxy", "http://127.0.0.1:7890"),
+            ("all_proxy", "socks5://127.0.0.1:7890"),
+        ];
+        assert_eq!(
+            proxied(&vars, "https://api.example.test/"),
+            Some("http://127.0.0.1:7890/".to_owned())
+        );
+        // Used for https when HTTPS_PROXY is missing: refused.
+        assert!(matches!(
+            proxies(
+                &vars[..1]
+                    .iter()
+                    .chain(&vars[2..])
+                    .copied()
+                    .collect::<Vec<_>>()
+            ),
+            Err(ClientError::UnsupportedProxy { .. })
+        ));
+        // Nothing is proxied under NO_PROXY=*, so nothing is refused.
+        let none = [("ALL_PROXY", "socks5://p:1080"), ("NO_PROXY", "*")];
+        assert!(proxies(&none).unwrap().is_none());
     }
 
     #[test]

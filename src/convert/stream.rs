@@ -438,7 +438,7 @@ impl<R: tokio::io::AsyncBufRead + Unpin + Send> DeflateOrZlib<Peeked<R>> {
                     head.extend_from_slice(&buf[..take]);
                     reader.consume(take);
                 }
-                // The end, or an error that the decoder meets again on its first read.
+                // The end, or an error: the decoder then reports a truncated stream.
                 _ => break,
             }
         }
