@@ -712,6 +712,37 @@ async fn a_chunked_get_body_is_relayed() {
     assert!(plain.headers.get("content-length").is_none());
 }
 
+/// The HTTP/2 side of the same: a GET whose HEADERS leave the stream open and whose DATA
+/// has no declared length reaches the HTTP/1 upstream with its body.
+#[tokio::test]
+async fn an_http2_get_with_data_is_relayed_with_its_body() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let upstream = MockUpstream::start(|_| response(200, &[], full("ok"))).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    // A stream body: no exact size, so no content-length is sent.
+    let frames = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+        http_body::Frame::data(Bytes::from_static(b"hello")),
+    )]);
+    let request = Request::get(proxy.url("/v1/search"))
+        .body(http_body_util::StreamBody::new(frames))
+        .unwrap();
+    let response = tokio::time::timeout(WAIT, h2.send_request(request))
+        .await
+        .expect("no answer in time")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let recorded = upstream.single_request();
+    assert_eq!(&recorded.body[..], b"hello");
+    assert!(recorded.headers.get("content-length").is_none());
+    connection.abort();
+}
+
 #[tokio::test]
 async fn absolute_form_targets_are_refused_with_400() {
     let upstream = MockUpstream::start(|_| response(200, &[], full("ok"))).await;
