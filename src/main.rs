@@ -135,7 +135,7 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
         None => None,
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => {
-                tracing::info!(listen = %addr, "admin endpoints /metrics and /healthz");
+                tracing::info!(listen = %addr, "admin endpoints /metrics, /healthz and /livez");
                 let health = server.health();
                 Some(tokio::spawn(admin::serve(
                     listener,
