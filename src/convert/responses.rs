@@ -97,6 +97,9 @@ pub struct ResponsesAccumulator {
     /// The first `output_item.added/done` that could not be placed. It only matters when the
     /// fallback needs the items: then the rebuilt output would silently miss an item (D27).
     unplaced_item: Option<String>,
+    /// The ids of `output_item.added` items that could not be placed (`None`: no id). Such
+    /// an item is not missing if a placed `output_item.done` has its id.
+    unplaced_added: Vec<Option<String>>,
     /// A delta/part event could not be placed; matters only if some item must be rebuilt.
     unplaced_delta: bool,
     /// The last event parsed, when it is a text delta that the next ones repeat but for
@@ -209,6 +212,7 @@ impl ResponsesAccumulator {
 
     /// Builds the body after [`Flow::Finished`] or at a clean end of the upstream stream.
     pub fn finish(self) -> Result<Aggregate, AggregateError> {
+        let added_missing = self.added_items_missing();
         let (terminal, body) = match self.ending {
             None => return Err(AggregateError::Truncated(TERMINAL_EXPECTED)),
             Some(Ending::Failed(error)) => return Err(AggregateError::Upstream(Box::new(error))),
@@ -223,7 +227,14 @@ impl ResponsesAccumulator {
             .or(self.earlier_usage.as_deref())
             .and_then(token_usage);
         let output_missing = object.get("output").is_none_or(is_null_or_empty_array);
-        if let (true, Some(what)) = (output_missing, &self.unplaced_item) {
+        let unplaced = match &self.unplaced_item {
+            Some(what) => Some(what.clone()),
+            None if added_missing => {
+                Some("response.output_item.added without a usable output_index".to_owned())
+            }
+            None => None,
+        };
+        if let (true, Some(what)) = (output_missing, unplaced) {
             // The output must come from the streamed items and one of them has no place:
             // answering without it would be a silently incomplete body (D27).
             return Err(malformed(format!(
@@ -507,6 +518,25 @@ impl ResponsesAccumulator {
         }
     }
 
+    /// Whether an `output_item.added` that had no place lacks a placed `done` with its id
+    /// (then its content would be missing from a rebuilt output). Only looked at when the
+    /// output is rebuilt, so the done items' ids are read only then.
+    fn added_items_missing(&self) -> bool {
+        if self.unplaced_added.is_empty() {
+            return false;
+        }
+        let placed: Vec<String> = self
+            .items
+            .values()
+            .filter_map(|slot| slot.done.as_deref())
+            .filter_map(|raw| serde_json::from_str::<RawObject<'_>>(raw.get()).ok())
+            .filter_map(|object| object.get("id").and_then(raw_string))
+            .collect();
+        self.unplaced_added
+            .iter()
+            .any(|id| id.as_ref().is_none_or(|id| !placed.contains(id)))
+    }
+
     fn output_item(&mut self, kind: &str, event: &Event<'_>) {
         let Some(item) = event.item.filter(|raw| is_object(raw)) else {
             self.unplaced_item = Some(format!("response.{kind} without an item object"));
@@ -530,7 +560,13 @@ impl ResponsesAccumulator {
                 .and_then(|id| self.ids.get(id).copied()),
         };
         let Some(index) = index else {
-            self.unplaced_item = Some(format!("response.{kind} without a usable output_index"));
+            if kind == "output_item.added" {
+                // Not an error yet: its `done` may come with a place (B58 asks that of the
+                // done event only).
+                self.unplaced_added.push(id);
+            } else {
+                self.unplaced_item = Some(format!("response.{kind} without a usable output_index"));
+            }
             return;
         };
         let slot = self.items.entry(index).or_default();
@@ -2429,6 +2465,35 @@ mod tests {
             json!({"type": "response.completed", "response": {"output": null}}),
         ]);
         assert!(matches!(run(&events), Err(AggregateError::Malformed(_))));
+        // An `added` without a place whose done item has one (by id): nothing is missing.
+        let added = json!({"type": "response.output_item.added",
+                           "item": {"id": "m", "type": "message", "content": []}});
+        let events = data_only(&[
+            added.clone(),
+            json!({"type": "response.output_item.done", "output_index": 0,
+                   "item": {"id": "m", "type": "message", "status": "completed"}}),
+            json!({"type": "response.completed", "response": {"output": []}}),
+        ]);
+        assert_eq!(
+            body(&run(&events).unwrap())["output"],
+            json!([{"id": "m", "type": "message", "status": "completed"}])
+        );
+        // Without that done item (or with another id), the item would go missing.
+        for done_id in [None, Some("other")] {
+            let mut events = vec![added.clone()];
+            if let Some(id) = done_id {
+                events.push(
+                    json!({"type": "response.output_item.done", "output_index": 0,
+                                   "item": {"id": id}}),
+                );
+            }
+            events.push(json!({"type": "response.completed", "response": {"output": []}}));
+            let error = run(&data_only(&events)).err();
+            assert!(
+                matches!(&error, Some(AggregateError::Malformed(m)) if m.contains("output_item.added")),
+                "{done_id:?}: {error:?}"
+            );
+        }
         // A delta without a place only matters when some item is rebuilt from deltas.
         let events = data_only(&[
             json!({"type": "response.output_text.delta", "delta": "lost"}),
