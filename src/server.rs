@@ -360,8 +360,9 @@ async fn reload(
             after_removal.push(rule);
             continue;
         }
-        match listen(rule.listen) {
-            Ok(listener) => bound.push((rule, listener)),
+        // Bound only: nothing can connect before the reload is sure to go ahead.
+        match bind(rule.listen) {
+            Ok(socket) => bound.push((rule, socket)),
             Err(e) => {
                 tracing::error!(file = %config.source.display(), listen = %rule.listen, error = %e, "config reload rejected: cannot listen for a rule that is not served yet; the running config keeps serving");
                 return;
@@ -414,17 +415,26 @@ async fn reload(
 
     let mut unserved = 0;
     for rule in after_removal {
-        match listen(rule.listen) {
-            Ok(listener) => bound.push((rule, listener)),
+        match bind(rule.listen) {
+            Ok(socket) => bound.push((rule, socket)),
             Err(e) => {
                 unserved += 1;
                 tracing::error!(listen = %rule.listen, error = %e, "cannot listen for a reloaded rule after the rule it replaces let its port go; it is not served");
             }
         }
     }
-    let added = bound.len();
+    let mut added = 0;
     if let Some(client) = client {
-        for (rule, listener) in bound {
+        for (rule, socket) in bound {
+            let listener = match socket.listen(LISTEN_BACKLOG) {
+                Ok(listener) => listener,
+                Err(e) => {
+                    unserved += 1;
+                    tracing::error!(listen = %rule.listen, error = %e, "cannot listen for a reloaded rule; it is not served");
+                    continue;
+                }
+            };
+            added += 1;
             let service = service_for(rule, client);
             let started = serve(listener, service, running.setup.clone(), running.drain);
             serving.insert(rule.listen, started);
@@ -582,15 +592,24 @@ fn serve(
 }
 
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    bind(addr)?.listen(LISTEN_BACKLOG)
+}
+
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A socket bound to `addr`, not yet listening: no client can connect to it yet, so a
+/// reload can take the addresses it needs and still back out without refusing anyone.
+/// Binding already fails where another socket listens (`SO_REUSEADDR` only lets it reuse
+/// an address whose old connections sit in TIME_WAIT, as a restarted proxy must).
+fn bind(addr: SocketAddr) -> std::io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    // A restarted proxy must be able to bind while old connections sit in TIME_WAIT.
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    Ok(socket)
 }
 
 /// Serves one accepted connection until it ends. On the stop signal it is asked to finish
