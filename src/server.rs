@@ -10,8 +10,7 @@
 //! waited for within the same limit. A reload drains the connections of the rules it
 //! removes, while the others keep serving; open WebSocket sessions are left running.
 
-use std::collections::HashMap;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;

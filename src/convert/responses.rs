@@ -211,9 +211,8 @@ impl ResponsesAccumulator {
     }
 
     /// Builds the body after [`Flow::Finished`] or at a clean end of the upstream stream.
-    pub fn finish(self) -> Result<Aggregate, AggregateError> {
-        let added_missing = self.added_items_missing();
-        let (terminal, body) = match self.ending {
+    pub fn finish(mut self) -> Result<Aggregate, AggregateError> {
+        let (terminal, body) = match self.ending.take() {
             None => return Err(AggregateError::Truncated(TERMINAL_EXPECTED)),
             Some(Ending::Failed(error)) => return Err(AggregateError::Upstream(Box::new(error))),
             Some(Ending::Response { terminal, body }) => (terminal, body),
@@ -228,13 +227,14 @@ impl ResponsesAccumulator {
             .and_then(token_usage);
         let output_missing = object.get("output").is_none_or(is_null_or_empty_array);
         let unplaced = match &self.unplaced_item {
-            Some(what) => Some(what.clone()),
-            None if added_missing => {
-                Some("response.output_item.added without a usable output_index".to_owned())
+            _ if !output_missing => None,
+            Some(what) => Some(what.as_str()),
+            None if self.added_items_missing() => {
+                Some("response.output_item.added without a usable output_index")
             }
             None => None,
         };
-        if let (true, Some(what)) = (output_missing, unplaced) {
+        if let Some(what) = unplaced {
             // The output must come from the streamed items and one of them has no place:
             // answering without it would be a silently incomplete body (D27).
             return Err(malformed(format!(
