@@ -185,8 +185,9 @@ impl Body for ProxyBody {
                 Some(Ok(frame)) => {
                     log.add_bytes(frame.data_ref().map_or(0, |d| d.len() as u64));
                     // Servers stop polling a body whose length is known once it is all
-                    // written, so the end is noted here rather than at `None`.
-                    if kind.as_ref().get_ref().is_end_stream() {
+                    // written, or once they have its trailers, so the end is noted here
+                    // rather than at `None`.
+                    if frame.is_trailers() || kind.as_ref().get_ref().is_end_stream() {
                         log.body_complete();
                     }
                 }

@@ -282,9 +282,16 @@ impl Checker<'_> {
 
     fn socket_address(&mut self, value: &Value, key_path: &str) -> Option<SocketAddr> {
         let result = match value {
-            Value::String(s) => s.parse::<SocketAddr>().map_err(|_| {
-                format!("{key_path}: {s:?} is not an address:port such as \"127.0.0.1:9090\"")
-            }),
+            Value::String(s) => match s.parse::<SocketAddr>() {
+                // Port 0 would listen on a port nobody can know from the config (D22).
+                Ok(address) if address.port() == 0 => Err(format!(
+                    "{key_path}: {s:?} has port 0; choose a port from 1 to 65535"
+                )),
+                Ok(address) => Ok(address),
+                Err(_) => Err(format!(
+                    "{key_path}: {s:?} is not an address:port such as \"127.0.0.1:9090\""
+                )),
+            },
             other => Err(format!(
                 "{key_path} must be a string, found {}",
                 kind(other)
@@ -420,7 +427,12 @@ fn headers(
         let at = format!("{key_path}.{name}");
         let header = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("{at}: {name:?} is not a valid header name"))?;
-        if HOP_BY_HOP.contains(&header) || header == http::header::HOST {
+        // The body's framing is the proxy's to keep: a configured length would cut or stall
+        // every request body.
+        if HOP_BY_HOP.contains(&header)
+            || header == http::header::HOST
+            || header == http::header::CONTENT_LENGTH
+        {
             return Err(format!(
                 "{at}: {name} is managed by the proxy and cannot be set"
             ));
@@ -659,8 +671,15 @@ mod tests {
                 .contains("rules[0].headers.authorization: environment variable NOPE is not set"),
             "{err}"
         );
-        let hop = br#"{"rules":[{"listenPort":1,"upstreamUrl":"http://a","headers":{"connection":"close"}}]}"#;
-        assert!(Config::parse_with_env(Path::new("c.json"), hop, &env).is_err());
+        for managed in ["connection", "Content-Length", "host"] {
+            let text = format!(
+                r#"{{"rules":[{{"listenPort":1,"upstreamUrl":"http://a","headers":{{"{managed}":"2"}}}}]}}"#
+            );
+            let err = Config::parse_with_env(Path::new("c.json"), text.as_bytes(), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("is managed by the proxy"), "{managed}: {err}");
+        }
     }
 
     #[test]
@@ -673,6 +692,13 @@ mod tests {
         assert!(
             clash.contains("adminListen: port 1 is already used by rules[0]"),
             "{clash}"
+        );
+        let zero = problem(
+            r#"{"adminListen":"127.0.0.1:0","rules":[{"listenPort":1,"upstreamUrl":"http://a"}]}"#,
+        );
+        assert!(
+            zero.contains("adminListen: \"127.0.0.1:0\" has port 0"),
+            "{zero}"
         );
     }
 

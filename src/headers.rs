@@ -67,6 +67,8 @@ fn strip(headers: &mut HeaderMap, stale_length: bool) {
     };
     if stale_length && content_length && has(&header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
+    } else if content_length {
+        single_content_length(headers);
     }
     if has(&header::CONNECTION) {
         let listed: Vec<HeaderName> = headers
@@ -84,6 +86,27 @@ fn strip(headers: &mut HeaderMap, stale_length: bool) {
         if present & (1 << i) != 0 {
             headers.remove(name);
         }
+    }
+}
+
+/// Rewrites a `Content-Length` sent as a list (`5, 5`) or on several lines as one value.
+/// hyper accepts such a length when every value is the same, and would relay it as it came;
+/// RFC 9110 §8.6 asks a proxy to forward one value, and strict parsers (Node's, Go's) refuse
+/// the list, so the message would fail at the next hop.
+fn single_content_length(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else { return };
+    if values.next().is_none() && !first.as_bytes().contains(&b',') {
+        return;
+    }
+    let length = first
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    // hyper refused the message unless every value is this number, so one stands for all.
+    if let Some(length) = length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
 }
 

@@ -518,7 +518,13 @@ impl Body for UpstreamIncoming {
         };
         match polled {
             Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
+            // Trailers end a chunked body, though `is_end_stream` does not say so yet, and a
+            // server stops polling a body once it has them.
+            Poll::Ready(Some(Ok(ref frame)))
+                if frame.is_trailers() || this.body.is_end_stream() =>
+            {
+                this.release()
+            }
             // The frames decoded before the error in this same poll are still in the
             // server's write buffer (or an HTTP/2 stream's send queue, which a reset
             // discards). Failing after a yield lets them reach the client first, as they

@@ -68,6 +68,20 @@ impl UpstreamUrl {
                 "{text:?} must not carry credentials; send them as request headers"
             ));
         }
+        // `Uri` takes any text after the colon as a port (and `port_u16` then answers
+        // `None`), so an unchecked `:70000` or `:84a3` would connect to the scheme's default
+        // port instead.
+        let host_end = authority.as_str().rfind(']').map_or(0, |i| i + 1);
+        if let Some(colon) = authority.as_str()[host_end..].rfind(':') {
+            let port = &authority.as_str()[host_end + colon + 1..];
+            if !matches!(port.parse::<u16>(), Ok(p) if p > 0)
+                || !port.bytes().all(|b| b.is_ascii_digit())
+            {
+                return Err(format!(
+                    "{text:?} has port {port:?}; a port is a number from 1 to 65535"
+                ));
+            }
+        }
         if uri.query().is_some() || text.contains('#') {
             return Err(format!(
                 "{text:?} must not have a query or fragment; the request's own query is appended"
@@ -906,8 +920,21 @@ mod tests {
             "http://u:p@x",
             "http://x/?a=1",
             "http://x/#f",
+            "http://127.0.0.1:70000",
+            "https://llm.internal:84a3/v1",
+            "http://x:0",
+            "http://x:+80",
+            "http://[::1]:65536",
         ] {
             assert!(UpstreamUrl::parse(bad).is_err(), "{bad} accepted");
+        }
+        for good in [
+            "http://x:1",
+            "https://[::1]:65535/v1",
+            "http://[::1]",
+            "http://x",
+        ] {
+            assert!(UpstreamUrl::parse(good).is_ok(), "{good} refused");
         }
     }
 }

@@ -118,3 +118,56 @@ async fn each_request_logs_one_line_with_mode_status_and_tokens_but_no_secrets()
         );
     }
 }
+
+/// A chunked answer with trailers ends at its trailers frame, after which servers poll the
+/// body no more: the line says `complete` (not `client_closed`) and the upstream connection,
+/// whose answer was read to its end, serves the next request.
+#[tokio::test(flavor = "current_thread")]
+async fn an_answer_with_trailers_is_complete_and_its_connection_reused() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+
+    let captured = LogCapture::default();
+    let _guard = captured.install();
+    tracing::callsite::rebuild_interest_cache();
+
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let upstream = RawUpstream::start(move |mut stream| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            for _ in 0..4 {
+                if read_head(&mut stream).await.is_empty() {
+                    return;
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-usage: 5\r\n\r\n";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    for n in 0..2 {
+        let path = format!("/v1/trailers/{n}");
+        let (parts, body) = send(
+            Request::get(proxy.url(&path))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(&body[..], b"ok");
+        let line = captured
+            .line_with(&["request", &format!("path={path}")])
+            .await;
+        assert!(line.contains("outcome=complete"), "{line}");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the connection was not reused"
+    );
+}

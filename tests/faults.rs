@@ -508,10 +508,80 @@ async fn conflicting_and_oversized_response_heads_are_502() {
     assert_eq!(got.status, 200);
     assert_eq!(got.body.as_deref().ok(), Some(&b"ok"[..]));
     let lengths: Vec<_> = got.headers.get_all("content-length").iter().collect();
+    assert_eq!(lengths, ["2"]);
+}
+
+/// A length sent as a list of equal values (`2, 2`) or on several lines is accepted, and
+/// forwarded as one value, both ways (RFC 9110 §8.6): Node's and Go's parsers refuse the list, so relaying it
+/// as it came would fail the message at the next hop.
+#[tokio::test]
+async fn a_content_length_list_is_forwarded_as_one_value_both_ways() {
+    let upstream = answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok").await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let got = raw_exchange(
+        proxy.addr,
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("\r\ncontent-length: 2\r\n"), "{text}");
+    assert_eq!(text.matches("content-length").count(), 1, "{text}");
+    assert!(text.ends_with("\r\n\r\nok"), "{text}");
+
+    let (heads_tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let upstream = RawUpstream::start(move |mut stream| {
+        let heads_tx = heads_tx.clone();
+        async move {
+            let head = read_head(&mut stream).await;
+            let mut body = [0u8; 5];
+            let read = stream.read_exact(&mut body).await.is_ok();
+            let _ = heads_tx.send(head);
+            if read {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    // hyper's server refuses a request's length list outright (400); two equal lines it takes.
+    let refused = raw_exchange(
+        proxy.addr,
+        b"POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-length: 5, 5\r\n\r\nhello",
+    )
+    .await;
     assert!(
-        lengths.len() <= 1 || lengths.iter().all(|l| *l == "2"),
-        "{lengths:?}"
+        refused.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&refused)
     );
+    for length in ["5\r\ncontent-length: 5", "5\r\nContent-Length:5"] {
+        let request = format!(
+            "POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-length: {length}\r\nconnection: close\r\n\r\nhello"
+        );
+        let got = raw_exchange(proxy.addr, request.as_bytes()).await;
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{length:?}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        let head = tokio::time::timeout(WAIT, heads.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .to_ascii_lowercase();
+        assert!(
+            head.contains("\r\ncontent-length: 5\r\n"),
+            "{length:?}: {head}"
+        );
+        assert_eq!(
+            head.matches("content-length").count(),
+            1,
+            "{length:?}: {head}"
+        );
+    }
 }
 
 /// RFC 9112 §6.3: with both Transfer-Encoding and Content-Length, Transfer-Encoding wins,
