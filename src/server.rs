@@ -27,6 +27,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::{Config, Rule, DEFAULT_HEADER_READ_TIMEOUT_SECONDS};
 use crate::open_streams::{Counted, OpenStreams};
+use crate::progress::{BlockWatch, WriteBlock};
 use crate::service::ProxyService;
 use crate::upstream::UpstreamClient;
 
@@ -499,15 +500,16 @@ trait GracefulConnection: Future<Output = hyper::Result<()>> {
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
 
-impl GracefulConnection for http1::UpgradeableConnection<TokioIo<TcpStream>, ProxyService> {
+/// A client connection's transport: the socket, its waiting writes noted.
+type ClientIo = TokioIo<BlockWatch<TcpStream>>;
+
+impl GracefulConnection for http1::UpgradeableConnection<ClientIo, ProxyService> {
     fn graceful_shutdown(self: Pin<&mut Self>) {
         http1::UpgradeableConnection::graceful_shutdown(self);
     }
 }
 
-impl GracefulConnection
-    for http2::Connection<TokioIo<TcpStream>, Counted<ProxyService>, TokioExecutor>
-{
+impl GracefulConnection for http2::Connection<ClientIo, Counted<ProxyService>, TokioExecutor> {
     fn graceful_shutdown(self: Pin<&mut Self>) {
         http2::Connection::graceful_shutdown(self);
     }
@@ -637,22 +639,42 @@ async fn serve_connection(
         tracing::debug!(%peer, "no request before the header read timeout or a stop; closing");
         return;
     };
-    let io = TokioIo::new(stream);
+    let stall = WriteStall {
+        block: Arc::new(WriteBlock::default()),
+        limit: service.rule().options.timeout,
+    };
+    let io = TokioIo::new(BlockWatch::new(stream, stall.block.clone()));
     let result = match protocol {
         Protocol::Http1 => {
             let connection = setup.http1.serve_connection(io, service).with_upgrades();
-            until_stopped(connection, stop, None, setup.header_read_timeout).await
+            until_stopped(connection, stop, None, setup.header_read_timeout, &stall).await
         }
         Protocol::Http2 => {
             let streams = OpenStreams::new();
             let service = Counted::new(service, streams.clone());
             let connection = setup.http2.serve_connection(io, service);
-            until_stopped(connection, stop, Some(&streams), setup.header_read_timeout).await
+            let idle_limit = setup.header_read_timeout;
+            until_stopped(connection, stop, Some(&streams), idle_limit, &stall).await
         }
     };
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    match result {
+        Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+        Some(Ok(())) => {}
+        None => tracing::info!(
+            %peer,
+            timeout_s = stall.limit.as_secs_f64(),
+            "the client took no bytes of its response for timeoutSeconds; closing its connection"
+        ),
     }
+}
+
+/// How a connection notices a client that stopped reading: its writes' [`WriteBlock`], and
+/// the rule's `timeoutSeconds`, the longest a write may wait. Without it such a client would
+/// hold its connection, the upstream's and (over HTTP/2 upstreams) a stream slot forever,
+/// since the body's own idle timer is only checked when the server polls the body.
+struct WriteStall {
+    block: Arc<WriteBlock>,
+    limit: Duration,
 }
 
 /// Drives `connection` to its end, asking it to finish gracefully once `stop` turns true
@@ -661,12 +683,16 @@ async fn serve_connection(
 /// HTTP/2's graceful close waits for the client to acknowledge a PING before the final
 /// GOAWAY; a client that never does would keep an idle connection open, so one that stays
 /// idle for another `idle_limit` after the GOAWAY is dropped (it has no stream to lose).
+///
+/// `None` when the connection was dropped because its writes waited longer than `stall`
+/// allows: the client stopped reading, so there is nobody to finish gracefully for.
 async fn until_stopped<C>(
     connection: C,
     mut stop: watch::Receiver<bool>,
     streams: Option<&OpenStreams>,
     idle_limit: Duration,
-) -> C::Output
+    stall: &WriteStall,
+) -> Option<C::Output>
 where
     C: GracefulConnection,
 {
@@ -687,9 +713,22 @@ where
     let mut stop_wait = std::pin::pin!(tokio::task::unconstrained(stop.wait_for(|stop| *stop)));
     let mut registered: Option<Waker> = None;
     let mut idle_wait = std::pin::pin!(idle());
+    // Armed only once a write waits: a connection whose writes go through pays one atomic
+    // load per wake, and no timer.
+    let mut stall_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let ended = poll_fn(|cx| {
         if let Poll::Ready(output) = connection.as_mut().poll(cx) {
             return Poll::Ready(Ended::Done(output));
+        }
+        if let Some(deadline) = stall.block.since().and_then(|s| s.checked_add(stall.limit)) {
+            let timer =
+                stall_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ended::WriteStalled);
+            }
         }
         let waker_known = registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
         // A closed channel counts as a change: the wait then ends, as a stop does.
@@ -703,7 +742,8 @@ where
     })
     .await;
     let stopped = match ended {
-        Ended::Done(output) => return output,
+        Ended::Done(output) => return Some(output),
+        Ended::WriteStalled => return None,
         Ended::Stopped => true,
         Ended::Idle => {
             tracing::debug!("HTTP/2 connection idle; closing it");
@@ -713,11 +753,11 @@ where
     connection.as_mut().graceful_shutdown();
     if stopped {
         // Bounded by the drain limit.
-        return connection.await;
+        return Some(connection.await);
     }
     tokio::select! {
-        output = connection.as_mut() => output,
-        () = idle() => Ok(()),
+        output = connection.as_mut() => Some(output),
+        () = idle() => Some(Ok(())),
     }
 }
 
@@ -726,6 +766,7 @@ enum Ended<T> {
     Done(T),
     Stopped,
     Idle,
+    WriteStalled,
 }
 
 async fn accept_loop(

@@ -1512,3 +1512,66 @@ async fn disconnects_mid_upload_mid_aggregation_and_mid_download_free_everything
     );
     proxy.stop().await;
 }
+
+/// A client that stops reading a streamed answer stops the server from polling its body, and
+/// so every timer the body checks. Its connection notices instead: once its writes have
+/// waited `timeoutSeconds`, it is closed, and the upstream connection with it. Without that
+/// both legs stayed open for as long as the client did.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_after_timeout_seconds() {
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel::<(Instant, usize)>();
+    let upstream = RawUpstream::start(move |mut stream| {
+        let ended_tx = ended_tx.clone();
+        async move {
+            read_head(&mut stream).await;
+            let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            if stream.write_all(head).await.is_err() {
+                return;
+            }
+            let event = format!("data: {}\n\n", "x".repeat(64 * 1024));
+            let chunk = chunk(event.as_bytes());
+            let mut sent = 0;
+            // Bounded: the proxy should cut this within a few seconds.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                match tokio::time::timeout(Duration::from_secs(60), stream.write_all(&chunk)).await {
+                    Ok(Ok(())) => sent += chunk.len(),
+                    _ => break,
+                }
+            }
+            let _ = ended_tx.send((Instant::now(), sent));
+        }
+    })
+    .await;
+    let mut options = options();
+    options.timeout = Duration::from_secs(1);
+    let proxy = start_proxy(&upstream.url(), options).await;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = socket.connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /v1/events HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 64];
+    let n = client.read(&mut first).await.unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    let stopped_reading = Instant::now();
+    // The client now reads nothing more, and keeps its socket open.
+    let (at, sent) = tokio::time::timeout(Duration::from_secs(30), ended.recv())
+        .await
+        .expect("the upstream connection was still open 30 s after the client stopped reading")
+        .unwrap();
+    assert!(
+        at - stopped_reading >= Duration::from_secs(1),
+        "closed after {:?}, before timeoutSeconds",
+        at - stopped_reading
+    );
+    assert!(sent > 0);
+    // The proxy closed the client's connection too: what it still holds reads to an end.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the client's connection is still open");
+    drop(client);
+}
