@@ -4,12 +4,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use openai_stream_proxy::runtime::{self, Workers, WORKER_THREADS_VAR};
 use openai_stream_proxy::server::{Control, DEFAULT_DRAIN};
 use openai_stream_proxy::{admin, ClientOptions, Config, Server, UpstreamClient};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Converts non-streaming OpenAI Chat Completions and Responses calls into upstream
 /// streams and answers with one JSON body; passes everything else through unchanged.
@@ -104,8 +105,15 @@ fn main() -> ExitCode {
         },
         "async runtime"
     );
-    runtime.block_on(run(config, args.config_file))
+    let code = runtime.block_on(run(config, args.config_file));
+    // Dropping the runtime waits for its blocking threads without a limit; one stuck in a
+    // read on a hung file system or a DNS lookup must not hold the exit after the drain.
+    runtime.shutdown_timeout(BLOCKING_GRACE);
+    code
 }
+
+/// How long the exit waits for blocking work still running (a config read, a DNS lookup).
+const BLOCKING_GRACE: Duration = Duration::from_secs(1);
 
 async fn run(config: Config, path: PathBuf) -> ExitCode {
     let client = match ClientOptions::from_env().and_then(UpstreamClient::new) {
@@ -196,14 +204,37 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
             }
         }
     });
-    server
-        .run_with_control(shutdown.received(), control_rx, DEFAULT_DRAIN)
-        .await;
+    // The first SIGTERM/SIGINT drains; a second one (an impatient Ctrl-C) exits at once,
+    // cutting what the drain still waits for.
+    let (drain_tx, drain_rx) = oneshot::channel::<()>();
+    let (force_tx, force_rx) = oneshot::channel::<()>();
+    let signals = tokio::spawn(async move {
+        let mut shutdown = shutdown;
+        shutdown.received().await;
+        let _ = drain_tx.send(());
+        shutdown.received().await;
+        let _ = force_tx.send(());
+    });
+    let drained = server.run_with_control(
+        async {
+            let _ = drain_rx.await;
+        },
+        control_rx,
+        DEFAULT_DRAIN,
+    );
+    let code = tokio::select! {
+        () = drained => ExitCode::SUCCESS,
+        Ok(()) = force_rx => {
+            tracing::warn!("second shutdown signal; exiting without waiting for the drain");
+            ExitCode::FAILURE
+        }
+    };
+    signals.abort();
     reloader.abort();
     if let Some(admin) = admin {
         admin.abort();
     }
-    ExitCode::SUCCESS
+    code
 }
 
 /// Warnings about a valid config: keys we do not know, and credentials injected on a
@@ -381,7 +412,7 @@ impl Signals {
 }
 
 impl ShutdownSignals {
-    async fn received(mut self) {
+    async fn received(&mut self) {
         #[cfg(unix)]
         {
             tokio::select! {

@@ -983,3 +983,110 @@ async fn sigterm_stops_accepting_and_drains_in_flight_requests() {
         daemon.dump()
     );
 }
+
+/// The first SIGTERM drains; a second signal during the drain (an impatient Ctrl-C) exits at
+/// once, with a failure status, instead of being ignored until the drain limit (30 s).
+#[tokio::test]
+async fn a_second_signal_during_the_drain_exits_at_once() {
+    let (feed_tx, mut feed_rx) = mpsc::unbounded_channel();
+    let upstream = MockUpstream::start(move |_| {
+        let (tx, body) = channel_body();
+        let _ = feed_tx.send(tx);
+        response(200, &[("content-type", "text/plain")], body)
+    })
+    .await;
+    let dir = TempDir::new("second-signal");
+    let port = free_port();
+    let path = dir.write("config.json", &config(&[rule(port, &upstream.url())]));
+    let mut daemon = start(&dir, &path, 1).await;
+
+    let url = format!("http://127.0.0.1:{port}/v1/held");
+    let in_flight = tokio::spawn(async move {
+        let response = client()
+            .request(Request::get(url).body(Full::new(Bytes::new())).unwrap())
+            .await
+            .expect("the held request failed");
+        let mut body = response.into_body();
+        while let Some(Ok(_)) = body.frame().await {}
+    });
+    // Held open by the test until the end: the drain has a response to wait for.
+    let _feed = tokio::time::timeout(WAIT, feed_rx.recv())
+        .await
+        .expect("the request never reached the upstream")
+        .unwrap();
+
+    daemon.signal("TERM");
+    daemon
+        .wait_for("the shutdown line", |l| l.contains("shutting down"))
+        .await;
+    assert!(daemon.is_running(), "{}", daemon.dump());
+    daemon.signal("INT");
+    let status = daemon.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(1), "{}", daemon.dump());
+    assert!(
+        daemon.stderr().contains("second shutdown signal"),
+        "{}",
+        daemon.dump()
+    );
+    let _ = tokio::time::timeout(WAIT, in_flight).await;
+}
+
+/// A reload stuck reading its file (here a FIFO nobody writes, as a hung network file system
+/// would be) does not hold the exit: the drain ends and the process exits 0 soon after.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_reload_stuck_reading_the_config_does_not_hold_the_exit() {
+    let upstream = echo_upstream("ok").await;
+    let dir = TempDir::new("stuck-reload");
+    let port = free_port();
+    let path = dir.write("config.json", &config(&[rule(port, &upstream.url())]));
+    let mut daemon = start(&dir, &path, 1).await;
+
+    std::fs::remove_file(&path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    daemon.signal("HUP");
+    // Wait until one of the proxy's threads is blocked opening the FIFO (x86-64 `openat`
+    // is system call 257, aarch64's 56): the reload is then stuck for good.
+    let tasks = format!("/proc/{}/task", daemon.pid());
+    let blocked_in_open = || {
+        std::fs::read_dir(&tasks)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|task| {
+                std::fs::read_to_string(task.path().join("syscall")).is_ok_and(|call| {
+                    let number = call.split(' ').next().unwrap_or("");
+                    number
+                        == if cfg!(target_arch = "aarch64") {
+                            "56"
+                        } else {
+                            "257"
+                        }
+                })
+            })
+    };
+    let deadline = Instant::now() + WAIT;
+    while !blocked_in_open() {
+        assert!(
+            Instant::now() < deadline,
+            "the reload never opened the FIFO"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (parts, _) = get(port, "/v1/models").await;
+    assert_eq!(parts.status, 200);
+
+    let stopping = Instant::now();
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", daemon.dump());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "exit took {:?}",
+        stopping.elapsed()
+    );
+}
