@@ -72,6 +72,16 @@ pub const STALLED_UPSTREAM_REASON: &str = "upstream stopped reading";
 /// `timeoutSeconds`.
 pub const STALLED_CLIENT_REASON: &str = "client stopped reading";
 
+/// Whether `key` is the base64 of 16 bytes: 22 base64 characters and `==`. Anything else
+/// is refused before an upstream session is opened for it.
+fn is_handshake_key(key: &[u8]) -> bool {
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22]
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
 /// Handles an upgrade request: handshake upstream, then answer 101 and pump in the
 /// background, or relay the upstream's refusal.
 pub async fn handle(
@@ -87,6 +97,11 @@ pub async fn handle(
         .ok_or_else(|| {
             ProxyError::BadRequest("WebSocket upgrade without Sec-WebSocket-Key".into())
         })?;
+    if !is_handshake_key(client_key.as_bytes()) {
+        return Err(ProxyError::BadRequest(
+            "Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 §4.2.1)".into(),
+        ));
+    }
     if parts
         .headers
         .get(header::SEC_WEBSOCKET_VERSION)

@@ -407,6 +407,39 @@ async fn upgrade_goes_to_the_same_path_and_query_under_the_upstream_prefix() {
     );
 }
 
+/// RFC 6455 §4.2.1: a key that is not 16 bytes in base64 is a bad request. It is refused
+/// with the error envelope before any upstream session is opened for it.
+#[tokio::test]
+async fn a_malformed_key_is_refused_without_an_upstream_session() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    for key in [
+        "",
+        "not-base64",
+        "dGhlIHNhbXBsZSBub25jZQ",
+        "dGhlIHNhbXBsZSBub25jZQ==x",
+        "dGhl*HNhbXBsZSBub25jZQ==",
+    ] {
+        let mut request = upgrade_request(&proxy.url("/v1/realtime"));
+        request
+            .headers_mut()
+            .insert("sec-websocket-key", key.parse().unwrap());
+        let (parts, got) = send(request).await;
+        assert_eq!(parts.status, 400, "key {key:?}");
+        let error: serde_json::Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!(
+            error["error"]["type"], "invalid_request_error",
+            "key {key:?}"
+        );
+    }
+    assert!(upstream.handshakes().is_empty());
+    // A well-formed key still opens a session.
+    let mut ws = connect(proxy.addr, "/v1/realtime").await;
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text("hi"));
+}
+
 #[tokio::test]
 async fn handshake_headers_are_forwarded_minus_hop_by_hop_and_per_connection_ones() {
     let (events, _rx) = mpsc::channel(64);
