@@ -81,12 +81,16 @@ struct Idle {
     queue: VecDeque<Box<Pooled>>,
 }
 
-/// The `host` header for `authority`: without the scheme's default port, as hyper-util's
-/// client (which the TLS and proxy paths use) writes it.
+/// The `host` header for `authority`: without credentials (a library caller may pass a URI
+/// with some) and without the scheme's default port, as hyper-util's client (which the TLS
+/// and proxy paths use) writes it.
 fn host_value(authority: &Authority) -> &str {
     match authority.port_u16() {
         Some(80) => authority.host(),
-        _ => authority.as_str(),
+        _ => authority
+            .as_str()
+            .rsplit_once('@')
+            .map_or(authority.as_str(), |(_, host)| host),
     }
 }
 
@@ -693,13 +697,16 @@ mod tests {
     }
 
     #[test]
-    fn the_host_header_leaves_out_the_default_port_only() {
+    fn the_host_header_leaves_out_credentials_and_the_default_port_only() {
         for (authority, host) in [
             ("api.example:80", "api.example"),
             ("api.example:8080", "api.example:8080"),
             ("api.example", "api.example"),
             ("[::1]:80", "[::1]"),
             ("127.0.0.1:9100", "127.0.0.1:9100"),
+            ("user:pw@api.example:8080", "api.example:8080"),
+            ("user:pw@api.example", "api.example"),
+            ("user:pw@api.example:80", "api.example"),
         ] {
             let authority: Authority = authority.parse().unwrap();
             assert_eq!(host_value(&authority), host);
