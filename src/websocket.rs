@@ -472,8 +472,11 @@ where
 }
 
 /// Forwards messages from `rx` to `tx` until a close, an error or the end. Pings are
-/// forwarded so liveness stays end to end; pongs are answered per hop by the library and
-/// not forwarded (the sender would get two).
+/// forwarded, so the far peer sees its sender's keepalive, but the library answers every
+/// ping on the hop it arrived on (it has no way to leave that to us), and the far peer's
+/// pong is dropped (the sender would get two). So a ping proves only that the proxy is
+/// alive: a peer that vanished without closing is noticed by the stall limit once a message
+/// to it goes untaken, as in the reference (B105), not by the other side's pings.
 ///
 /// While a send waits for a slow reader, `rx` is read at most one message ahead: that
 /// bounds what the session holds, and still notices a sender that closes or vanishes while

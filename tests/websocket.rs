@@ -952,7 +952,7 @@ async fn client_ping_is_answered_and_the_session_stays_up() {
             Message::text(format!("after {i}"))
         );
     }
-    // An upstream ping reaches the client (liveness is end to end) and is answered.
+    // An upstream ping reaches the client and is answered (by the proxy, on each hop).
     ws.send(Message::text("ping from-upstream")).await.unwrap();
     assert_eq!(
         recv_message(&mut ws).await,
