@@ -17,6 +17,7 @@
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -174,8 +175,8 @@ impl Pooled {
 impl Http1Pool {
     /// A pool whose new connections give up on a connect that takes longer than
     /// `connect_timeout`, as the client's other connectors do with the same option. The
-    /// limit covers the whole connect: the name lookup and every address tried in turn
-    /// (hyper-util's connector gives each address its own share).
+    /// limit covers the whole connect: the name lookup and every address tried (hyper-util's
+    /// connector gives each address its own share).
     pub fn with_connect_timeout(connect_timeout: Option<Duration>) -> Self {
         Http1Pool {
             shared: Arc::new(Shared {
@@ -638,7 +639,10 @@ async fn connect(authority: &Authority, limit: Option<Duration>) -> Result<Box<P
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
-    let connecting = TcpStream::connect((host, port));
+    let connecting = async {
+        let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+        connect_any(interleaved(addresses)).await
+    };
     let connected = match limit {
         Some(limit) => tokio::time::timeout(limit, connecting)
             .await
@@ -656,6 +660,70 @@ async fn connect(authority: &Authority, limit: Option<Duration>) -> Result<Box<P
         waker: Waker::from(signal.clone()),
         signal,
     }))
+}
+
+/// How long an attempt to connect to one address has before the next address is tried
+/// beside it (RFC 8305's recommended 250 ms).
+const NEXT_ADDRESS_AFTER: Duration = Duration::from_millis(250);
+
+/// Connects to the first of `addresses` that answers, starting one attempt at a time and
+/// the next one when the last fails or has had [`NEXT_ADDRESS_AFTER`] without an answer,
+/// the earlier ones still running (RFC 8305). Tried strictly in turn, an address that drops
+/// handshakes (an AAAA record behind a firewall, say) would hold every new connection for
+/// the OS's connect timeout, minutes, before a working one was tried.
+async fn connect_any(addresses: Vec<SocketAddr>) -> std::io::Result<TcpStream> {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut left = addresses.into_iter().peekable();
+    let mut attempts = FuturesUnordered::new();
+    let mut last_error = None;
+    loop {
+        if attempts.is_empty() {
+            match left.next() {
+                Some(address) => attempts.push(TcpStream::connect(address)),
+                None => {
+                    return Err(last_error.unwrap_or_else(|| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "the name resolved to no address",
+                        )
+                    }))
+                }
+            }
+        }
+        let more = left.peek().is_some();
+        tokio::select! {
+            Some(result) = attempts.next() => match result {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last_error = Some(e),
+            },
+            () = tokio::time::sleep(NEXT_ADDRESS_AFTER), if more => {
+                if let Some(address) = left.next() {
+                    attempts.push(TcpStream::connect(address));
+                }
+            }
+        }
+    }
+}
+
+/// `addresses` with the two families alternating, starting with the resolver's first
+/// choice, so that a family that does not work costs one attempt's head start, not one per
+/// address of it.
+fn interleaved(addresses: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let Some(first) = addresses.first() else {
+        return addresses;
+    };
+    let first_is_v4 = first.is_ipv4();
+    let (preferred, other): (Vec<SocketAddr>, Vec<SocketAddr>) = addresses
+        .into_iter()
+        .partition(|a| a.is_ipv4() == first_is_v4);
+    let mut out = Vec::with_capacity(preferred.len() + other.len());
+    let mut other = other.into_iter();
+    for address in preferred {
+        out.push(address);
+        out.extend(other.next());
+    }
+    out.extend(other);
+    out
 }
 
 #[cfg(test)]
@@ -694,6 +762,67 @@ mod tests {
         let error = failed.expect_err("a request to a full accept queue succeeded");
         assert!(error.to_string().contains("no answer within"), "{error}");
         drop(held);
+    }
+
+    /// The first address drops handshakes (a full accept queue, nothing accepting): the
+    /// second, tried beside it after a head start, connects, long before any connect
+    /// timeout. Tried in turn, the first would have held the connect for minutes.
+    #[tokio::test]
+    async fn an_address_that_drops_handshakes_does_not_hold_the_next_one() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let full = socket.listen(0).unwrap();
+        let dropping = full.local_addr().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(dropping)).await
+            {
+                held.push(stream);
+            }
+        }
+        let working = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let working_addr = working.local_addr().unwrap();
+        let connected = tokio::time::timeout(WAIT, connect_any(vec![dropping, working_addr]))
+            .await
+            .expect("the working address was not tried while the first hung")
+            .unwrap();
+        assert_eq!(connected.peer_addr().unwrap(), working_addr);
+        // A refused address is left at once for the next.
+        drop(working);
+        let refused = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused_addr = refused.local_addr().unwrap();
+        drop(refused);
+        let working = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let working_addr = working.local_addr().unwrap();
+        let connected = connect_any(vec![refused_addr, working_addr]).await.unwrap();
+        assert_eq!(connected.peer_addr().unwrap(), working_addr);
+        let error = connect_any(vec![refused_addr]).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert!(connect_any(Vec::new()).await.is_err());
+        drop((held, full));
+    }
+
+    #[test]
+    fn address_families_alternate_from_the_resolvers_first_choice() {
+        let parse = |list: &[&str]| -> Vec<SocketAddr> {
+            list.iter().map(|a| a.parse().unwrap()).collect()
+        };
+        assert_eq!(
+            interleaved(parse(&["[::1]:1", "[::2]:1", "[::3]:1", "10.0.0.1:1"])),
+            parse(&["[::1]:1", "10.0.0.1:1", "[::2]:1", "[::3]:1"])
+        );
+        assert_eq!(
+            interleaved(parse(&[
+                "10.0.0.1:1",
+                "10.0.0.2:1",
+                "[::1]:1",
+                "[::2]:1",
+                "[::3]:1"
+            ])),
+            parse(&["10.0.0.1:1", "[::1]:1", "10.0.0.2:1", "[::2]:1", "[::3]:1"])
+        );
+        assert!(interleaved(Vec::new()).is_empty());
     }
 
     #[test]
