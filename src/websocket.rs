@@ -40,7 +40,8 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data as OpData, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{error::ProtocolError, Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
@@ -512,7 +513,8 @@ where
         };
         traffic.frames += 1;
         traffic.bytes += message.len() as u64;
-        let send = tx.send(message);
+        let mut frames = futures_util::stream::iter(Fragments::of(message).map(Ok));
+        let send = tx.send_all(&mut frames);
         tokio::pin!(send);
         // The first poll hands the message to the sink, before anything is read ahead, so
         // a close read ahead can never overtake it.
@@ -551,6 +553,57 @@ where
                 () = &mut stalled => {
                     return Stop { ending: Ending::WriteStalled, send_pending: true };
                 }
+            }
+        }
+    }
+}
+
+/// Data messages above this size go out as frames of this size. tungstenite hands over
+/// whole messages, so a message its sender split into many frames would otherwise leave as
+/// one frame as large as the message, which a receiver with a frame limit below its message
+/// limit (tungstenite's own defaults: 16 MiB and 64 MiB) refuses, though it takes the same
+/// message fragmented (D20).
+const FRAGMENT_BYTES: usize = 1 << 20;
+
+/// The frames one message is sent as: itself, or above [`FRAGMENT_BYTES`] a first frame of
+/// its type and continuation frames, the last one final. Text is split at any byte: UTF-8
+/// is checked over the whole message, not per frame (RFC 6455 §5.6).
+enum Fragments {
+    Whole(Option<Message>),
+    Split { rest: Bytes, opcode: OpCode },
+}
+
+impl Fragments {
+    fn of(message: Message) -> Fragments {
+        let opcode = match &message {
+            Message::Text(_) => OpCode::Data(OpData::Text),
+            Message::Binary(_) => OpCode::Data(OpData::Binary),
+            _ => return Fragments::Whole(Some(message)),
+        };
+        if message.len() <= FRAGMENT_BYTES {
+            return Fragments::Whole(Some(message));
+        }
+        Fragments::Split {
+            rest: message.into_data(),
+            opcode,
+        }
+    }
+}
+
+impl Iterator for Fragments {
+    type Item = Message;
+
+    fn next(&mut self) -> Option<Message> {
+        match self {
+            Fragments::Whole(message) => message.take(),
+            Fragments::Split { rest, opcode } => {
+                if rest.is_empty() {
+                    return None;
+                }
+                let piece = rest.split_to(rest.len().min(FRAGMENT_BYTES));
+                let frame = Frame::message(piece, *opcode, rest.is_empty());
+                *opcode = OpCode::Data(OpData::Continue);
+                Some(Message::Frame(frame))
             }
         }
     }

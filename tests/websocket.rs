@@ -935,6 +935,41 @@ async fn fragmented_messages_arrive_whole_in_both_directions() {
     assert_eq!(recv_message(&mut ws).await, Message::text(text));
 }
 
+/// A message above tungstenite's default 16 MiB frame limit (and below its 64 MiB message
+/// limit) reaches a client on default settings: the proxy sends it fragmented, as its
+/// sender may have, rather than as one frame the size of the message.
+#[tokio::test]
+async fn a_large_message_reaches_a_client_with_a_smaller_frame_limit() {
+    const SIZE: usize = 20 << 20;
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let request = format!("ws://{}/v1/realtime", proxy.addr)
+        .into_client_request()
+        .unwrap();
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(request, stream))
+        .await
+        .unwrap()
+        .unwrap();
+    ws.send(Message::text(format!("big {SIZE}"))).await.unwrap();
+    assert_eq!(
+        recv_message(&mut ws).await,
+        Message::binary(pattern(SIZE, 7))
+    );
+    // And the other way: the client's 20 MiB message comes back, fragmented again.
+    ws.send(Message::binary(pattern(SIZE, 3))).await.unwrap();
+    assert_eq!(
+        recv_message(&mut ws).await,
+        Message::binary(pattern(SIZE, 3))
+    );
+    // Text is split at any byte and still arrives as the same valid text.
+    // (The leading byte puts every 1 MiB boundary inside a two-byte character.)
+    let text = format!("a{}", "é".repeat((SIZE / 2) + 1));
+    ws.send(Message::text(text.clone())).await.unwrap();
+    assert_eq!(recv_message(&mut ws).await, Message::text(text));
+}
+
 #[tokio::test]
 async fn client_ping_is_answered_and_the_session_stays_up() {
     let (events, _rx) = mpsc::channel(64);
