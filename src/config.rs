@@ -47,6 +47,13 @@ pub struct Config {
     pub unknown_keys: Vec<String>,
 }
 
+/// A rule as far as it could be read: its address, and the whole rule when nothing else
+/// in it was wrong.
+struct ParsedRule {
+    listen: SocketAddr,
+    rule: Option<Rule>,
+}
+
 /// One listening port and where its traffic goes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
@@ -206,40 +213,37 @@ impl Config {
         };
 
         let mut parsed: Vec<Rule> = Vec::with_capacity(rules.len());
+        // Every rule's address that could be read, with its index: a rule with another
+        // problem (a bad upstreamUrl, say) still takes part in the clash checks, so that one
+        // `--check` lists every problem.
+        let mut listens: Vec<(usize, SocketAddr)> = Vec::with_capacity(rules.len());
+        // The unspecified address covers every interface, so it clashes with any other
+        // address on the same port; the OS would refuse the second bind anyway.
+        let clash = |a: SocketAddr, b: SocketAddr| {
+            a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        };
         for (i, rule) in rules.iter().enumerate() {
             let at = format!("rules[{i}]");
             let Some(rule) = rule.as_object() else {
                 check.problem(format!("{at} must be an object, found {}", kind(rule)));
                 continue;
             };
-            let Some(rule) = check.rule(rule, &at, &defaults) else {
+            let Some(ParsedRule { listen, rule }) = check.rule(rule, &at, &defaults) else {
                 continue;
             };
-            // The unspecified address covers every interface, so it clashes with any other
-            // address on the same port; the OS would refuse the second bind anyway.
-            let listen = rule.listen;
-            if let Some(earlier) = parsed.iter().position(|other| {
-                let other = other.listen;
-                other.port() == listen.port()
-                    && (other.ip() == listen.ip()
-                        || other.ip().is_unspecified()
-                        || listen.ip().is_unspecified())
-            }) {
+            if let Some(&(earlier, _)) = listens.iter().find(|(_, other)| clash(*other, listen)) {
                 check.problem(format!(
                     "{at}.listenPort: {} is already used by rules[{earlier}]",
                     listen.port()
                 ));
                 continue;
             }
-            parsed.push(rule);
+            listens.push((i, listen));
+            parsed.extend(rule);
         }
         if let Some(admin) = admin_listen {
-            if let Some(clash) = parsed.iter().position(|r| {
-                r.listen.port() == admin.port()
-                    && (r.listen.ip() == admin.ip()
-                        || r.listen.ip().is_unspecified()
-                        || admin.ip().is_unspecified())
-            }) {
+            if let Some(&(clash, _)) = listens.iter().find(|(_, listen)| clash(*listen, admin)) {
                 check.problem(format!(
                     "adminListen: port {} is already used by rules[{clash}]",
                     admin.port()
@@ -305,7 +309,7 @@ impl Checker<'_> {
         rule: &Map<String, Value>,
         at: &str,
         defaults: &RuleOptions,
-    ) -> Option<Rule> {
+    ) -> Option<ParsedRule> {
         let mut options = defaults.clone();
         for (key, value) in rule {
             let key_path = format!("{at}.{key}");
@@ -318,10 +322,14 @@ impl Checker<'_> {
         let port = self.take(listen_port(rule.get("listenPort"), at));
         let address = self.take(listen_address(rule.get("listenAddress"), at));
         let upstream = self.take(upstream_url(rule.get("upstreamUrl"), at));
-        Some(Rule {
-            listen: SocketAddr::new(address?, port?),
-            upstream: upstream?,
-            options,
+        let listen = SocketAddr::new(address?, port?);
+        Some(ParsedRule {
+            listen,
+            rule: upstream.map(|upstream| Rule {
+                listen,
+                upstream,
+                options,
+            }),
         })
     }
 
@@ -360,7 +368,16 @@ impl Checker<'_> {
             "maxWebSocketMessageBytes" => {
                 positive_integer(value, key_path).map(|v| options.max_websocket_message_bytes = v)
             }
-            "headers" => headers(value, key_path, self.env).map(|v| options.headers = v),
+            "headers" => match headers(value, key_path, self.env) {
+                Ok(v) => {
+                    options.headers = v;
+                    Ok(())
+                }
+                Err(problems) => {
+                    self.problems.extend(problems);
+                    Ok(())
+                }
+            },
             _ => return false,
         };
         self.take(result);
@@ -415,39 +432,56 @@ fn headers(
     value: &Value,
     key_path: &str,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+) -> Result<Vec<(HeaderName, HeaderValue)>, Vec<String>> {
     let Value::Object(map) = value else {
-        return Err(format!(
+        return Err(vec![format!(
             "{key_path} must be an object of header names to values, found {}",
             kind(value)
-        ));
+        )]);
     };
     let mut out = Vec::with_capacity(map.len());
+    let mut problems = Vec::new();
     for (name, raw) in map {
-        let at = format!("{key_path}.{name}");
-        let header = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| format!("{at}: {name:?} is not a valid header name"))?;
-        // The body's framing is the proxy's to keep: a configured length would cut or stall
-        // every request body.
-        if HOP_BY_HOP.contains(&header)
-            || header == http::header::HOST
-            || header == http::header::CONTENT_LENGTH
-        {
-            return Err(format!(
-                "{at}: {name} is managed by the proxy and cannot be set"
-            ));
+        match header(name, raw, &format!("{key_path}.{name}"), env) {
+            Ok(pair) => out.push(pair),
+            Err(problem) => problems.push(problem),
         }
-        let Value::String(raw) = raw else {
-            return Err(format!("{at} must be a string, found {}", kind(raw)));
-        };
-        let expanded = expand_env(raw, env)
-            .map_err(|missing| format!("{at}: environment variable {missing} is not set"))?;
-        let mut header_value = HeaderValue::from_str(&expanded)
-            .map_err(|_| format!("{at}: the value contains characters not allowed in a header"))?;
-        header_value.set_sensitive(true);
-        out.push((header, header_value));
     }
-    Ok(out)
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+/// One entry of a `headers` object.
+fn header(
+    name: &str,
+    raw: &Value,
+    at: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(HeaderName, HeaderValue), String> {
+    let header = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{at}: {name:?} is not a valid header name"))?;
+    // The body's framing is the proxy's to keep: a configured length would cut or stall
+    // every request body.
+    if HOP_BY_HOP.contains(&header)
+        || header == http::header::HOST
+        || header == http::header::CONTENT_LENGTH
+    {
+        return Err(format!(
+            "{at}: {name} is managed by the proxy and cannot be set"
+        ));
+    }
+    let Value::String(raw) = raw else {
+        return Err(format!("{at} must be a string, found {}", kind(raw)));
+    };
+    let expanded = expand_env(raw, env)
+        .map_err(|missing| format!("{at}: environment variable {missing} is not set"))?;
+    let mut header_value = HeaderValue::from_str(&expanded)
+        .map_err(|_| format!("{at}: the value contains characters not allowed in a header"))?;
+    header_value.set_sensitive(true);
+    Ok((header, header_value))
 }
 
 /// Replaces each `${NAME}` with the variable's value; `Err(NAME)` for the first missing one.
@@ -700,6 +734,27 @@ mod tests {
             zero.contains("adminListen: \"127.0.0.1:0\" has port 0"),
             "{zero}"
         );
+    }
+
+    /// One check lists every problem: a rule with a bad upstream still takes part in the
+    /// port clash checks, each bad header is named, and a clash names the rule's own index.
+    #[test]
+    fn every_problem_is_listed_at_once() {
+        let text = problem(
+            r#"{"adminListen":"127.0.0.1:7","rules":[
+                {"listenPort":5,"upstreamUrl":"ftp://x"},
+                {"listenPort":5,"upstreamUrl":"http://a"},
+                {"listenPort":7,"upstreamUrl":"http://b","headers":{"host":"h","x-ok":"v","bad name":"v"}}]}"#,
+        );
+        for needle in [
+            "rules[0].upstreamUrl",
+            "rules[1].listenPort: 5 is already used by rules[0]",
+            "rules[2].headers.host: host is managed by the proxy",
+            "rules[2].headers.bad name: \"bad name\" is not a valid header name",
+            "adminListen: port 7 is already used by rules[2]",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
     }
 
     #[test]
