@@ -482,8 +482,10 @@ where
 /// While a send waits for a slow reader, `rx` is read at most one message ahead: that
 /// bounds what the session holds, and still notices a sender that closes or vanishes while
 /// the other side is stalled (otherwise nothing would read `rx` and the session would hang
-/// for as long as the reader stalls). A close read ahead is returned after the pending
-/// message has been handed to `tx`, so the order on the wire stays the sender's.
+/// for as long as the reader stalls). A close read ahead is returned once the pending
+/// message has been sent whole, so the order on the wire stays the sender's and no message
+/// is cut short (a reader that takes none of it for the stall limit ends the direction
+/// instead); a sender that broke off is returned at once.
 ///
 /// With `stall`, a message the other side takes no bytes of for the limit ends the
 /// direction (`WriteStalled`): progress on `tx`'s connection, however slow, keeps it alive.
@@ -537,6 +539,10 @@ where
             }
         };
         tokio::pin!(stalled);
+        // The sender's close, read ahead: the message in flight is finished first (a large
+        // one is still partly in `frames`), so the other side gets it whole before the
+        // close. Only a receiver that stalls meanwhile loses it.
+        let mut ended: Option<Ending> = None;
         loop {
             tokio::select! {
                 biased;
@@ -544,10 +550,16 @@ where
                     if sent.is_err() {
                         return Stop { ending: Ending::WriteFailed, send_pending: false };
                     }
-                    break;
+                    match ended.take() {
+                        Some(ending) => return Stop { ending, send_pending: false },
+                        None => break,
+                    }
                 }
-                next = read(rx), if ahead.is_none() => match next {
+                next = read(rx), if ahead.is_none() && ended.is_none() => match next {
                     Read::Forward(message) => ahead = Some(message),
+                    Read::End(ending @ Ending::Closed(_)) => ended = Some(ending),
+                    // A sender that broke off gets no goodbye to honour: the receiver may
+                    // be stalled, and dropping is the prompt way out.
                     Read::End(ending) => return Stop { ending, send_pending: true },
                 },
                 () = &mut stalled => {

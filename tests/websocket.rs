@@ -1460,6 +1460,49 @@ async fn a_stalled_upstream_throttles_the_client() {
         .unwrap();
 }
 
+/// A large message (sent on in fragments) followed at once by the sender's close reaches a
+/// slow reader whole, then the close: the close read ahead waits for the message in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_right_after_a_large_message_to_a_slow_reader_waits_for_the_message() {
+    // More than the kernel buffers on the way can hold, so the proxy is still sending the
+    // message when it reads the close.
+    let size = (socket_buffer_ceiling() + (4 << 20)).min(60 << 20);
+    let upstream = WsUpstream::start(None, move |mut ws| async move {
+        let _ = ws.send(Message::binary(pattern(size, 9))).await;
+        let done = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "done".into(),
+        };
+        let _ = ws.send(Message::Close(Some(done))).await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let stream = socket.connect(proxy.addr).await.unwrap();
+    let request = format!("ws://{}/v1/realtime", proxy.addr)
+        .into_client_request()
+        .unwrap();
+    let (mut ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config())),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Slow to start reading: by now the proxy has read the close behind the message.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = recv_message(&mut ws).await;
+    assert!(
+        got == Message::binary(pattern(size, 9)),
+        "expected the whole {size}-byte message first, got {} bytes of {:?}",
+        got.len(),
+        std::mem::discriminant(&got)
+    );
+    assert_close(expect_close(&mut ws).await, 1000, "done");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_vanishing_while_the_upstream_is_stalled_ends_the_session() {
     // One message larger than what the kernel buffers toward the upstream can hold, so the
