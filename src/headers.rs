@@ -103,13 +103,21 @@ fn single_content_length(headers: &mut HeaderMap) {
     if values.next().is_none() && !first.as_bytes().contains(&b',') {
         return;
     }
-    let length = first
-        .to_str()
-        .ok()
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    // hyper refused the message unless every value is this number, so one stands for all.
-    if let Some(length) = length {
+    // hyper refuses differing lengths, except on answers that have no body (HEAD, 204,
+    // 304), whose length it does not read: those keep what they came with.
+    let mut lengths = headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|v| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        });
+    let Some(Some(length)) = lengths.next() else {
+        return;
+    };
+    if lengths.all(|other| other == Some(length)) {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
 }
@@ -192,6 +200,28 @@ pub fn upstream_request_headers(headers: &mut HeaderMap) {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn a_length_list_becomes_one_value_only_when_every_value_agrees() {
+        let lengths = |lines: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append(header::CONTENT_LENGTH, HeaderValue::from_str(line).unwrap());
+            }
+            strip_response_hop_by_hop(&mut headers);
+            headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(lengths(&["5"]), ["5"]);
+        assert_eq!(lengths(&["5, 5"]), ["5"]);
+        assert_eq!(lengths(&["5", " 5 "]), ["5"]);
+        // A bodiless answer's lengths hyper did not check stay as they came.
+        assert_eq!(lengths(&["5, 7"]), ["5, 7"]);
+        assert_eq!(lengths(&["5", "x"]), ["5", "x"]);
+    }
 
     #[test]
     fn removes_fixed_and_connection_listed_names_from_every_connection_line() {

@@ -511,6 +511,28 @@ async fn conflicting_and_oversized_response_heads_are_502() {
     assert_eq!(lengths, ["2"]);
 }
 
+/// The same on the path that relays a large error answer to a converted request (read in
+/// part to look inside it, then relayed with the rest).
+#[tokio::test]
+async fn a_content_length_list_on_a_large_error_to_a_conversion_is_one_value() {
+    const SIZE: usize = 300_000;
+    let answer: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {SIZE}, {SIZE}\r\n\r\n{}",
+            "x".repeat(SIZE)
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let upstream = answering(answer).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let got = get_or_post(&proxy.url(CHAT), true).await;
+    assert_eq!(got.status, 400);
+    assert_eq!(got.body.as_ref().map(|b| b.len()).ok(), Some(SIZE));
+    let lengths: Vec<_> = got.headers.get_all("content-length").iter().collect();
+    assert_eq!(lengths, [SIZE.to_string().as_str()]);
+}
+
 /// A length sent as a list of equal values (`2, 2`) or on several lines is accepted, and
 /// forwarded as one value, both ways (RFC 9110 §8.6): Node's and Go's parsers refuse the list, so relaying it
 /// as it came would fail the message at the next hop.

@@ -42,7 +42,7 @@ use self::stream::{aggregate, Accumulator, Coding, StreamError, StreamLimits};
 use crate::access_log::{AccessLog, ConvertSummary};
 use crate::body::{IdleTimeout, ProxyBody};
 use crate::error::ProxyError;
-use crate::headers::strip_hop_by_hop;
+use crate::headers::{strip_hop_by_hop, strip_response_hop_by_hop};
 use crate::metrics::Metrics;
 use crate::passthrough;
 use crate::route::Mode;
@@ -830,11 +830,9 @@ fn relay_after(
     rest: UpstreamIncoming,
     idle: Duration,
 ) -> Response<ProxyBody> {
-    // RFC 9112 §6.3: with both framings, Transfer-Encoding decides and Content-Length is stale.
-    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
-        parts.headers.remove(header::CONTENT_LENGTH);
-    }
-    strip_hop_by_hop(&mut parts.headers);
+    // Also drops a Content-Length that Transfer-Encoding makes stale (RFC 9112 §6.3), and
+    // sends a length list (`5, 5`) on as one value.
+    strip_response_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_11;
     Response::from_parts(parts, ProxyBody::upstream_after(prefix, rest, idle))
 }
