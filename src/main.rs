@@ -112,6 +112,9 @@ fn main() -> ExitCode {
     code
 }
 
+/// Shutdown signals this soon after the first one repeat it rather than insist.
+const SAME_SHUTDOWN_REQUEST: Duration = Duration::from_secs(1);
+
 /// How long the exit waits for blocking work still running (a config read, a DNS lookup).
 const BLOCKING_GRACE: Duration = Duration::from_secs(1);
 
@@ -205,15 +208,23 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
         }
     });
     // The first SIGTERM/SIGINT drains; a second one (an impatient Ctrl-C) exits at once,
-    // cutting what the drain still waits for.
+    // cutting what the drain still waits for. Signals within a second of the first are
+    // the same request: a terminal's Ctrl-C reaches a whole process group, and process
+    // managers forward their own signal besides.
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
     let (force_tx, force_rx) = oneshot::channel::<()>();
     let signals = tokio::spawn(async move {
         let mut shutdown = shutdown;
         shutdown.received().await;
         let _ = drain_tx.send(());
-        shutdown.received().await;
-        let _ = force_tx.send(());
+        let first = tokio::time::Instant::now();
+        loop {
+            shutdown.received().await;
+            if first.elapsed() >= SAME_SHUTDOWN_REQUEST {
+                let _ = force_tx.send(());
+                return;
+            }
+        }
     });
     let drained = server.run_with_control(
         async {
