@@ -38,6 +38,16 @@ pub enum ProxyError {
         /// The timeout that ran out, in seconds.
         seconds: u64,
     },
+    /// The connection to the upstream timed out before it was made (the OS's connect
+    /// timeout, minutes, or a client's own): a timeout, so 504 like a head that did not come
+    /// (D13), whichever of the two limits ran out first.
+    #[error("connecting to upstream {upstream} timed out: {reason}")]
+    UpstreamConnectTimeout {
+        /// The upstream base URL.
+        upstream: String,
+        /// What timed out, with the error's chain of causes.
+        reason: String,
+    },
     /// The upstream's stream could not be turned into a response (truncated, corrupt,
     /// over the size limit).
     #[error("upstream {upstream} returned an unusable stream: {reason}")]
@@ -83,7 +93,7 @@ impl ProxyError {
                 "upstream_error",
                 Value::from("upstream_error"),
             ),
-            ProxyError::UpstreamTimeout { .. } => (
+            ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamConnectTimeout { .. } => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
                 Value::from("upstream_timeout"),
@@ -120,7 +130,9 @@ impl ProxyError {
     pub fn upstream_kind(&self) -> Option<&'static str> {
         match self {
             ProxyError::UpstreamUnreachable { .. } => Some("connect"),
-            ProxyError::UpstreamTimeout { .. } => Some("timeout"),
+            ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamConnectTimeout { .. } => {
+                Some("timeout")
+            }
             ProxyError::UpstreamStream { .. } => Some("incomplete_stream"),
             ProxyError::UpstreamReported(_) => Some("in_stream_error"),
             ProxyError::BadRequest(_)

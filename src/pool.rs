@@ -643,13 +643,21 @@ async fn connect(authority: &Authority, limit: Option<Duration>) -> Result<Box<P
         let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
         connect_any(interleaved(addresses)).await
     };
+    // The kind survives (`TimedOut` above all): the proxy answers a connect that timed out
+    // with 504, as it does a head that did not come, and a refused one with 502 (D13).
     let connected = match limit {
         Some(limit) => tokio::time::timeout(limit, connecting)
             .await
-            .map_err(|_| format!("tcp connect error: no answer within {limit:?}"))?,
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {limit:?}"),
+                ))
+            }),
         None => connecting.await,
     };
-    let stream = connected.map_err(|e| format!("tcp connect error: {e}"))?;
+    let stream =
+        connected.map_err(|e| std::io::Error::new(e.kind(), format!("tcp connect error: {e}")))?;
     stream.set_nodelay(true)?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
     let signal = Arc::new(Signal::default());

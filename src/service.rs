@@ -101,6 +101,10 @@ impl RuleContext {
             Ok(Err(e)) if is_request_body_error(&*e) => {
                 Err(ProxyError::RequestBody(error_chain(&*e)))
             }
+            Ok(Err(e)) if is_timeout(&*e) => Err(ProxyError::UpstreamConnectTimeout {
+                upstream: self.upstream.to_string(),
+                reason: error_chain(&*e),
+            }),
             Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable {
                 upstream: self.upstream.to_string(),
                 reason: error_chain(&*e),
@@ -345,6 +349,22 @@ fn is_request_body_error(error: &(dyn std::error::Error + 'static)) -> bool {
     while let Some(cause) = source {
         if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
             return hyper_error.is_user();
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// Whether an upstream failure is a timeout somewhere in its chain (a connect that got no
+/// answer: `ETIMEDOUT` from the OS, or a connector's own limit).
+pub(crate) fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
         }
         source = cause.source();
     }

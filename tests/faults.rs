@@ -196,6 +196,48 @@ async fn an_upstream_that_breaks_off_mid_head_is_502() {
     }
 }
 
+/// A connect that gets no answer (a SYN dropped by a firewall; here a full accept queue)
+/// is a timeout, so 504 like a head that does not come (D13), whichever limit ran out:
+/// the client's connect timeout here, the OS's (about two minutes) in the daemon. It was
+/// 502 `upstream_error` before, so the same fault gave 502 or 504 by `timeoutSeconds`.
+#[tokio::test]
+async fn a_connect_that_times_out_is_504_in_every_mode() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = socket.listen(0).unwrap();
+    let addr = full.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
+            held.push(stream);
+        }
+    }
+    let client = openai_stream_proxy::UpstreamClient::new(openai_stream_proxy::ClientOptions {
+        proxy: None,
+        roots: Arc::new(rustls::RootCertStore::empty()),
+        connect_timeout: Some(Duration::from_millis(300)),
+    })
+    .unwrap();
+    let proxy = start_proxy_with_client(
+        &format!("http://{addr}"),
+        options(),
+        client,
+        Duration::from_secs(5),
+    )
+    .await;
+    for convert in [false, true] {
+        let got = get_or_post(&proxy.url(CHAT), convert).await;
+        assert_eq!(got.status, 504, "convert {convert}: {:?}", got.body);
+        assert_eq!(gateway_error(&got, "connect timeout"), "upstream_timeout");
+        let body = got.body.unwrap();
+        let message = String::from_utf8_lossy(&body);
+        assert!(message.contains("timed out"), "{message}");
+    }
+    drop(held);
+}
+
 /// Anything that is not an HTTP/1.1 response head is a 502 as soon as it arrives: the
 /// upstream keeps the connection open, so the answer cannot be the close or a timeout.
 #[tokio::test]
