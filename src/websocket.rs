@@ -53,7 +53,7 @@ use crate::headers::{
 };
 use crate::metrics::{BytesLabels, Metrics, ModeLabel, PortLabels};
 use crate::progress::{ProgressClock, WriteClock};
-use crate::service::{error_chain, RuleContext};
+use crate::service::{error_chain, is_timeout, RuleContext};
 use crate::upstream::UpstreamBody;
 
 /// How long a close handshake may take once one side has closed.
@@ -109,12 +109,28 @@ pub async fn handle(
         .map(|v| v.as_bytes())
         != Some(b"13")
     {
-        let mut response = Response::new(ProxyBody::empty());
+        // RFC 6455 §4.4: 426 naming the version spoken; the body is the error envelope every
+        // other refusal of the proxy's own carries.
+        let body = crate::error::envelope_bytes(
+            "WebSocket upgrade without Sec-WebSocket-Version 13, the only version this proxy \
+             speaks (RFC 6455 §4.4)",
+            "invalid_request_error",
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+        );
+        let length = body.len();
+        let mut response = Response::new(ProxyBody::from(body));
         *response.status_mut() = StatusCode::UPGRADE_REQUIRED;
-        response.headers_mut().insert(
+        let headers = response.headers_mut();
+        headers.insert(
             header::SEC_WEBSOCKET_VERSION,
             HeaderValue::from_static("13"),
         );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         return Ok(response);
     }
     let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
@@ -153,7 +169,16 @@ pub async fn handle(
             .client
             .connect_websocket(connect_uri.clone())
             .await
-            .map_err(|e| failed(error_chain(&*e)))?;
+            .map_err(|e| {
+                if is_timeout(&*e) {
+                    ProxyError::UpstreamConnectTimeout {
+                        upstream: target.clone(),
+                        reason: error_chain(&*e),
+                    }
+                } else {
+                    failed(error_chain(&*e))
+                }
+            })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(io.into_inner())
             .await
             .map_err(|e| failed(format!("WebSocket handshake failed: {}", error_chain(&e))))?;

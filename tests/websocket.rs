@@ -440,6 +440,39 @@ async fn a_malformed_key_is_refused_without_an_upstream_session() {
     assert_eq!(recv_message(&mut ws).await, Message::text("hi"));
 }
 
+/// RFC 6455 §4.4: an upgrade for a version other than 13 (or none) gets 426 naming 13,
+/// with the error envelope as its body, and opens no upstream session.
+#[tokio::test]
+async fn an_unsupported_version_is_426_with_an_envelope() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    for version in [Some("8"), Some("13, 8"), None] {
+        let mut request = upgrade_request(&proxy.url("/v1/realtime"));
+        match version {
+            Some(version) => {
+                request
+                    .headers_mut()
+                    .insert("sec-websocket-version", version.parse().unwrap());
+            }
+            None => {
+                request.headers_mut().remove("sec-websocket-version");
+            }
+        }
+        let (parts, got) = send(request).await;
+        assert_eq!(parts.status, 426, "version {version:?}");
+        assert_eq!(parts.headers["sec-websocket-version"], "13");
+        let error: serde_json::Value = serde_json::from_slice(&got)
+            .unwrap_or_else(|e| panic!("version {version:?}: {e}: {got:?}"));
+        assert_eq!(error["error"]["type"], "invalid_request_error");
+        assert!(error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Sec-WebSocket-Version 13"));
+    }
+    assert!(upstream.handshakes().is_empty());
+}
+
 #[tokio::test]
 async fn handshake_headers_are_forwarded_minus_hop_by_hop_and_per_connection_ones() {
     let (events, _rx) = mpsc::channel(64);
