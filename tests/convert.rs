@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const CHAT_STREAM: &str = concat!(
     "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":7,\"model\":\"m-1\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":null,\"obfuscation\":\"x\"}\n\n",
@@ -519,6 +520,66 @@ async fn body_limits_give_413_and_502() {
     )
     .await;
     assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 413"));
+}
+
+/// A client that writes its whole request body before it reads gets the 413 envelope, with
+/// either framing. The proxy answers as soon as the limit is passed and closes without
+/// reading the rest, so the client's writes fail (httpx, and so the OpenAI Python SDK, then
+/// reads the answer anyway, as this test does). The close meets unread bytes and resets the
+/// connection; Linux still hands the client the answer that arrived before the reset.
+#[tokio::test]
+async fn an_oversized_upload_written_whole_before_reading_gets_the_413() {
+    let upstream = MockUpstream::start(|_| sse(CHAT_STREAM)).await;
+    let mut opts = options();
+    opts.max_request_body_bytes = 1024;
+    let proxy = start_proxy(&upstream.url(), opts).await;
+    const SIZE: usize = 16 << 20;
+    for declared in [true, false] {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let framing = if declared {
+            format!("content-length: {SIZE}")
+        } else {
+            "transfer-encoding: chunked".to_owned()
+        };
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{framing}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let block = vec![b' '; 64 << 10];
+        let mut written = 0;
+        let mut write_error = None;
+        while written < SIZE {
+            let result = if declared {
+                tokio::time::timeout(WAIT, stream.write_all(&block)).await
+            } else {
+                let mut framed = format!("{:x}\r\n", block.len()).into_bytes();
+                framed.extend_from_slice(&block);
+                framed.extend_from_slice(b"\r\n");
+                tokio::time::timeout(WAIT, stream.write_all(&framed)).await
+            };
+            match result {
+                Ok(Ok(())) => written += block.len(),
+                Ok(Err(e)) => {
+                    write_error = Some(e);
+                    break;
+                }
+                Err(_) => panic!("declared {declared}: the upload stalled after {written} bytes"),
+            }
+        }
+        if !declared && write_error.is_none() {
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+        }
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
+            .await
+            .expect("the answer hung");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 413"),
+            "declared {declared}: write error {write_error:?}, read {read:?}, answer {answer:?}"
+        );
+        assert!(answer.contains("invalid_request_error"), "{answer}");
+    }
 }
 
 #[tokio::test]
