@@ -601,13 +601,16 @@ const LISTEN_BACKLOG: u32 = 1024;
 /// A socket bound to `addr`, not yet listening: no client can connect to it yet, so a
 /// reload can take the addresses it needs and still back out without refusing anyone.
 /// Binding already fails where another socket listens (`SO_REUSEADDR` only lets it reuse
-/// an address whose old connections sit in TIME_WAIT, as a restarted proxy must).
+/// an address whose old connections sit in TIME_WAIT, as a restarted proxy must). Not on
+/// Windows: there the option lets a socket bind a port another process listens on, and
+/// TIME_WAIT does not hold a listening port anyway.
 fn bind(addr: SocketAddr) -> std::io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
+    #[cfg(not(windows))]
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     Ok(socket)
