@@ -88,10 +88,11 @@ pub struct RuleOptions {
     /// Headers set (or replaced) on every upstream request, e.g. an `authorization` key so
     /// clients need none. Values are marked sensitive and never logged.
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// Whether HTTPS upstreams may be spoken to in HTTP/2 (when they offer it). One HTTP/2
-    /// connection carries every request to an upstream, and requests beyond the server's
-    /// concurrent-stream limit wait for a stream; over HTTP/1.1 each request has a
-    /// connection of its own.
+    /// Whether HTTPS upstreams may be spoken to in HTTP/2 (when they offer it). Off by
+    /// default (D15: no hidden cap on upstream connections): one HTTP/2 connection carries
+    /// every request to an upstream, and requests beyond the server's concurrent-stream
+    /// limit wait for a stream, while over HTTP/1.1 each request in flight has a pooled
+    /// connection of its own, as with the official SDKs, which speak HTTP/1.1.
     pub upstream_http2: bool,
 }
 
@@ -105,7 +106,7 @@ impl Default for RuleOptions {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_websocket_message_bytes: DEFAULT_MAX_WEBSOCKET_MESSAGE_BYTES,
             headers: Vec::new(),
-            upstream_http2: true,
+            upstream_http2: false,
         }
     }
 }
@@ -570,15 +571,17 @@ mod tests {
     }
 
     #[test]
-    fn upstream_http2_is_on_unless_turned_off() {
+    fn upstream_http2_is_off_unless_turned_on() {
         let config = parse(
-            r#"{"upstreamHttp2":false,"rules":[{"listenPort":1,"upstreamUrl":"https://a"},
-                {"listenPort":2,"upstreamUrl":"https://b","upstreamHttp2":true}]}"#,
+            r#"{"upstreamHttp2":true,"rules":[{"listenPort":1,"upstreamUrl":"https://a"},
+                {"listenPort":2,"upstreamUrl":"https://b","upstreamHttp2":false}]}"#,
         )
         .unwrap();
+        assert!(config.rules[0].options.upstream_http2);
+        assert!(!config.rules[1].options.upstream_http2);
+        assert!(!RuleOptions::default().upstream_http2);
+        let config = parse(r#"{"rules":[{"listenPort":1,"upstreamUrl":"https://a"}]}"#).unwrap();
         assert!(!config.rules[0].options.upstream_http2);
-        assert!(config.rules[1].options.upstream_http2);
-        assert!(RuleOptions::default().upstream_http2);
         assert!(problem(
             r#"{"rules":[{"listenPort":1,"upstreamUrl":"https://a","upstreamHttp2":"no"}]}"#
         )

@@ -630,13 +630,20 @@ fn assert_upstream_error(parts: &http::response::Parts, body: &[u8]) -> String {
 // In-process: TLS, ALPN, pooling, TLS failures
 // ---------------------------------------------------------------------------------------
 
+/// `upstreamHttp2: true` (off by default, D15).
+fn h2_options() -> openai_stream_proxy::RuleOptions {
+    let mut opts = options();
+    opts.upstream_http2 = true;
+    opts
+}
+
 #[tokio::test]
 async fn https_upstream_is_reached_over_h2_by_alpn_on_one_pooled_connection() {
     let cert = TestCert::new(&["localhost", "127.0.0.1"]);
     let upstream = TlsUpstream::start(&cert, &["h2", "http/1.1"]).await;
     let proxy = start_proxy_with_client(
         &format!("https://localhost:{}", upstream.port()),
-        options(),
+        h2_options(),
         client_trusting(&cert.pem),
         Duration::from_secs(5),
     )
@@ -677,9 +684,9 @@ async fn https_upstream_is_reached_over_h2_by_alpn_on_one_pooled_connection() {
     assert_eq!(upstream.handshakes(), 1);
 }
 
-/// `upstreamHttp2: false`: an upstream offering HTTP/2 is spoken to in HTTP/1.1, and
-/// concurrent requests get connections of their own instead of sharing one (whose
-/// concurrent-stream limit would make the rest wait).
+/// `upstreamHttp2: false` (the default, D15): an upstream offering HTTP/2 is spoken to in
+/// HTTP/1.1, and concurrent requests get pooled connections of their own instead of sharing
+/// one (whose concurrent-stream limit would make the rest wait).
 #[tokio::test]
 async fn upstream_http2_off_speaks_http1_to_an_upstream_that_offers_h2() {
     let cert = TestCert::new(&["localhost", "127.0.0.1"]);
@@ -700,6 +707,24 @@ async fn upstream_http2_off_speaks_http1_to_an_upstream_that_offers_h2() {
     let seen = upstream.seen();
     assert_eq!(seen[0].version, http::Version::HTTP_11);
     assert_ne!(seen[0].alpn.as_deref(), Some(&b"h2"[..]));
+    // Requests in flight together each get a connection; sequential ones reuse them.
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let url = proxy.url(&format!("/v1/models/{i}"));
+        tasks.push(tokio::spawn(async move { send(get(&url)).await.0.status }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    let accepted = upstream.accepted();
+    assert!((1..=4).contains(&accepted), "{accepted} connections");
+    let (parts, _) = send(get(&proxy.url("/v1/models"))).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(
+        upstream.accepted(),
+        accepted,
+        "a pooled connection was not reused"
+    );
 }
 
 #[tokio::test]
@@ -708,7 +733,7 @@ async fn concurrent_requests_share_the_h2_connection() {
     let upstream = TlsUpstream::start(&cert, &["h2", "http/1.1"]).await;
     let proxy = start_proxy_with_client(
         &format!("https://127.0.0.1:{}", upstream.port()),
-        options(),
+        h2_options(),
         client_trusting(&cert.pem),
         Duration::from_secs(5),
     )
@@ -733,13 +758,14 @@ async fn concurrent_requests_share_the_h2_connection() {
     assert_eq!(upstream.accepted(), 1);
 }
 
+/// With HTTP/2 on, a server that offers only HTTP/1.1 is spoken to in HTTP/1.1, kept alive.
 #[tokio::test]
 async fn https_upstream_offering_only_http1_is_spoken_to_in_http1_with_keep_alive() {
     let cert = TestCert::new(&["localhost", "127.0.0.1"]);
     let upstream = TlsUpstream::start(&cert, &["http/1.1"]).await;
     let proxy = start_proxy_with_client(
         &format!("https://localhost:{}", upstream.port()),
-        options(),
+        h2_options(),
         client_trusting(&cert.pem),
         Duration::from_secs(5),
     )
@@ -907,7 +933,10 @@ async fn daemon_trusts_the_certificates_in_ssl_cert_file() {
     }
     let seen = upstream.seen();
     assert_eq!(seen.len(), 2);
-    assert!(seen.iter().all(|s| s.version == http::Version::HTTP_2));
+    // HTTP/1.1 by default (D15), over one kept-alive connection.
+    assert!(seen.iter().all(|s| s.version == http::Version::HTTP_11));
+    // An HTTP/1-only client offers no ALPN protocol, so the server cannot pick h2.
+    assert!(seen.iter().all(|s| s.alpn.is_none()));
     assert_eq!(seen[0].peer, seen[1].peer);
     assert_eq!(upstream.accepted(), 1);
 }
@@ -1021,11 +1050,11 @@ async fn https_proxy_is_used_through_a_connect_tunnel_to_the_upstream_name() {
     assert_eq!(seen.len(), 2);
     for s in &seen {
         assert_eq!(s.sni.as_deref(), Some("upstream.test"));
-        assert_eq!(s.version, http::Version::HTTP_2);
+        assert_eq!(s.version, http::Version::HTTP_11);
         assert_eq!(s.uri.path(), "/v1/models");
         assert_eq!(s.headers["authorization"], "Bearer sk-test");
     }
-    // One tunnel, reused by the pooled HTTP/2 connection.
+    // One tunnel, reused by the pooled kept-alive connection.
     assert_eq!(proxy.connections(), 1);
     let heads = proxy.heads();
     assert_eq!(heads.len(), 1);
