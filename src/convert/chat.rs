@@ -862,12 +862,16 @@ impl<'a> ObjectWriter<'a> {
 }
 
 /// `choices[].logprobs`: `content` and `refusal` token lists are appended (entries moved, not
-/// cloned); a `logprobs: null` chunk (the finish chunk) changes nothing.
+/// cloned); a `logprobs: null` chunk (the finish chunk) changes nothing. As in the SDKs, the
+/// first `logprobs` object is taken as it is (`"content": []` stays `[]`), and a later one
+/// extends a list only with tokens, so an empty list never turns a `null` into `[]`.
 #[derive(Default)]
 struct Logprobs {
     content: Option<Vec<Value>>,
     refusal: Option<Vec<Value>>,
     extras: Map<String, Value>,
+    /// Whether an object has been applied yet.
+    started: bool,
 }
 
 impl Logprobs {
@@ -876,12 +880,13 @@ impl Logprobs {
         let Value::Object(members) = value else {
             return;
         };
+        let first = !std::mem::replace(&mut self.started, true);
         for (key, value) in members {
             match (key.as_str(), value) {
-                ("content", Value::Array(items)) => {
+                ("content", Value::Array(items)) if first || !items.is_empty() => {
                     self.content.get_or_insert_with(Vec::new).extend(items)
                 }
-                ("refusal", Value::Array(items)) => {
+                ("refusal", Value::Array(items)) if first || !items.is_empty() => {
                     self.refusal.get_or_insert_with(Vec::new).extend(items)
                 }
                 ("content" | "refusal", _) | (_, Value::Null) => {}
@@ -2089,6 +2094,31 @@ mod tests {
         assert_eq!(tokens, ["Yo", "!"]);
         // The upstream's number lexeme is kept (not re-formatted through f64).
         assert_eq!(lp["content"][1]["logprob"].to_string(), "-3.3809047e-05");
+    }
+
+    /// The SDKs take the first `logprobs` whole and later extend a list only with tokens:
+    /// an empty `refusal` list after a `null` one stays `null`, as in the non-streamed body,
+    /// while the first chunk's empty `content` list stays `[]`.
+    #[test]
+    fn an_empty_logprobs_list_after_null_stays_null() {
+        let body = run(&[
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":{"content":[],"refusal":null}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"Yo"},"logprobs":{"content":[{"token":"Yo","logprob":-0.5,"bytes":[89,111],"top_logprobs":[]}],"refusal":[]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ]);
+        let lp = &body["choices"][0]["logprobs"];
+        assert_eq!(lp["refusal"], Value::Null, "{lp}");
+        assert_eq!(lp["content"].as_array().unwrap().len(), 1);
+        let body = run(&[
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":{"content":[],"refusal":null}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(
+            body["choices"][0]["logprobs"]["content"],
+            serde_json::json!([])
+        );
     }
 
     #[test]
