@@ -236,6 +236,69 @@ async fn event_streams_without_content_type_are_still_aggregated() {
     assert_eq!(got["choices"][0]["message"]["content"], "Hello");
 }
 
+/// D28: a 2xx with no `Content-Type`, or `application/octet-stream`, whose body starts like
+/// an event stream is aggregated, however it starts (a byte-order mark, a comment, an
+/// `event:` or `id:` field) and however the start is split across reads: a mark whose first
+/// byte came alone was taken for a body that is not an event stream.
+#[tokio::test]
+async fn event_streams_labelled_octet_stream_or_unlabelled_are_sniffed_however_they_start() {
+    let upstream = RawUpstream::start(|mut stream| async move {
+        let head = read_head(&mut stream).await;
+        let query = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|target| target.split_once('?'))
+            .map(|(_, q)| q.to_owned())
+            .unwrap_or_default();
+        let label = if query.contains("octet") {
+            "content-type: application/octet-stream\r\n"
+        } else {
+            ""
+        };
+        let (first, rest): (&[u8], Vec<u8>) = if query.contains("bom") {
+            (b"\xEF", [b"\xBB\xBF".as_slice(), CHAT_STREAM.as_bytes()].concat())
+        } else if query.contains("comment") {
+            (b": keep", [b"-alive\n\n".as_slice(), CHAT_STREAM.as_bytes()].concat())
+        } else if query.contains("event") {
+            (b"ev", [b"ent: chunk\n".as_slice(), CHAT_STREAM.as_bytes()].concat())
+        } else {
+            (b"i", [b"d: 7\n".as_slice(), CHAT_STREAM.as_bytes()].concat())
+        };
+        let _ = stream
+            .write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\n{label}transfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n",
+                    first.len()
+                )
+                .as_bytes(),
+            )
+            .await;
+        let _ = stream.write_all(first).await;
+        let _ = stream.write_all(b"\r\n").await;
+        let _ = stream.flush().await;
+        // Apart, so the proxy most likely reads the first piece on its own.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut tail = format!("{:x}\r\n", rest.len()).into_bytes();
+        tail.extend_from_slice(&rest);
+        tail.extend_from_slice(b"\r\n0\r\n\r\n");
+        let _ = stream.write_all(&tail).await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut sink)).await;
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    for label in ["none", "octet"] {
+        for start in ["bom", "comment", "event", "id"] {
+            let (parts, got) = send(post_json(
+                &proxy.url(&format!("/v1/chat/completions?{label}-{start}")),
+                "{\"model\":\"m\"}",
+            ))
+            .await;
+            assert_answers_hello(&format!("{label} {start}"), &parts, &got);
+        }
+    }
+}
+
 /// A 200 whose JSON body is the aggregated `CHAT_STREAM` ("Hello"); `case` names the
 /// variant in failure messages.
 fn assert_answers_hello(case: &str, parts: &http::response::Parts, body: &[u8]) {

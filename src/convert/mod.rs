@@ -878,14 +878,15 @@ async fn sniff(
                 decoded.len() >= DECIDE_WITHIN || seen.len() >= CODED_LIMIT,
             )
         };
-        let text = start
-            .strip_prefix(b"\xEF\xBB\xBF".as_slice())
-            .unwrap_or(start);
+        const BOM: &[u8] = b"\xEF\xBB\xBF";
+        let text = start.strip_prefix(BOM).unwrap_or(start);
         let text = text.trim_ascii_start();
+        // A mark whose first bytes came alone is a start still to be read, not a verdict.
+        let partial_mark = BOM.starts_with(start);
         let decided = [b"data:".as_slice(), b"event:", b"id:", b"retry:", b":"]
             .iter()
             .map(|p| (text.starts_with(p), p.starts_with(text)))
-            .fold((false, false), |(any, undecided), (yes, maybe)| {
+            .fold((false, partial_mark), |(any, undecided), (yes, maybe)| {
                 (any || yes, undecided || maybe)
             });
         match decided {
