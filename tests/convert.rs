@@ -100,6 +100,49 @@ async fn chat_request_is_rewritten_surgically_and_answered_with_one_body() {
     );
 }
 
+/// B19: the converted request keeps the path's query (Azure's `api-version`, say) on its
+/// way upstream; B80/B84: the aggregated answer drops the upstream's hop-by-hop headers
+/// (`connection`, what it names, `keep-alive`) and keeps the rest, repeated ones included.
+#[tokio::test]
+async fn a_conversion_keeps_the_query_and_drops_the_answers_hop_by_hop_headers() {
+    let upstream = MockUpstream::start(|_| {
+        response(
+            200,
+            &[
+                ("content-type", "text/event-stream"),
+                ("connection", "x-hop, keep-alive"),
+                ("x-hop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("x-ratelimit-remaining-requests", "9"),
+                ("set-cookie", "a=1"),
+                ("set-cookie", "b=2"),
+            ],
+            full(CHAT_STREAM),
+        )
+    })
+    .await;
+    let (parts, got) = convert(
+        &upstream,
+        "/openai/deployments/d/chat/completions?api-version=2024-10-21&x=%20y",
+        "{\"model\":\"m\"}",
+    )
+    .await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&got));
+    let seen = upstream.single_request();
+    assert_eq!(
+        seen.uri.path_and_query().unwrap().as_str(),
+        "/openai/deployments/d/chat/completions?api-version=2024-10-21&x=%20y"
+    );
+    for name in ["connection", "x-hop", "keep-alive"] {
+        assert!(parts.headers.get(name).is_none(), "{name} was relayed");
+    }
+    assert_eq!(parts.headers["x-ratelimit-remaining-requests"], "9");
+    let cookies: Vec<_> = parts.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["choices"][0]["message"]["content"], "Hello");
+}
+
 #[tokio::test]
 async fn responses_request_gets_stream_true_only_and_the_completed_object() {
     let upstream = MockUpstream::start(|_| sse(RESPONSES_STREAM)).await;
@@ -297,6 +340,47 @@ async fn event_streams_labelled_octet_stream_or_unlabelled_are_sniffed_however_t
             assert_answers_hello(&format!("{label} {start}"), &parts, &got);
         }
     }
+}
+
+/// W22: a 204 to a converted request. Labelled `text/event-stream`, it is an event stream
+/// with no event: 502, as any stream that ends before its answer (B36). Unlabelled, it is not
+/// an event stream and is relayed as the upstream sent it, with no body (D28), never a 200
+/// with an invented JSON body.
+#[tokio::test]
+async fn a_204_to_a_conversion_is_an_empty_stream_or_relayed_by_its_label() {
+    let upstream = MockUpstream::start(|r| {
+        let labelled = r.uri.query() == Some("labelled");
+        let mut headers = vec![("x-request-id", "req_204")];
+        if labelled {
+            headers.push(("content-type", "text/event-stream"));
+        }
+        response(204, &headers, full(Bytes::new()))
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let (parts, got) = send(post_json(
+        &proxy.url("/v1/chat/completions?labelled"),
+        "{\"model\":\"m\"}",
+    ))
+    .await;
+    assert_eq!(parts.status, 502, "{}", String::from_utf8_lossy(&got));
+    let (kind, message) = envelope(&got);
+    assert_eq!(kind, "upstream_error");
+    assert!(message.contains("ended before"), "{message}");
+    let (parts, got) = send(post_json(
+        &proxy.url("/v1/chat/completions?plain"),
+        "{\"model\":\"m\"}",
+    ))
+    .await;
+    assert_eq!(parts.status, 204, "{}", String::from_utf8_lossy(&got));
+    assert!(got.is_empty(), "{got:?}");
+    assert_eq!(parts.headers["x-request-id"], "req_204");
+    // Each went upstream once, as a streaming request.
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 2);
+    assert!(requests
+        .iter()
+        .all(|r| r.body.windows(13).any(|w| w == b"\"stream\":true")));
 }
 
 /// A 200 whose JSON body is the aggregated `CHAT_STREAM` ("Hello"); `case` names the

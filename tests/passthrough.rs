@@ -754,6 +754,48 @@ async fn absolute_form_targets_are_refused_with_400() {
     assert!(upstream.requests().is_empty());
 }
 
+/// W22: a 304 carries the length of the representation it stands for, and no body. The
+/// client gets the 304 with its validators and no body byte, so the next request on the
+/// same connection is answered by its own response.
+#[tokio::test]
+async fn a_304_with_a_content_length_has_no_body_and_the_connection_goes_on() {
+    let upstream = RawUpstream::start(|mut stream| async move {
+        for _ in 0..4 {
+            let head = read_head(&mut stream).await;
+            if head.is_empty() {
+                return;
+            }
+            let answer: &[u8] = if head.starts_with("GET /first") {
+                b"HTTP/1.1 304 Not Modified\r\ncontent-length: 1234\r\netag: \"v1\"\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond"
+            };
+            if stream.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /first HTTP/1.1\r\nhost: x\r\nif-none-match: \"v1\"\r\n\r\n")
+        .await
+        .unwrap();
+    let head = String::from_utf8(read_until(&mut client, b"\r\n\r\n").await).unwrap();
+    assert!(head.starts_with("HTTP/1.1 304"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("etag: \"v1\""), "{head}");
+    client
+        .write_all(b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let next = String::from_utf8(read_until(&mut client, b"second").await).unwrap();
+    assert!(
+        next.starts_with("HTTP/1.1 200"),
+        "a body followed the 304: {next:?}"
+    );
+}
+
 #[tokio::test]
 async fn head_and_204_responses_have_no_body() {
     let upstream = MockUpstream::start(|r| {

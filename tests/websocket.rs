@@ -705,6 +705,44 @@ async fn upstream_refusals_are_relayed_with_status_headers_and_body() {
     }
 }
 
+/// D29: an upgrade on a conversion path (`/v1/responses`, which Codex CLI tries first, or
+/// `/v1/chat/completions`) is a WebSocket session, never a conversion: accepted, it carries
+/// frames; refused with 404, the refusal reaches the client so it falls back to HTTP.
+#[tokio::test]
+async fn upgrades_on_conversion_paths_are_websockets_and_their_refusals_relayed() {
+    let (events, _rx) = mpsc::channel(64);
+    let upstream = WsUpstream::echo(events).await;
+    let proxy = start_proxy(&upstream.url(), options()).await;
+    for path in ["/v1/responses", "/v1/chat/completions"] {
+        let mut ws = connect(proxy.addr, path).await;
+        let event = r#"{"type":"response.create","model":"m"}"#;
+        ws.send(Message::text(event)).await.unwrap();
+        assert_eq!(recv_message(&mut ws).await, Message::text(event), "{path}");
+    }
+
+    let refusing = MockUpstream::start(|_| {
+        response(
+            404,
+            &[("content-type", "application/json")],
+            full(r#"{"error":{"message":"no websocket here"}}"#),
+        )
+    })
+    .await;
+    let proxy = start_proxy(&refusing.url(), options()).await;
+    for path in ["/v1/responses", "/v1/chat/completions"] {
+        let (parts, got) = send(upgrade_request(&proxy.url(path))).await;
+        assert_eq!(parts.status, 404, "{path}");
+        assert_eq!(&got[..], br#"{"error":{"message":"no websocket here"}}"#);
+    }
+    let seen = refusing.requests();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        assert_eq!(request.method, http::Method::GET);
+        assert_eq!(request.headers["upgrade"], "websocket");
+        assert!(request.body.is_empty(), "a conversion's body went upstream");
+    }
+}
+
 #[tokio::test]
 async fn chunked_and_large_refusal_bodies_are_relayed_whole() {
     // A chunked 401 and a 300 KiB 403 whose body follows the head in later writes: the
