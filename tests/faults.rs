@@ -799,6 +799,23 @@ async fn invalid_utf8_or_json_inside_an_aggregated_event_is_502() {
             ],
         ),
         (
+            "responses: invalid UTF-8 in a member that is skipped",
+            "/v1/responses",
+            vec![
+                responses_created.clone(),
+                b"event: response.in_progress\ndata: {\"type\":\"response.in_progress\",\"x\":\"\xff\"}\n\n".to_vec(),
+                b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"object\":\"response\",\"status\":\"completed\",\"output\":[]}}\n\n".to_vec(),
+            ],
+        ),
+        (
+            "chat: invalid UTF-8 in a member that is skipped",
+            CHAT,
+            vec![
+                b"data: {\"id\":\"c1\",\"x\":\"\xff\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"},\"finish_reason\":\"stop\"}]}\n\n".to_vec(),
+                done.clone(),
+            ],
+        ),
+        (
             "responses: invalid JSON in the terminal event",
             "/v1/responses",
             vec![

@@ -109,11 +109,20 @@ pub enum AggregateError {
 
 /// Parses one event's `data` into `T`, validating its UTF-8 once: a `RawValue` borrowed from
 /// bytes is validated again by serde_json, one pass per captured member, and one borrowed
-/// from a `str` is not. Invalid UTF-8 takes the bytes path only to get serde_json's own error.
+/// from a `str` is not. Invalid UTF-8 anywhere is an error (D27), in a member that is
+/// skipped too: serde_json checks only the strings it decodes.
 pub fn parse_event_data<'a, T: Deserialize<'a>>(data: &'a [u8]) -> serde_json::Result<T> {
     match std::str::from_utf8(data) {
         Ok(text) => serde_json::from_str(text),
-        Err(_) => serde_json::from_slice(data),
+        // An I/O-kind error, not a "data" one (which callers take for valid JSON of the
+        // wrong shape).
+        Err(e) => Err(serde_json::Error::io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "invalid UTF-8 at byte {} of the event's data",
+                e.valid_up_to()
+            ),
+        ))),
     }
 }
 
