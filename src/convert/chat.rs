@@ -107,14 +107,16 @@ impl ChatAccumulator {
             // The caller stops at `Finished` (B42); anything after it is not part of the answer.
             return Ok(Flow::Finished);
         }
-        let data = data.trim_ascii();
-        if data.is_empty() {
+        let trimmed = data.trim_ascii();
+        if trimmed.is_empty() {
             return Ok(Flow::Continue);
         }
-        if data == b"[DONE]" {
+        if trimmed == b"[DONE]" {
             self.done = true;
             return Ok(Flow::Finished);
         }
+        // From here on the untrimmed bytes, as the SDK's `json.loads` reads them: `trim_ascii`
+        // also strips form feeds, which JSON does not count as whitespace (D27).
         if let Some(text) = self.repeat.template.text_of(data) {
             if self.repeat.append(&mut self.choices, &text) {
                 self.chunks += 1;
@@ -1202,7 +1204,7 @@ fn value_index(value: &Value) -> Option<u64> {
 // ---------------------------------------------------------------------------------------------
 
 /// Python truthiness, which is what the SDK applies to `error` (semantics §1).
-fn truthy(value: &Value) -> bool {
+pub(crate) fn truthy(value: &Value) -> bool {
     match value {
         Value::Null => false,
         Value::Bool(b) => *b,
@@ -2119,6 +2121,23 @@ mod tests {
             body["choices"][0]["logprobs"]["content"],
             serde_json::json!([])
         );
+    }
+
+    /// A form feed is not JSON whitespace: data wrapped in one is invalid JSON (D27), as the
+    /// SDK's `json.loads` and the Responses path say; JSON's own whitespace is fine.
+    #[test]
+    fn a_form_feed_around_the_data_is_invalid_json() {
+        for data in [&b"\x0c{\"choices\":[]}"[..], b"{\"choices\":[]}\x0c"] {
+            assert!(
+                matches!(
+                    ChatAccumulator::new().push(b"", data),
+                    Err(AggregateError::InvalidJson(_))
+                ),
+                "{data:?}"
+            );
+        }
+        let mut acc = ChatAccumulator::new();
+        assert!(acc.push(b"", b" \t{\"choices\":[]}\r\n ").is_ok());
     }
 
     #[test]
