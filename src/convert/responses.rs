@@ -190,11 +190,17 @@ impl ResponsesAccumulator {
             _ if name == "error" && !ty.starts_with("response.") => Err(AggregateError::Upstream(
                 Box::new(error_event(&event, json_type)),
             )),
-            // Neither a type nor a name, but an `error` member: a chat-style error frame that
-            // a compatible provider sent on a Responses stream (D11).
-            "" if event.error.is_some() => Err(AggregateError::Upstream(Box::new(error_event(
-                &event, None,
-            )))),
+            // Neither a type nor a name, but a truthy `error` member (as the SDK tests it): a
+            // chat-style error frame that a compatible provider sent on a Responses stream
+            // (D11). `"error": false`, `""` or `{}` is no error.
+            "" if event.error.is_some_and(|raw| {
+                serde_json::from_str::<Value>(raw.get()).is_ok_and(|v| super::chat::truthy(&v))
+            }) =>
+            {
+                Err(AggregateError::Upstream(Box::new(error_event(
+                    &event, None,
+                ))))
+            }
             _ => {
                 if ty.starts_with("response.") {
                     self.note_lifecycle_usage(&event);
@@ -1612,6 +1618,25 @@ mod tests {
 
     fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// An event with neither a type nor a name is an error only when its `error` member is
+    /// truthy, as the SDK tests it: `false`, `""`, `{}`, `[]`, `0` or `null` are no error
+    /// and the stream goes on to its answer; a truthy one is the upstream's error.
+    #[test]
+    fn an_untyped_event_with_a_falsy_error_is_no_error() {
+        let completed = r#"{"type":"response.completed","response":{"id":"r","object":"response","status":"completed","output":[]}}"#;
+        for falsy in ["false", "\"\"", "{}", "[]", "0", "null"] {
+            let untyped = format!(r#"{{"error":{falsy}}}"#);
+            let result = run(&[("", untyped.as_str()), ("", completed)]);
+            let aggregate = result.unwrap_or_else(|e| panic!("{falsy}: {e:?}"));
+            assert_eq!(body(&aggregate)["id"], "r", "{falsy}");
+        }
+        let error = upstream(run(&[
+            ("", r#"{"error":{"message":"boom","type":"server_error"}}"#),
+            ("", completed),
+        ]));
+        assert_eq!(error.message, "boom");
     }
 
     fn response(status: &str, output: Value, usage: Value) -> Value {
