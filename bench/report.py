@@ -336,12 +336,18 @@ class Report:
         self.add(table(["stream", "direct stream req/s", "conversion req/s", "conversion ÷ direct",
                         "conversion p50", "conversion p99", "proxy CPU µs/req", "JSON bytes", "errors"], rows), "")
         half = sec.get("half_runs", [])
-        b = best(half, lambda r: r["latency_us"]["p99"], lowest=True)
+        # Runs before the shared layout existed carry no `layout`: they are split runs.
+        b = best([r for r in half if r.get("layout", "split") == "split"],
+                 lambda r: r["latency_us"]["p99"], lowest=True)
+        shared = best([r for r in half if r.get("layout") == "shared"],
+                      lambda r: r["latency_us"]["p99"], lowest=True).get("ours")
         d, o, h = b.get("direct"), b.get("ours"), b.get("hop")
         if d and o:
             add50 = o["latency_us"]["p50"] - d["latency_us"]["p50"]
             add99 = o["latency_us"]["p99"] - d["latency_us"]["p99"]
-            paths = [("direct stream", d)] + ([(NAMES["hop"], h)] if h else []) + [("conversion (ours)", o)]
+            paths = ([("direct stream", d)] + ([(NAMES["hop"], h)] if h else [])
+                     + [("conversion (ours, own core)", o)]
+                     + ([("conversion (ours, shared core)", shared)] if shared else []))
             if "open_loop_max_rps" in sec:
                 ramp = ", ".join(f"{num(r['offered_rps'])} {'held' if r['held'] else 'not held'}"
                                  f" (p99 {us(r['p99_us'])})" for r in sec.get("open_loop_ramp", []))
@@ -362,7 +368,9 @@ class Report:
             self.add(f"**At half of the conversion's max load** ({num(sec['half_rate'])} req/s offered: "
                      f"{basis}; open loop, `bench_load open`, 20 events, best of the rounds by p99). The control "
                      "row sends the direct stream to the mock moved onto the proxy's core: the cross-core "
-                     "hop every proxied request makes, with no proxy.", "",
+                     "hop every proxied request makes, with no proxy. The shared-core row moves the proxy "
+                     "onto the load generator's and mock's core, as the c=1 step's shared layout does: no "
+                     "cross-core wake-ups.", "",
                      table(["path", "achieved req/s", "p50", "p90", "p99", "p99.9", "errors"],
                            [[n, num(r["achieved_rps"]), us(r["latency_us"]["p50"]), us(r["latency_us"]["p90"]),
                              us(r["latency_us"]["p99"]), us(r["latency_us"]["p999"]), num(r["errors"])]
@@ -374,10 +382,17 @@ class Report:
                             f"Conversion vs direct streaming at {num(sec['half_rate'])} req/s (open loop)",
                             {"direct": d["latency_us"]["cdf"], "ours (conversion)": o["latency_us"]["cdf"]})
             self.add(f"![conversion latency]({self.chart('conversion_latency.svg')})", "")
-            self.target("Conversion adds ≤ 150 µs p50 at half of max load", us(add50), add50 <= 150,
+            split = " (split)" if shared else ""
+            self.target(f"Conversion adds ≤ 150 µs p50 at half of max load{split}", us(add50), add50 <= 150,
                         hop_note(h, d, "latency_us", "p50"))
-            self.target("Conversion adds ≤ 1 ms p99 at half of max load", us(add99), add99 <= 1000,
+            self.target(f"Conversion adds ≤ 1 ms p99 at half of max load{split}", us(add99), add99 <= 1000,
                         hop_note(h, d, "latency_us", "p99"))
+            if shared:
+                s50 = shared["latency_us"]["p50"] - d["latency_us"]["p50"]
+                s99 = shared["latency_us"]["p99"] - d["latency_us"]["p99"]
+                self.add(f"On the shared core the conversion added **p50 {us(s50)}, p99 {us(s99)}**.", "")
+                self.target("Conversion adds ≤ 150 µs p50 at half of max load (shared)", us(s50), s50 <= 150, "")
+                self.target("Conversion adds ≤ 1 ms p99 at half of max load (shared)", us(s99), s99 <= 1000, "")
 
     def criterion(self):
         sec = self.s.get("criterion")

@@ -566,14 +566,23 @@ class Suite:
         half = []
         for rnd in range(a.rounds):
             # `hop`: direct, with the mock alone on the proxy's core (control, see c=1).
-            for t, body in [("direct", BODY_STREAM), ("hop", BODY_STREAM), ("ours", BODY_PLAIN)]:
-                res = self.measured(t, lambda: self.load(
-                    "open", f"conv-half-{t}-r{rnd}", t,
-                    ["--url", self.url(t, CHAT, "events=20"), "--body", body, "--rate", str(rate),
-                     "--duration", str(a.open_duration), "--warmup", "1"]))
-                res.update({"round": rnd})
+            # `shared`: the proxy moved onto the load generator's and mock's core, as in the
+            # c=1 step: no cross-core wake-ups, whose cost on this VM the `hop` row shows.
+            for t, body, layout in [("direct", BODY_STREAM, "split"), ("hop", BODY_STREAM, "split"),
+                                    ("ours", BODY_PLAIN, "split"), ("ours", BODY_PLAIN, "shared")]:
+                if layout == "shared":
+                    repin(self.proxies[t], CPU_LOAD)
+                try:
+                    res = self.measured(t, lambda: self.load(
+                        "open", f"conv-half-{t}-{layout}-r{rnd}", t,
+                        ["--url", self.url(t, CHAT, "events=20"), "--body", body, "--rate", str(rate),
+                         "--duration", str(a.open_duration), "--warmup", "1"]))
+                finally:
+                    if layout == "shared":
+                        repin(self.proxies[t], CPU_PROXY)
+                res.update({"round": rnd, "layout": layout})
                 half.append(res)
-                log(f"conversion @ {rate:.0f} req/s {t:>6} r{rnd}: p50 {res['latency_us']['p50']:.1f} µs "
+                log(f"conversion @ {rate:.0f} req/s {t:>6} {layout:>6} r{rnd}: p50 {res['latency_us']['p50']:.1f} µs "
                     f"p99 {res['latency_us']['p99']:.1f} µs achieved {res['achieved_rps']:.0f} "
                     f"errors {res['errors']} dropped {res['dropped']}")
         self.results["sections"]["conversion"] = {"max_runs": rows, "half_rate": rate,
