@@ -38,11 +38,12 @@ pub enum ProxyError {
         /// The timeout that ran out, in seconds.
         seconds: u64,
     },
-    /// The connection to the upstream timed out before it was made (the OS's connect
-    /// timeout, minutes, or a client's own): a timeout, so 504 like a head that did not come
-    /// (D13), whichever of the two limits ran out first.
-    #[error("connecting to upstream {upstream} timed out: {reason}")]
-    UpstreamConnectTimeout {
+    /// An operation on the upstream timed out before a response head came: above all a
+    /// connect that got no answer (the OS's connect timeout, minutes, or a client's own),
+    /// also a connection the OS gave up on mid-request. A timeout, so 504 like a head that
+    /// did not come in `timeoutSeconds` (D13), whichever limit ran out first.
+    #[error("upstream {upstream} timed out: {reason}")]
+    UpstreamTimedOut {
         /// The upstream base URL.
         upstream: String,
         /// What timed out, with the error's chain of causes.
@@ -93,7 +94,7 @@ impl ProxyError {
                 "upstream_error",
                 Value::from("upstream_error"),
             ),
-            ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamConnectTimeout { .. } => (
+            ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamTimedOut { .. } => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
                 Value::from("upstream_timeout"),
@@ -130,7 +131,7 @@ impl ProxyError {
     pub fn upstream_kind(&self) -> Option<&'static str> {
         match self {
             ProxyError::UpstreamUnreachable { .. } => Some("connect"),
-            ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamConnectTimeout { .. } => {
+            ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamTimedOut { .. } => {
                 Some("timeout")
             }
             ProxyError::UpstreamStream { .. } => Some("incomplete_stream"),

@@ -540,12 +540,13 @@ impl UpstreamClient {
     }
 
     /// Sends a request and waits for the response head, without boxing the future (the
-    /// proxy's own hot path).
+    /// proxy's own hot path). HTTPS upstreams are spoken to in HTTP/1.1, the proxy's default
+    /// (D15); [`send_over`](Self::send_over) chooses.
     pub async fn send(
         &self,
         request: Request<UpstreamBody>,
     ) -> Result<http::Response<UpstreamIncoming>, BoxError> {
-        self.send_over(request, true).await
+        self.send_over(request, false).await
     }
 
     /// As [`send`](Self::send); `http2: false` speaks HTTP/1.1 to HTTPS upstreams even when
@@ -646,10 +647,13 @@ impl Service<Uri> for ProxyConnector {
                         let cause = std::error::Error::source(&e)
                             .map(|c| format!(": {c}"))
                             .unwrap_or_default();
-                        format!(
-                            "proxy {} refused or failed the tunnel ({e}{cause})",
-                            redact(&proxy_uri)
-                        )
+                        TunnelFailed {
+                            message: format!(
+                                "proxy {} refused or failed the tunnel ({e}{cause})",
+                                redact(&proxy_uri)
+                            ),
+                            source: Box::new(e),
+                        }
                     })?;
                     Ok(ProxiedStream {
                         io,
@@ -669,6 +673,17 @@ impl Service<Uri> for ProxyConnector {
             }
         }
     }
+}
+
+/// A tunnel through a proxy that could not be opened, named with the proxy and keeping the
+/// tunnel's error as its source, so a connect that timed out is still told from a refusal
+/// (504, not 502).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct TunnelFailed {
+    message: String,
+    #[source]
+    source: BoxError,
 }
 
 /// `dst` with its scheme's default port written out when it has none.

@@ -116,7 +116,7 @@ pub async fn handle(
              speaks (RFC 6455 §4.4)",
             "invalid_request_error",
             serde_json::Value::Null,
-            serde_json::Value::Null,
+            serde_json::Value::from("unsupported_websocket_version"),
         );
         let length = body.len();
         let mut response = Response::new(ProxyBody::from(body));
@@ -171,7 +171,7 @@ pub async fn handle(
             .await
             .map_err(|e| {
                 if is_timeout(&*e) {
-                    ProxyError::UpstreamConnectTimeout {
+                    ProxyError::UpstreamTimedOut {
                         upstream: target.clone(),
                         reason: error_chain(&*e),
                     }

@@ -200,6 +200,8 @@ async fn an_upstream_that_breaks_off_mid_head_is_502() {
 /// is a timeout, so 504 like a head that does not come (D13), whichever limit ran out:
 /// the client's connect timeout here, the OS's (about two minutes) in the daemon. It was
 /// 502 `upstream_error` before, so the same fault gave 502 or 504 by `timeoutSeconds`.
+/// Every path that connects: the plain-HTTP pool (passthrough and conversion), the HTTPS
+/// client, a WebSocket handshake, and a tunnel through an `HTTPS_PROXY` that does not answer.
 #[tokio::test]
 async fn a_connect_that_times_out_is_504_in_every_mode() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -214,26 +216,66 @@ async fn a_connect_that_times_out_is_504_in_every_mode() {
             held.push(stream);
         }
     }
-    let client = openai_stream_proxy::UpstreamClient::new(openai_stream_proxy::ClientOptions {
-        proxy: None,
-        roots: Arc::new(rustls::RootCertStore::empty()),
-        connect_timeout: Some(Duration::from_millis(300)),
-    })
-    .unwrap();
-    let proxy = start_proxy_with_client(
-        &format!("http://{addr}"),
-        options(),
-        client,
-        Duration::from_secs(5),
-    )
-    .await;
-    for convert in [false, true] {
-        let got = get_or_post(&proxy.url(CHAT), convert).await;
-        assert_eq!(got.status, 504, "convert {convert}: {:?}", got.body);
-        assert_eq!(gateway_error(&got, "connect timeout"), "upstream_timeout");
+    let client = |proxy: Option<&str>| {
+        let proxy = proxy.map(|url| {
+            Arc::new(
+                hyper_util::client::proxy::matcher::Matcher::builder()
+                    .https(url.to_owned())
+                    .build(),
+            )
+        });
+        openai_stream_proxy::UpstreamClient::new(openai_stream_proxy::ClientOptions {
+            proxy,
+            roots: Arc::new(rustls::RootCertStore::empty()),
+            connect_timeout: Some(Duration::from_millis(300)),
+        })
+        .unwrap()
+    };
+    let proxy_url = format!("http://{addr}");
+    let cases = [
+        ("http, passthrough", format!("http://{addr}"), None, "get"),
+        (
+            "http, conversion",
+            format!("http://{addr}"),
+            None,
+            "convert",
+        ),
+        ("https", format!("https://{addr}"), None, "get"),
+        ("websocket", format!("http://{addr}"), None, "upgrade"),
+        (
+            "https through a proxy",
+            "https://upstream.test".to_owned(),
+            Some(proxy_url.as_str()),
+            "get",
+        ),
+    ];
+    for (case, upstream, proxy, kind) in cases {
+        let proxy =
+            start_proxy_with_client(&upstream, options(), client(proxy), Duration::from_secs(5))
+                .await;
+        let got = match kind {
+            "upgrade" => {
+                let request = Request::get(proxy.url("/v1/realtime"))
+                    .header("connection", "Upgrade")
+                    .header("upgrade", "websocket")
+                    .header("sec-websocket-version", "13")
+                    .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                    .body(Full::default())
+                    .unwrap();
+                let (parts, body) = send(request).await;
+                Got {
+                    status: parts.status.as_u16(),
+                    headers: parts.headers,
+                    body: Ok(body),
+                }
+            }
+            kind => get_or_post(&proxy.url(CHAT), kind == "convert").await,
+        };
+        assert_eq!(got.status, 504, "{case}: {:?}", got.body);
+        assert_eq!(gateway_error(&got, case), "upstream_timeout", "{case}");
         let body = got.body.unwrap();
         let message = String::from_utf8_lossy(&body);
-        assert!(message.contains("timed out"), "{message}");
+        assert!(message.contains("timed out"), "{case}: {message}");
     }
     drop(held);
 }
