@@ -465,6 +465,7 @@ async fn an_unsupported_version_is_426_with_an_envelope() {
         let error: serde_json::Value = serde_json::from_slice(&got)
             .unwrap_or_else(|e| panic!("version {version:?}: {e}: {got:?}"));
         assert_eq!(error["error"]["type"], "invalid_request_error");
+        assert_eq!(error["error"]["code"], "unsupported_websocket_version");
         assert!(error["error"]["message"]
             .as_str()
             .unwrap()
