@@ -82,7 +82,8 @@ struct Seen {
 }
 
 /// An HTTPS upstream on `127.0.0.1:0` serving `cert`, offering `alpn`, answering every
-/// request with 200 and a small JSON body.
+/// request with 200 and a small JSON body. A request for a path under `/hold/` is answered
+/// only once [`HELD_TOGETHER`] of them are in flight at once (503 if they never are).
 struct TlsUpstream {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -93,8 +94,12 @@ struct TlsUpstream {
     _stop: oneshot::Sender<()>,
 }
 
+/// How many `/hold/` requests the TLS mock waits for before answering any of them.
+const HELD_TOGETHER: usize = 3;
+
 impl TlsUpstream {
     async fn start(cert: &TestCert, alpn: &[&str]) -> TlsUpstream {
+        let hold = Arc::new(tokio::sync::Barrier::new(HELD_TOGETHER));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -119,8 +124,12 @@ impl TlsUpstream {
                     accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => return },
                 };
                 accepted2.fetch_add(1, Ordering::SeqCst);
-                let (acceptor, seen, handshakes) =
-                    (acceptor.clone(), seen2.clone(), handshakes2.clone());
+                let (acceptor, seen, handshakes, hold) = (
+                    acceptor.clone(),
+                    seen2.clone(),
+                    handshakes2.clone(),
+                    hold.clone(),
+                );
                 tokio::spawn(async move {
                     let tls = match tokio::time::timeout(WAIT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => tls,
@@ -131,11 +140,18 @@ impl TlsUpstream {
                     let alpn = conn.alpn_protocol().map(|p| p.to_vec());
                     let sni = conn.server_name().map(str::to_owned);
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (seen, alpn, sni) = (seen.clone(), alpn.clone(), sni.clone());
+                        let (seen, alpn, sni, hold) =
+                            (seen.clone(), alpn.clone(), sni.clone(), hold.clone());
                         async move {
                             let (parts, body) = req.into_parts();
                             let _ = body.collect().await;
                             let version = format!("{:?}", parts.version);
+                            let mut status = 200;
+                            if parts.uri.path().starts_with("/hold/")
+                                && tokio::time::timeout(WAIT, hold.wait()).await.is_err()
+                            {
+                                status = 503;
+                            }
                             seen.lock().unwrap().push(Seen {
                                 version: parts.version,
                                 uri: parts.uri,
@@ -145,7 +161,7 @@ impl TlsUpstream {
                                 sni,
                             });
                             Ok::<_, Infallible>(response(
-                                200,
+                                status,
                                 &[
                                     ("content-type", "application/json"),
                                     ("x-upstream-version", &version),
@@ -707,24 +723,30 @@ async fn upstream_http2_off_speaks_http1_to_an_upstream_that_offers_h2() {
     let seen = upstream.seen();
     assert_eq!(seen[0].version, http::Version::HTTP_11);
     assert_ne!(seen[0].alpn.as_deref(), Some(&b"h2"[..]));
-    // Requests in flight together each get a connection; sequential ones reuse them.
+    // Requests in flight together each get a connection (the upstream answers none of them
+    // until all are in flight, which one HTTP/1.1 connection could not carry).
     let mut tasks = Vec::new();
-    for i in 0..3 {
-        let url = proxy.url(&format!("/v1/models/{i}"));
+    for i in 0..HELD_TOGETHER {
+        let url = proxy.url(&format!("/hold/{i}"));
         tasks.push(tokio::spawn(async move { send(get(&url)).await.0.status }));
     }
     for task in tasks {
-        assert_eq!(task.await.unwrap(), 200);
+        assert_eq!(
+            task.await.unwrap(),
+            200,
+            "the requests never were in flight together"
+        );
     }
+    // Three at least; a fourth if the first connection was not back in the pool yet.
     let accepted = upstream.accepted();
-    assert!((1..=4).contains(&accepted), "{accepted} connections");
-    let (parts, _) = send(get(&proxy.url("/v1/models"))).await;
-    assert_eq!(parts.status, 200);
-    assert_eq!(
-        upstream.accepted(),
-        accepted,
-        "a pooled connection was not reused"
+    assert!(
+        (HELD_TOGETHER..=HELD_TOGETHER + 1).contains(&accepted),
+        "{accepted} connections"
     );
+    assert!(upstream
+        .seen()
+        .iter()
+        .all(|s| s.version == http::Version::HTTP_11));
 }
 
 #[tokio::test]
