@@ -351,9 +351,13 @@ class Report:
             if "open_loop_max_rps" in sec:
                 ramp = ", ".join(f"{num(r['offered_rps'])} {'held' if r['held'] else 'not held'}"
                                  f" (p99 {us(r['p99_us'])})" for r in sec.get("open_loop_ramp", []))
-                held = ("the highest open-loop rate the conversion held"
-                        if sec.get("open_loop_held") else
-                        "no ramp step was held, so 20 % of the closed-loop maximum")
+                if not sec.get("open_loop_held"):
+                    held = "no ramp step was held, so 20 % of the closed-loop maximum"
+                elif sec.get("open_loop_capped"):
+                    held = ("the ramp's ceiling, every step held (the open-loop maximum is at "
+                            "least this)")
+                else:
+                    held = "the highest open-loop rate the conversion held"
                 basis = (f"half of {num(sec['open_loop_max_rps'])} req/s, {held} in a ramp of "
                          f"2-second steps at rising fractions of the closed-loop median "
                          f"{num(sec['median_rps_ours'])} req/s: {ramp}. The closed loop's "
@@ -382,17 +386,33 @@ class Report:
                             f"Conversion vs direct streaming at {num(sec['half_rate'])} req/s (open loop)",
                             {"direct": d["latency_us"]["cdf"], "ours (conversion)": o["latency_us"]["cdf"]})
             self.add(f"![conversion latency]({self.chart('conversion_latency.svg')})", "")
+            def held_rate(r):
+                """A run that dropped requests, failed some or fell short of the offered rate
+                measured queueing, not added latency: its target cannot count as met."""
+                short = r.get("achieved_rps", 0) < 0.97 * sec["half_rate"]
+                if r.get("dropped") or r.get("errors") or short:
+                    return (f"the run did not hold the offered rate ({num(r.get('achieved_rps'))} "
+                            f"achieved, {num(r.get('dropped'))} dropped, {num(r.get('errors'))} errors)")
+                return ""
+
+            def notes(*parts):
+                return "; ".join(p for p in parts if p)
+
+            invalid = held_rate(o) or held_rate(d)
             split = " (split)" if shared else ""
-            self.target(f"Conversion adds ≤ 150 µs p50 at half of max load{split}", us(add50), add50 <= 150,
-                        hop_note(h, d, "latency_us", "p50"))
-            self.target(f"Conversion adds ≤ 1 ms p99 at half of max load{split}", us(add99), add99 <= 1000,
-                        hop_note(h, d, "latency_us", "p99"))
+            self.target(f"Conversion adds ≤ 150 µs p50 at half of max load{split}", us(add50),
+                        add50 <= 150 and not invalid, notes(invalid, hop_note(h, d, "latency_us", "p50")))
+            self.target(f"Conversion adds ≤ 1 ms p99 at half of max load{split}", us(add99),
+                        add99 <= 1000 and not invalid, notes(invalid, hop_note(h, d, "latency_us", "p99")))
             if shared:
                 s50 = shared["latency_us"]["p50"] - d["latency_us"]["p50"]
                 s99 = shared["latency_us"]["p99"] - d["latency_us"]["p99"]
+                invalid = held_rate(shared) or held_rate(d)
                 self.add(f"On the shared core the conversion added **p50 {us(s50)}, p99 {us(s99)}**.", "")
-                self.target("Conversion adds ≤ 150 µs p50 at half of max load (shared)", us(s50), s50 <= 150, "")
-                self.target("Conversion adds ≤ 1 ms p99 at half of max load (shared)", us(s99), s99 <= 1000, "")
+                self.target("Conversion adds ≤ 150 µs p50 at half of max load (shared)", us(s50),
+                            s50 <= 150 and not invalid, invalid)
+                self.target("Conversion adds ≤ 1 ms p99 at half of max load (shared)", us(s99),
+                            s99 <= 1000 and not invalid, invalid)
 
     def criterion(self):
         sec = self.s.get("criterion")
