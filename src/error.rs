@@ -43,7 +43,7 @@ pub enum ProxyError {
     /// also a connection the OS gave up on mid-request. A timeout, so 504 like a head that
     /// did not come in `timeoutSeconds` (D13), whichever limit ran out first.
     #[error("upstream {upstream} timed out: {reason}")]
-    UpstreamTimedOut {
+    UpstreamIoTimeout {
         /// The upstream base URL.
         upstream: String,
         /// What timed out, with the error's chain of causes.
@@ -94,7 +94,7 @@ impl ProxyError {
                 "upstream_error",
                 Value::from("upstream_error"),
             ),
-            ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamTimedOut { .. } => (
+            ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamIoTimeout { .. } => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
                 Value::from("upstream_timeout"),
@@ -131,7 +131,7 @@ impl ProxyError {
     pub fn upstream_kind(&self) -> Option<&'static str> {
         match self {
             ProxyError::UpstreamUnreachable { .. } => Some("connect"),
-            ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamTimedOut { .. } => {
+            ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamIoTimeout { .. } => {
                 Some("timeout")
             }
             ProxyError::UpstreamStream { .. } => Some("incomplete_stream"),

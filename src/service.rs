@@ -101,7 +101,7 @@ impl RuleContext {
             Ok(Err(e)) if is_request_body_error(&*e) => {
                 Err(ProxyError::RequestBody(error_chain(&*e)))
             }
-            Ok(Err(e)) if is_timeout(&*e) => Err(ProxyError::UpstreamTimedOut {
+            Ok(Err(e)) if is_timeout(&*e) => Err(ProxyError::UpstreamIoTimeout {
                 upstream: self.upstream.to_string(),
                 reason: error_chain(&*e),
             }),

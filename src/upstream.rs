@@ -533,7 +533,8 @@ impl UpstreamClient {
         Ok(TokioIo::new(stream))
     }
 
-    /// Sends a request; the future resolves at the response head.
+    /// Sends a request; the future resolves at the response head. HTTPS upstreams are
+    /// spoken to in HTTP/1.1, as by [`send`](Self::send).
     pub fn request(&self, request: Request<UpstreamBody>) -> ResponseFuture {
         let client = self.clone();
         Box::pin(async move { client.send(request).await })
@@ -643,17 +644,10 @@ impl Service<Uri> for ProxyConnector {
                     tunnel = tunnel.with_auth(auth.clone());
                 }
                 Box::pin(async move {
-                    let io = tunnel.call(dst).await.map_err(|e| {
-                        let cause = std::error::Error::source(&e)
-                            .map(|c| format!(": {c}"))
-                            .unwrap_or_default();
-                        TunnelFailed {
-                            message: format!(
-                                "proxy {} refused or failed the tunnel ({e}{cause})",
-                                redact(&proxy_uri)
-                            ),
-                            source: Box::new(e),
-                        }
+                    // The causes (a refusal, a timeout) follow from the source chain.
+                    let io = tunnel.call(dst).await.map_err(|e| TunnelFailed {
+                        message: format!("tunnel through proxy {} failed", redact(&proxy_uri)),
+                        source: Box::new(e),
                     })?;
                     Ok(ProxiedStream {
                         io,

@@ -171,7 +171,7 @@ pub async fn handle(
             .await
             .map_err(|e| {
                 if is_timeout(&*e) {
-                    ProxyError::UpstreamTimedOut {
+                    ProxyError::UpstreamIoTimeout {
                         upstream: target.clone(),
                         reason: error_chain(&*e),
                     }

@@ -148,7 +148,9 @@ impl TlsUpstream {
                             let version = format!("{:?}", parts.version);
                             let mut status = 200;
                             if parts.uri.path().starts_with("/hold/")
-                                && tokio::time::timeout(WAIT, hold.wait()).await.is_err()
+                                && tokio::time::timeout(Duration::from_secs(2), hold.wait())
+                                    .await
+                                    .is_err()
                             {
                                 status = 503;
                             }
