@@ -534,73 +534,101 @@ class Suite:
         # against 8.3 k in the other, 03:40 run) would set an offered load the proxy cannot
         # hold at half its CPU, and the step would measure queueing instead of added latency.
         median_rps = statistics.median(ours_max)
-        # "Max load" for an open-loop step is the highest rate the proxy holds open loop. In
-        # wrk's closed loop at 64 connections one wake-up serves many ready requests; open-loop
-        # arrivals each pay their own (about 25 µs of CPU on this VM, measured for every
-        # relay alike), so half of the closed-loop maximum sat at or past saturation, where
-        # the step measured queueing (and in some runs the direct path collapsed too). The ramp
-        # offers rising fractions of the closed-loop maximum for 2 s each and keeps the last
-        # one held: no error, nothing dropped, >= 97 % achieved, p99 within 10 ms (a
-        # saturated queue grows past that within the 2 s). A step that fails is tried once
-        # more before the ramp ends, so one noisy moment does not lower the rate.
-        ramp = []
-        held = None
-        fractions = [0.3, 0.5] if self.quick else [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-        for frac in fractions:
-            offered = max(100.0, round(median_rps * frac, -1))
-            ok = False
-            for attempt in range(2):
-                res = self.load("open", f"conv-ramp-{int(frac * 100)}-{attempt}", "ours",
-                                ["--url", self.url("ours", CHAT, "events=20"), "--body", BODY_PLAIN,
-                                 "--rate", str(offered), "--duration", "2", "--warmup", "0.5"])
-                ok = (res["errors"] == 0 and res["dropped"] == 0
-                      and res["achieved_rps"] >= 0.97 * offered
-                      and res["latency_us"]["p99"] <= 10000)
-                ramp.append({"fraction": frac, "offered_rps": offered, "attempt": attempt,
-                             "achieved_rps": res["achieved_rps"],
-                             "p50_us": res["latency_us"]["p50"], "p99_us": res["latency_us"]["p99"],
-                             "dropped": res["dropped"], "errors": res["errors"], "held": ok})
-                log(f"conversion open-loop ramp {offered:.0f} req/s (try {attempt + 1}): achieved "
-                    f"{res['achieved_rps']:.0f} p99 {res['latency_us']['p99']:.0f} µs dropped "
-                    f"{res['dropped']} -> {'held' if ok else 'not held'}")
-                if ok:
-                    break
-            if not ok:
-                break
-            held = offered
-        # Every step held: the ramp's ceiling is a lower bound of the open-loop maximum.
-        ramp_capped = held is not None and held == max(100.0, round(median_rps * fractions[-1], -1))
-        open_max = held if held is not None else max(100.0, round(median_rps * 0.2, -1))
-        rate = max(100.0, round(open_max / 2.0, -1))
+        # "Max load" for an open-loop step is the highest rate the proxy holds open loop, per
+        # layout (`open_loop_max`). Half of wrk's closed-loop maximum sat at or past
+        # saturation: at 64 connections one wake-up serves many ready requests, while
+        # open-loop arrivals each pay their own (about 25 µs of CPU on this VM, for every
+        # relay alike), and in some runs the direct path collapsed too.
+        split_max, split_capped, split_ramp = self.open_loop_max(median_rps, "split")
+        shared_max, shared_capped, shared_ramp = self.open_loop_max(median_rps, "shared")
+        rate = max(100.0, round(split_max / 2.0, -1))
+        rate_shared = max(100.0, round(shared_max / 2.0, -1))
         half = []
         for rnd in range(a.rounds):
             # `hop`: direct, with the mock alone on the proxy's core (control, see c=1).
             # `shared`: the proxy moved onto the load generator's and mock's core, as in the
-            # c=1 step: no cross-core wake-ups, whose cost on this VM the `hop` row shows.
-            for t, body, layout in [("direct", BODY_STREAM, "split"), ("hop", BODY_STREAM, "split"),
-                                    ("ours", BODY_PLAIN, "split"), ("ours", BODY_PLAIN, "shared")]:
-                if layout == "shared":
+            # c=1 step: no cross-core wake-ups, whose cost on this VM the `hop` row shows. Each
+            # layout runs at half of its own open-loop maximum (the shared one leaves the
+            # proxy a share of one core), and the direct stream is measured at both rates.
+            for t, body, layout, offered in [("direct", BODY_STREAM, "split", rate),
+                                             ("hop", BODY_STREAM, "split", rate),
+                                             ("ours", BODY_PLAIN, "split", rate),
+                                             ("direct", BODY_STREAM, "shared", rate_shared),
+                                             ("ours", BODY_PLAIN, "shared", rate_shared)]:
+                if layout == "shared" and t == "ours":
                     repin(self.proxies[t], CPU_LOAD)
                 try:
                     res = self.measured(t, lambda: self.load(
                         "open", f"conv-half-{t}-{layout}-r{rnd}", t,
-                        ["--url", self.url(t, CHAT, "events=20"), "--body", body, "--rate", str(rate),
+                        ["--url", self.url(t, CHAT, "events=20"), "--body", body, "--rate", str(offered),
                          "--duration", str(a.open_duration), "--warmup", "1"]))
                 finally:
-                    if layout == "shared":
+                    if layout == "shared" and t == "ours":
                         repin(self.proxies[t], CPU_PROXY)
                 res.update({"round": rnd, "layout": layout})
                 half.append(res)
-                log(f"conversion @ {rate:.0f} req/s {t:>6} {layout:>6} r{rnd}: p50 {res['latency_us']['p50']:.1f} µs "
+                log(f"conversion @ {offered:.0f} req/s {t:>6} {layout:>6} r{rnd}: p50 {res['latency_us']['p50']:.1f} µs "
                     f"p99 {res['latency_us']['p99']:.1f} µs achieved {res['achieved_rps']:.0f} "
                     f"errors {res['errors']} dropped {res['dropped']}")
         self.results["sections"]["conversion"] = {"max_runs": rows, "half_rate": rate,
+                                                  "half_rate_shared": rate_shared,
                                                   "half_runs": half, "max_rps_ours": max_rps,
                                                   "median_rps_ours": median_rps,
-                                                  "open_loop_max_rps": open_max,
-                                                  "open_loop_held": held is not None,
-                                                  "open_loop_capped": ramp_capped,
-                                                  "open_loop_ramp": ramp}
+                                                  "open_loop_max_rps": split_max,
+                                                  "open_loop_max_rps_shared": shared_max,
+                                                  "open_loop_capped": split_capped,
+                                                  "open_loop_capped_shared": shared_capped,
+                                                  "open_loop_held": any(r["held"] for r in split_ramp),
+                                                  "open_loop_held_shared": any(r["held"] for r in shared_ramp),
+                                                  "open_loop_ramp": split_ramp + shared_ramp}
+
+    def open_loop_max(self, median_rps, layout):
+        """The highest conversion rate ours holds open loop in `layout`: 2-second steps at
+        rising fractions of the closed-loop median, each held when nothing errors or drops,
+        >= 97 % is achieved and p99 stays within 10 ms (a saturated queue grows past that
+        within the 2 s). A failing step is tried once more, after a pause that lets the last
+        step's backlog drain, so one noisy moment does not end the ramp. Returns the rate
+        (the first step's when none held), whether every step held (the rate is then a lower
+        bound), and the steps."""
+        if layout == "shared":
+            # One core for the generator, the mock and the proxy: its maximum is far lower.
+            fractions = [0.1, 0.2] if self.quick else [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5]
+            repin(self.proxies["ours"], CPU_LOAD)
+        else:
+            fractions = [0.3, 0.5] if self.quick else [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+        ramp, held, capped = [], None, False
+        try:
+            for frac in fractions:
+                offered = max(100.0, round(median_rps * frac, -1))
+                ok = False
+                for attempt in range(2):
+                    time.sleep(0.5)
+                    res = self.load("open", f"conv-ramp-{layout}-{int(frac * 100)}-{attempt}", "ours",
+                                    ["--url", self.url("ours", CHAT, "events=20"), "--body", BODY_PLAIN,
+                                     "--rate", str(offered), "--duration", "2", "--warmup", "0.5"])
+                    ok = (res["errors"] == 0 and res["dropped"] == 0
+                          and res["achieved_rps"] >= 0.97 * offered
+                          and res["latency_us"]["p99"] <= 10000)
+                    ramp.append({"layout": layout, "fraction": frac, "offered_rps": offered,
+                                 "attempt": attempt, "achieved_rps": res["achieved_rps"],
+                                 "p50_us": res["latency_us"]["p50"], "p99_us": res["latency_us"]["p99"],
+                                 "dropped": res["dropped"], "errors": res["errors"], "held": ok})
+                    log(f"conversion open-loop ramp {layout} {offered:.0f} req/s (try {attempt + 1}): "
+                        f"achieved {res['achieved_rps']:.0f} p99 {res['latency_us']['p99']:.0f} µs "
+                        f"dropped {res['dropped']} -> {'held' if ok else 'not held'}")
+                    if ok:
+                        break
+                if not ok:
+                    break
+                held = offered
+            else:
+                capped = True
+        finally:
+            if layout == "shared":
+                repin(self.proxies["ours"], CPU_PROXY)
+        if held is None:
+            held = max(100.0, round(median_rps * fractions[0], -1))
+        return held, capped, ramp
 
     # -- 6. paced streaming ---------------------------------------------------------------
 
