@@ -162,15 +162,8 @@ impl ProxyError {
     /// A complete response for this error, with `content-type` and exact `content-length`;
     /// an upstream failure also carries its [`UpstreamFailure`] kind as an extension.
     pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
-        let body = self.envelope();
-        let mut response = Response::new(B::from(body.clone()));
-        *response.status_mut() = self.status();
+        let mut response = json_response(self.status(), self.envelope());
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         match self.upstream_kind() {
             Some(kind) => {
                 response.extensions_mut().insert(UpstreamFailure(kind));
@@ -183,6 +176,20 @@ impl ProxyError {
         }
         response
     }
+}
+
+/// A response with a JSON `body`, its `content-type` and exact `content-length`.
+pub fn json_response<B: From<Bytes>>(status: StatusCode, body: Bytes) -> Response<B> {
+    let length = body.len();
+    let mut response = Response::new(B::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    response
 }
 
 /// Serialises an OpenAI error envelope; key order follows OpenAI's own bodies.

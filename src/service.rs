@@ -101,14 +101,7 @@ impl RuleContext {
             Ok(Err(e)) if is_request_body_error(&*e) => {
                 Err(ProxyError::RequestBody(error_chain(&*e)))
             }
-            Ok(Err(e)) if is_timeout(&*e) => Err(ProxyError::UpstreamIoTimeout {
-                upstream: self.upstream.to_string(),
-                reason: error_chain(&*e),
-            }),
-            Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable {
-                upstream: self.upstream.to_string(),
-                reason: error_chain(&*e),
-            }),
+            Ok(Err(e)) => Err(upstream_failed(self.upstream.to_string(), &*e)),
             Err(Stalled::Upstream) => Err(ProxyError::UpstreamTimeout {
                 upstream: self.upstream.to_string(),
                 seconds: limit.as_secs(),
@@ -342,47 +335,55 @@ where
     }
 }
 
+/// An error and its sources, outermost first.
+fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |cause| cause.source())
+}
+
 /// Whether a client error was caused by the request body we were sending (hyper reports
-/// failures of the body it was given as "user" errors).
+/// failures of the body it was given as "user" errors): the outermost hyper error decides.
 fn is_request_body_error(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(cause) = source {
-        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
-            return hyper_error.is_user();
-        }
-        source = cause.source();
-    }
-    false
+    causes(error)
+        .find_map(|cause| cause.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_user)
 }
 
 /// Whether an upstream failure is a timeout somewhere in its chain (a connect that got no
 /// answer: `ETIMEDOUT` from the OS, or a connector's own limit).
-pub(crate) fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(cause) = source {
-        if cause
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    causes(error).any(|cause| {
+        cause
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        source = cause.source();
+    })
+}
+
+/// The error for an upstream that failed before its response head: 504 when a timeout
+/// caused it (D13), else 502, both naming `upstream` and the cause.
+pub(crate) fn upstream_failed(
+    upstream: String,
+    error: &(dyn std::error::Error + 'static),
+) -> ProxyError {
+    let reason = error_chain(error);
+    if is_timeout(error) {
+        ProxyError::UpstreamIoTimeout { upstream, reason }
+    } else {
+        ProxyError::UpstreamUnreachable { upstream, reason }
     }
-    false
 }
 
 /// An error and its sources, joined with ": ", so a log or envelope names the root cause
 /// ("client error (Connect): tcp connect error: Connection refused (os error 111)").
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
+    for cause in causes(error).skip(1) {
         let cause_text = cause.to_string();
         if !text.contains(&cause_text) {
             text.push_str(": ");
             text.push_str(&cause_text);
         }
-        source = cause.source();
     }
     text
 }

@@ -53,7 +53,7 @@ use crate::headers::{
 };
 use crate::metrics::{BytesLabels, Metrics, ModeLabel, PortLabels};
 use crate::progress::{ProgressClock, WriteClock};
-use crate::service::{error_chain, is_timeout, RuleContext};
+use crate::service::{error_chain, upstream_failed, RuleContext};
 use crate::upstream::UpstreamBody;
 
 /// How long a close handshake may take once one side has closed.
@@ -118,19 +118,11 @@ pub async fn handle(
             serde_json::Value::Null,
             serde_json::Value::from("unsupported_websocket_version"),
         );
-        let length = body.len();
-        let mut response = Response::new(ProxyBody::from(body));
-        *response.status_mut() = StatusCode::UPGRADE_REQUIRED;
-        let headers = response.headers_mut();
-        headers.insert(
+        let mut response = crate::error::json_response(StatusCode::UPGRADE_REQUIRED, body);
+        response.headers_mut().insert(
             header::SEC_WEBSOCKET_VERSION,
             HeaderValue::from_static("13"),
         );
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         return Ok(response);
     }
     let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
@@ -169,16 +161,7 @@ pub async fn handle(
             .client
             .connect_websocket(connect_uri.clone())
             .await
-            .map_err(|e| {
-                if is_timeout(&*e) {
-                    ProxyError::UpstreamIoTimeout {
-                        upstream: target.clone(),
-                        reason: error_chain(&*e),
-                    }
-                } else {
-                    failed(error_chain(&*e))
-                }
-            })?;
+            .map_err(|e| upstream_failed(target.clone(), &*e))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(io.into_inner())
             .await
             .map_err(|e| failed(format!("WebSocket handshake failed: {}", error_chain(&e))))?;
