@@ -83,6 +83,22 @@ def hop_note(hop, direct, metric, q):
     return f"the hop alone, no proxy: {us(hop[metric][q] - direct[metric][q])}"
 
 
+def unheld(run, rate):
+    """Why an open-loop run did not hold its offered `rate`, or "" when it did: it dropped
+    requests, failed some, fell short of the rate or queued past 10 ms at p99. Such a run
+    measured queueing, not added latency. `bench/run.py`'s ramp uses the same test."""
+    why = []
+    if run.get("dropped"):
+        why.append(f"{num(run['dropped'])} dropped")
+    if run.get("errors"):
+        why.append(f"{num(run['errors'])} errors")
+    if run.get("achieved_rps", 0) < 0.97 * rate:
+        why.append(f"{num(run.get('achieved_rps'))} req/s achieved")
+    if run["latency_us"]["p99"] > 10000:
+        why.append(f"p99 {us(run['latency_us']['p99'])}")
+    return ", ".join(why)
+
+
 def best(runs, key, lowest=False):
     """The best run per target: highest `key` (or lowest)."""
     out = {}
@@ -340,26 +356,11 @@ class Report:
             return
         rates = {"split": sec["half_rate"], "shared": sec.get("half_rate_shared", sec["half_rate"])}
 
-        def held_rate(r, rate):
-            """Why a run did not hold its offered rate, or "": a run that dropped requests,
-            failed some, fell short of the rate or queued past 10 ms at p99 (the ramp's own
-            test) measured queueing, not added latency, and its target cannot count as met."""
-            why = []
-            if r.get("dropped"):
-                why.append(f"{num(r['dropped'])} dropped")
-            if r.get("errors"):
-                why.append(f"{num(r['errors'])} errors")
-            if r.get("achieved_rps", 0) < 0.97 * rate:
-                why.append(f"{num(r.get('achieved_rps'))} req/s achieved")
-            if r["latency_us"]["p99"] > 10000:
-                why.append(f"p99 {us(r['latency_us']['p99'])}")
-            return ", ".join(why)
-
         def pick(layout, target):
             """The round with the lowest p99 among those that held the rate (else among all)."""
             # Runs from before layouts existed carry none: they are split runs.
             runs = [r for r in half if r.get("layout", "split") == layout and r["target"] == target]
-            valid = [r for r in runs if not held_rate(r, rates[layout])]
+            valid = [r for r in runs if not unheld(r, rates[layout])]
             chosen = best(valid or runs, lambda r: r["latency_us"]["p99"], lowest=True)
             return chosen.get(target)
 
@@ -419,7 +420,7 @@ class Report:
                                 {"direct": d["latency_us"]["cdf"], "ours (conversion)": o["latency_us"]["cdf"]})
                 self.add(f"![conversion latency]({self.chart('conversion_latency.svg')})", "")
             problems = "; ".join(f"{name} did not hold the rate ({why})" for name, why in
-                                 [("the conversion", held_rate(o, rate)), ("the direct stream", held_rate(d, rate))]
+                                 [("the conversion", unheld(o, rate)), ("the direct stream", unheld(d, rate))]
                                  if why)
             note = "; ".join(p for p in [problems, hop_note(h, d, "latency_us", "p50") if h else ""] if p)
             note99 = "; ".join(p for p in [problems, hop_note(h, d, "latency_us", "p99") if h else ""] if p)
